@@ -1,2 +1,173 @@
-pub mod pb { tonic::include_proto!("kabar.v1"); }
-fn main() {}
+//! `kabar serve` and `kabar send-test`: configuration, logging, then the library does the work.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use kabar::{
+    config::{Config, DriverKind},
+    notify::{NotificationRequest, Notifier},
+    whatsapp::{Driver, MetaClient},
+};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+#[command(
+    name = "kabar",
+    version,
+    about = "WhatsApp notification gateway and OTP service for ISP billing systems"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve gRPC (KABAR_GRPC_ADDR) and HTTP health (KABAR_HTTP_ADDR) until SIGTERM or Ctrl-C.
+    Serve,
+    /// Send one template message through the configured driver and print Meta's message id.
+    SendTest {
+        /// Recipient, as typed: 0812-3456-7890, +62 812 3456 7890, ...
+        phone: String,
+        /// Registry key of the template.
+        #[arg(long, default_value = "access_opened")]
+        template: String,
+        /// A parameter as name=value; repeat for each. Missing ones get sample values.
+        #[arg(long = "param", value_name = "NAME=VALUE")]
+        params: Vec<String>,
+        /// Language code overriding the registry's (e.g. en_US).
+        #[arg(long, default_value = "")]
+        language: String,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let config = match Config::from_env() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("kabar: configuration error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    kabar::telemetry::init(config.log_format);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("kabar: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = match cli.command {
+        Command::Serve => runtime.block_on(serve(config)),
+        Command::SendTest {
+            phone,
+            template,
+            params,
+            language,
+        } => runtime.block_on(send_test(config, phone, template, params, language)),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("kabar: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve(config: Config) -> anyhow::Result<()> {
+    let listeners = kabar::Listeners::bind(&config).await?;
+    let shutdown = CancellationToken::new();
+    tokio::spawn(signal(shutdown.clone()));
+    kabar::run(config, listeners, shutdown).await
+}
+
+/// Cancels `shutdown` on SIGTERM (Kubernetes, systemd) or Ctrl-C.
+async fn signal(shutdown: CancellationToken) {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot listen for SIGTERM");
+                    let _ = ctrl_c.await;
+                    shutdown.cancel();
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => tracing::info!("Ctrl-C received"),
+            _ = term.recv() => tracing::info!("SIGTERM received"),
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+    shutdown.cancel();
+}
+
+async fn send_test(
+    config: Config,
+    phone: String,
+    template: String,
+    params: Vec<String>,
+    language: String,
+) -> anyhow::Result<()> {
+    let driver = match (&config.driver, &config.meta) {
+        (DriverKind::Meta, Some(meta)) => {
+            Driver::Meta(MetaClient::new(meta).map_err(anyhow::Error::msg)?)
+        }
+        _ => Driver::Log,
+    };
+    let notifier = Notifier::new(config.templates.clone(), driver, config.whatsapp_enabled);
+    let mut named = std::collections::HashMap::new();
+    for p in &params {
+        let (name, value) = p
+            .split_once('=')
+            .ok_or_else(|| anyhow::anyhow!("--param {p:?}: write it as name=value"))?;
+        named.insert(name.to_owned(), value.to_owned());
+    }
+    if let Some(t) = notifier.templates().get(&template) {
+        for name in &t.params {
+            named
+                .entry(name.clone())
+                .or_insert_with(|| kabar::templates::sample_value(name).to_owned());
+        }
+    }
+    let message = notifier
+        .prepare(&NotificationRequest {
+            phone: &phone,
+            template: &template,
+            params: &named,
+            positional_params: &[],
+            language: &language,
+        })
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    match notifier.send(&message, None).await {
+        Ok(sent) => {
+            println!(
+                "sent to {} ({}): message_id {}",
+                message.to, sent.wa_id, sent.message_id
+            );
+            Ok(())
+        }
+        Err(kabar::error::Error::Meta(f)) => Err(anyhow::anyhow!(
+            "Meta refused the message: code {} ({}), {}\nremedy: {}{}",
+            f.meta_code,
+            f.reason,
+            f.details,
+            f.remedy,
+            f.fbtrace_id
+                .map(|t| format!("\nfbtrace_id: {t}"))
+                .unwrap_or_default()
+        )),
+        Err(e) => Err(anyhow::anyhow!("{e}")),
+    }
+}

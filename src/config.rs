@@ -1,0 +1,524 @@
+//! Configuration: environment variables (and a `.env` file in the working directory), plus the TOML
+//! template registry named by `KABAR_TEMPLATES`. Everything is validated once at start-up; a
+//! problem stops the process with one line naming the variable and what it needs. Secrets are held
+//! in `secrecy` types and never printed.
+
+use std::{collections::HashMap, net::SocketAddr, time::Duration};
+
+use secrecy::{ExposeSecret, SecretBox, SecretString};
+
+use crate::{phone, templates::TemplateRegistry, whatsapp::MetaClient};
+
+/// A configuration problem: which variable, and what it needs.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{var}: {message}")]
+pub struct ConfigError {
+    pub var: &'static str,
+    pub message: String,
+}
+
+fn err(var: &'static str, message: impl Into<String>) -> ConfigError {
+    ConfigError {
+        var,
+        message: message.into(),
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DriverKind {
+    Meta,
+    Log,
+}
+
+pub struct Config {
+    pub grpc_addr: SocketAddr,
+    pub http_addr: SocketAddr,
+    pub log_format: LogFormat,
+    /// `WHATSAPP_ENABLED=false` refuses every send with FAILED_PRECONDITION instead of sending.
+    pub whatsapp_enabled: bool,
+    pub driver: DriverKind,
+    /// Present when `driver` is `Meta`.
+    pub meta: Option<crate::whatsapp::MetaSettings>,
+    pub business_account_id: Option<String>,
+    pub webhook_verify_token: Option<SecretString>,
+    pub app_secret: Option<SecretString>,
+    pub templates: TemplateRegistry,
+    /// Redis URL (may carry a password, so it is secret). `None`: in-process store.
+    pub redis_url: Option<SecretString>,
+    pub redis_timeout: Duration,
+    pub otp: OtpConfig,
+    /// How long calls in flight may take to finish after a shutdown signal.
+    pub shutdown_grace: Duration,
+    /// Warnings to log once logging is up (development defaults in use).
+    pub warnings: Vec<String>,
+}
+
+pub struct OtpConfig {
+    /// The HMAC key for stored codes. `None`: a random per-process key (development only).
+    pub secret: Option<SecretBox<Vec<u8>>>,
+    pub ttl: Duration,
+    pub max_attempts: u32,
+    pub resend_after: Duration,
+    pub max_sends_per_hour: u32,
+    pub max_sends_per_ip_per_hour: u32,
+    pub code_length: usize,
+    pub template: String,
+    /// Country calling codes whose numbers may receive codes.
+    pub allowed_countries: Vec<u16>,
+    pub daily_limit: u32,
+    /// E.164 digits (no `+`) to fixed code: these numbers never reach Meta.
+    pub test_numbers: HashMap<String, SecretString>,
+}
+
+impl std::fmt::Debug for Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Config")
+            .field("grpc_addr", &self.grpc_addr)
+            .field("http_addr", &self.http_addr)
+            .field("whatsapp_enabled", &self.whatsapp_enabled)
+            .field("driver", &self.driver)
+            .field("redis", &self.redis_url.as_ref().map(|_| "[redacted]"))
+            .finish_non_exhaustive()
+    }
+}
+
+/// Where variables come from: the process environment in production, a map in tests.
+pub trait Source {
+    fn get(&self, name: &str) -> Option<String>;
+}
+
+impl Source for HashMap<String, String> {
+    fn get(&self, name: &str) -> Option<String> {
+        HashMap::get(self, name).cloned()
+    }
+}
+
+/// The process environment, after loading `.env` from the working directory (variables already set
+/// in the environment win over the file).
+pub struct Environment;
+
+impl Environment {
+    pub fn load() -> Result<Self, ConfigError> {
+        match dotenvy::dotenv() {
+            Ok(_) => Ok(Environment),
+            Err(e) if e.not_found() => Ok(Environment),
+            Err(e) => Err(err(".env", format!("cannot read the .env file: {e}"))),
+        }
+    }
+}
+
+impl Source for Environment {
+    fn get(&self, name: &str) -> Option<String> {
+        std::env::var(name).ok()
+    }
+}
+
+struct Reader<'a> {
+    source: &'a dyn Source,
+}
+
+impl Reader<'_> {
+    /// A set, non-blank value.
+    fn get(&self, var: &'static str) -> Option<String> {
+        self.source
+            .get(var)
+            .map(|v| v.trim().to_owned())
+            .filter(|v| !v.is_empty())
+    }
+
+    fn string(&self, var: &'static str, default: &str) -> String {
+        self.get(var).unwrap_or_else(|| default.to_owned())
+    }
+
+    fn addr(&self, var: &'static str, default: &str) -> Result<SocketAddr, ConfigError> {
+        let v = self.string(var, default);
+        v.parse().map_err(|_| {
+            err(
+                var,
+                format!("needs an address such as 127.0.0.1:50051 or 0.0.0.0:50051 (got {v:?})"),
+            )
+        })
+    }
+
+    fn bool(&self, var: &'static str, default: bool) -> Result<bool, ConfigError> {
+        match self.get(var).map(|v| v.to_ascii_lowercase()).as_deref() {
+            None => Ok(default),
+            Some("1" | "true" | "yes" | "on") => Ok(true),
+            Some("0" | "false" | "no" | "off") => Ok(false),
+            Some(other) => Err(err(var, format!("needs true or false (got {other:?})"))),
+        }
+    }
+
+    fn number(
+        &self,
+        var: &'static str,
+        default: u64,
+        range: std::ops::RangeInclusive<u64>,
+    ) -> Result<u64, ConfigError> {
+        match self.get(var) {
+            None => Ok(default),
+            Some(v) => match v.parse::<u64>() {
+                Ok(n) if range.contains(&n) => Ok(n),
+                _ => Err(err(
+                    var,
+                    format!(
+                        "needs a whole number from {} to {} (got {v:?})",
+                        range.start(),
+                        range.end()
+                    ),
+                )),
+            },
+        }
+    }
+
+    /// A secret from `VAR` or from the file named by `VAR_FILE` (Kubernetes secrets, systemd
+    /// credentials). Never echoed back in errors.
+    fn secret(
+        &self,
+        var: &'static str,
+        file_var: &'static str,
+    ) -> Result<Option<SecretString>, ConfigError> {
+        match (self.get(var), self.get(file_var)) {
+            (Some(_), Some(_)) => Err(err(
+                var,
+                format!("set either {var} or {file_var}, not both"),
+            )),
+            (Some(v), None) => Ok(Some(SecretString::from(v))),
+            (None, Some(path)) => {
+                let text = std::fs::read_to_string(&path)
+                    .map_err(|e| err(file_var, format!("cannot read {path:?}: {e}")))?;
+                let text = text.trim_end_matches(['\n', '\r']).to_owned();
+                if text.is_empty() {
+                    return Err(err(file_var, format!("{path:?} is empty")));
+                }
+                Ok(Some(SecretString::from(text)))
+            }
+            (None, None) => Ok(None),
+        }
+    }
+}
+
+impl Config {
+    /// Reads and validates the configuration from the process environment and `.env`.
+    pub fn from_env() -> Result<Self, ConfigError> {
+        let env = Environment::load()?;
+        Self::from_source(&env)
+    }
+
+    /// Reads and validates the configuration from any source of variables.
+    pub fn from_source(source: &dyn Source) -> Result<Self, ConfigError> {
+        let r = Reader { source };
+        let mut warnings = Vec::new();
+
+        let grpc_addr = r.addr("KABAR_GRPC_ADDR", "127.0.0.1:50051")?;
+        let http_addr = r.addr("KABAR_HTTP_ADDR", "127.0.0.1:8080")?;
+        let log_format = match r.string("KABAR_LOG_FORMAT", "text").as_str() {
+            "text" => LogFormat::Text,
+            "json" => LogFormat::Json,
+            other => {
+                return Err(err(
+                    "KABAR_LOG_FORMAT",
+                    format!("needs text or json (got {other:?})"),
+                ));
+            }
+        };
+
+        let whatsapp_enabled = r.bool("WHATSAPP_ENABLED", true)?;
+        let driver = match r.string("WHATSAPP_DRIVER", "log").as_str() {
+            "meta" => DriverKind::Meta,
+            "log" => DriverKind::Log,
+            other => {
+                return Err(err(
+                    "WHATSAPP_DRIVER",
+                    format!("needs meta or log (got {other:?})"),
+                ));
+            }
+        };
+        let graph_api_url = r.string("META_GRAPH_API_URL", "https://graph.facebook.com");
+        if !(graph_api_url.starts_with("https://") || graph_api_url.starts_with("http://"))
+            || reqwest::Url::parse(&graph_api_url).is_err()
+        {
+            return Err(err(
+                "META_GRAPH_API_URL",
+                format!(
+                    "needs an http(s) URL such as https://graph.facebook.com (got {graph_api_url:?})"
+                ),
+            ));
+        }
+        let graph_api_version = r.string("META_GRAPH_API_VERSION", "v24.0");
+        if !is_graph_version(&graph_api_version) {
+            return Err(err(
+                "META_GRAPH_API_VERSION",
+                format!("needs a Graph API version such as v24.0 (got {graph_api_version:?})"),
+            ));
+        }
+        let api_key = r.secret("WHATSAPP_API_KEY", "WHATSAPP_API_KEY_FILE")?;
+        let phone_number_id = r.get("META_WA_PHONE_NUMBER_ID");
+        if let Some(id) = &phone_number_id
+            && !id.bytes().all(|b| b.is_ascii_digit())
+        {
+            return Err(err(
+                "META_WA_PHONE_NUMBER_ID",
+                "needs the numeric Phone number ID from WhatsApp Manager > API Setup (not the phone number itself)",
+            ));
+        }
+        let business_account_id = r.get("META_WA_BUSINESS_ACCOUNT_ID");
+        if let Some(id) = &business_account_id
+            && !id.bytes().all(|b| b.is_ascii_digit())
+        {
+            return Err(err(
+                "META_WA_BUSINESS_ACCOUNT_ID",
+                "needs the numeric WhatsApp Business Account ID",
+            ));
+        }
+        let connect_timeout = Duration::from_millis(r.number(
+            "KABAR_META_CONNECT_TIMEOUT_MS",
+            3_000,
+            100..=60_000,
+        )?);
+        let request_timeout =
+            Duration::from_millis(r.number("KABAR_META_TIMEOUT_MS", 10_000, 100..=120_000)?);
+        let max_attempts = r.number("KABAR_META_MAX_ATTEMPTS", 3, 1..=3)? as u32;
+        let retry_base =
+            Duration::from_millis(r.number("KABAR_META_RETRY_BASE_MS", 200, 1..=10_000)?);
+
+        let meta = match driver {
+            DriverKind::Meta => {
+                let access_token = api_key.ok_or_else(|| {
+                    err(
+                        "WHATSAPP_API_KEY",
+                        "is required with WHATSAPP_DRIVER=meta: the System User access token from Meta Business Settings",
+                    )
+                })?;
+                let phone_number_id = phone_number_id.ok_or_else(|| {
+                    err(
+                        "META_WA_PHONE_NUMBER_ID",
+                        "is required with WHATSAPP_DRIVER=meta: the Phone number ID from WhatsApp Manager > API Setup",
+                    )
+                })?;
+                if access_token
+                    .expose_secret()
+                    .chars()
+                    .any(char::is_whitespace)
+                {
+                    return Err(err(
+                        "WHATSAPP_API_KEY",
+                        "contains whitespace: paste the token alone, without \"Bearer\"",
+                    ));
+                }
+                Some(crate::whatsapp::MetaSettings {
+                    graph_api_url,
+                    graph_api_version,
+                    phone_number_id,
+                    access_token,
+                    connect_timeout,
+                    request_timeout,
+                    max_attempts,
+                    retry_base,
+                })
+            }
+            DriverKind::Log => {
+                warnings.push(
+                    "WHATSAPP_DRIVER=log: messages (OTP codes included) are written to this log \
+                     instead of being sent; a development setup, not for production"
+                        .to_owned(),
+                );
+                None
+            }
+        };
+
+        let templates = match r.get("KABAR_TEMPLATES") {
+            None => TemplateRegistry::default(),
+            Some(path) => {
+                let text = std::fs::read_to_string(&path)
+                    .map_err(|e| err("KABAR_TEMPLATES", format!("cannot read {path:?}: {e}")))?;
+                TemplateRegistry::from_toml(&text)
+                    .map_err(|e| err("KABAR_TEMPLATES", format!("{path}: {e}")))?
+            }
+        };
+
+        let redis_url = r.secret("REDIS_URL", "REDIS_URL_FILE")?;
+        if let Some(url) = &redis_url {
+            let u = url.expose_secret();
+            if redis::IntoConnectionInfo::into_connection_info(u).is_err() {
+                return Err(err(
+                    "REDIS_URL",
+                    "needs a URL such as redis://127.0.0.1:6379/0, rediss://host:6380 or unix:///run/redis.sock",
+                ));
+            }
+        }
+        let redis_timeout =
+            Duration::from_millis(r.number("KABAR_REDIS_TIMEOUT_MS", 500, 50..=10_000)?);
+
+        let otp = Self::otp(&r, redis_url.is_some(), &templates, &mut warnings)?;
+        let shutdown_grace =
+            Duration::from_secs(r.number("KABAR_SHUTDOWN_GRACE_SECONDS", 25, 0..=600)?);
+
+        if redis_url.is_none() {
+            warnings.push(
+                "REDIS_URL is not set: OTP codes and rate limits live in this process only and \
+                 are lost on restart; a development setup, not for production"
+                    .to_owned(),
+            );
+        }
+
+        let config = Config {
+            grpc_addr,
+            http_addr,
+            log_format,
+            whatsapp_enabled,
+            driver,
+            meta,
+            business_account_id,
+            webhook_verify_token: r.secret(
+                "META_WA_WEBHOOK_VERIFY_TOKEN",
+                "META_WA_WEBHOOK_VERIFY_TOKEN_FILE",
+            )?,
+            app_secret: r.secret("META_APP_SECRET", "META_APP_SECRET_FILE")?,
+            templates,
+            redis_url,
+            redis_timeout,
+            otp,
+            shutdown_grace,
+            warnings,
+        };
+        // Build the HTTP client once here so that a bad token format fails at start-up.
+        if let Some(meta) = &config.meta {
+            MetaClient::new(meta).map_err(|e| err("WHATSAPP_API_KEY", e))?;
+        }
+        Ok(config)
+    }
+
+    fn otp(
+        r: &Reader<'_>,
+        with_redis: bool,
+        templates: &TemplateRegistry,
+        warnings: &mut Vec<String>,
+    ) -> Result<OtpConfig, ConfigError> {
+        let secret = match r.secret("KABAR_OTP_SECRET", "KABAR_OTP_SECRET_FILE")? {
+            Some(s) if s.expose_secret().len() < 32 => {
+                return Err(err(
+                    "KABAR_OTP_SECRET",
+                    "needs at least 32 bytes; generate one with: openssl rand -hex 32",
+                ));
+            }
+            Some(s) => Some(SecretBox::new(Box::new(
+                s.expose_secret().as_bytes().to_vec(),
+            ))),
+            None if with_redis => {
+                return Err(err(
+                    "KABAR_OTP_SECRET",
+                    "is required when REDIS_URL is set (at least 32 bytes, or KABAR_OTP_SECRET_FILE); generate one with: openssl rand -hex 32",
+                ));
+            }
+            None => {
+                warnings.push(
+                    "KABAR_OTP_SECRET is not set: OTP hashes use a random key made at start-up, \
+                     so pending codes stop working on restart; a development setup"
+                        .to_owned(),
+                );
+                None
+            }
+        };
+        let ttl = r.number("KABAR_OTP_TTL_SECONDS", 300, 1..=3600)?;
+        let max_attempts = r.number("KABAR_OTP_MAX_ATTEMPTS", 5, 1..=20)? as u32;
+        let resend = r.number("KABAR_OTP_RESEND_SECONDS", 60, 0..=3600)?;
+        let per_hour = r.number("KABAR_OTP_MAX_SENDS_PER_HOUR", 5, 1..=1000)? as u32;
+        let per_ip = r.number("KABAR_OTP_MAX_SENDS_PER_IP_PER_HOUR", 20, 1..=100_000)? as u32;
+        let code_length = r.number("KABAR_OTP_CODE_LENGTH", 6, 4..=10)? as usize;
+        let daily_limit = r.number("KABAR_OTP_DAILY_LIMIT", 10_000, 1..=10_000_000)? as u32;
+        let template = r.string("KABAR_OTP_TEMPLATE", "otp_code");
+        match templates.get(&template) {
+            Some(t) if t.category == crate::templates::Category::Authentication => {}
+            Some(_) => {
+                return Err(err(
+                    "KABAR_OTP_TEMPLATE",
+                    format!("template {template:?} must have category AUTHENTICATION"),
+                ));
+            }
+            None => {
+                return Err(err(
+                    "KABAR_OTP_TEMPLATE",
+                    format!("template {template:?} is not in the registry"),
+                ));
+            }
+        }
+        let allowed = r.string("KABAR_OTP_ALLOWED_COUNTRIES", "62");
+        let allowed_countries = allowed
+            .split(',')
+            .map(|c| c.trim().trim_start_matches('+'))
+            .filter(|c| !c.is_empty())
+            .map(|c| match c.parse::<u16>() {
+                Ok(n) if (1..=999).contains(&n) => Ok(n),
+                _ => Err(err(
+                    "KABAR_OTP_ALLOWED_COUNTRIES",
+                    format!("needs country calling codes separated by commas, e.g. 62 or 62,60,65 (got {c:?})"),
+                )),
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        if allowed_countries.is_empty() {
+            return Err(err(
+                "KABAR_OTP_ALLOWED_COUNTRIES",
+                "needs at least one country calling code, e.g. 62",
+            ));
+        }
+        let mut test_numbers = HashMap::new();
+        if let Some(list) = r.secret("KABAR_OTP_TEST_NUMBERS", "KABAR_OTP_TEST_NUMBERS_FILE")? {
+            for entry in list
+                .expose_secret()
+                .split([',', '\n'])
+                .map(str::trim)
+                .filter(|e| !e.is_empty())
+            {
+                let (number, code) = entry.split_once('=').ok_or_else(|| {
+                    err(
+                        "KABAR_OTP_TEST_NUMBERS",
+                        "needs entries like 6281100000001=123456 separated by commas",
+                    )
+                })?;
+                let phone = phone::normalize(number)
+                    .map_err(|e| err("KABAR_OTP_TEST_NUMBERS", format!("{number:?}: {e}")))?;
+                let code = code.trim();
+                if code.len() != code_length || !code.bytes().all(|b| b.is_ascii_digit()) {
+                    return Err(err(
+                        "KABAR_OTP_TEST_NUMBERS",
+                        format!(
+                            "the code for {number} must be {code_length} digits (KABAR_OTP_CODE_LENGTH)"
+                        ),
+                    ));
+                }
+                test_numbers.insert(phone.digits().to_owned(), SecretString::from(code));
+            }
+        }
+        Ok(OtpConfig {
+            secret,
+            ttl: Duration::from_secs(ttl),
+            max_attempts,
+            resend_after: Duration::from_secs(resend),
+            max_sends_per_hour: per_hour,
+            max_sends_per_ip_per_hour: per_ip,
+            code_length,
+            template,
+            allowed_countries,
+            daily_limit,
+            test_numbers,
+        })
+    }
+}
+
+fn is_graph_version(v: &str) -> bool {
+    v.strip_prefix('v')
+        .and_then(|rest| rest.split_once('.'))
+        .is_some_and(|(major, minor)| {
+            !major.is_empty()
+                && !minor.is_empty()
+                && major.bytes().all(|b| b.is_ascii_digit())
+                && minor.bytes().all(|b| b.is_ascii_digit())
+        })
+}

@@ -1,0 +1,250 @@
+//! The gRPC edge: decode the request, call the domain, encode the answer. One log line per call
+//! with its outcome and duration. No store or Meta details live here.
+
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use prost::Message;
+use tonic::{Code, Request, Response, Status, metadata::MetadataMap};
+
+use crate::{
+    error::Error,
+    notify::{NotificationRequest, Notifier},
+    otp::{OtpService, Verdict, store},
+    pb::{
+        self, SendOtpRequest, SendOtpResponse, SendTemplateRequest, SendTemplateResponse,
+        VerifyOtpRequest, VerifyOtpResponse, verify_otp_response::Result as VerifyResult,
+    },
+};
+
+/// How long an idempotency key remembers its answer.
+const IDEMPOTENCY_KEEP: Duration = Duration::from_secs(24 * 3600);
+/// How long a key stays locked by a call in progress (longer than any send with retries).
+const IDEMPOTENCY_LOCK: Duration = Duration::from_secs(120);
+
+/// The caller's deadline from the `grpc-timeout` header, if it sent one.
+pub fn deadline(metadata: &MetadataMap, start: Instant) -> Option<Instant> {
+    let value = metadata.get("grpc-timeout")?.to_str().ok()?;
+    if value.len() < 2 || value.len() > 9 {
+        return None;
+    }
+    let (digits, unit) = value.split_at(value.len() - 1);
+    let n: u64 = digits.parse().ok()?;
+    let timeout = match unit {
+        "H" => Duration::from_secs(n.saturating_mul(3600)),
+        "M" => Duration::from_secs(n.saturating_mul(60)),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    };
+    start.checked_add(timeout)
+}
+
+fn log_call(method: &'static str, start: Instant, outcome: Result<&str, &Error>) {
+    let elapsed_ms = start.elapsed().as_secs_f64() * 1000.0;
+    match outcome {
+        Ok(detail) => tracing::info!(method, code = "OK", elapsed_ms, detail, "call done"),
+        Err(e) => {
+            let code = e.code();
+            let code_name = format!("{code:?}");
+            match code {
+                Code::InvalidArgument | Code::ResourceExhausted | Code::FailedPrecondition => {
+                    tracing::info!(method, code = %code_name, elapsed_ms, error = %e, "call refused")
+                }
+                _ => {
+                    tracing::warn!(method, code = %code_name, elapsed_ms, error = %e, "call failed")
+                }
+            }
+        }
+    }
+}
+
+pub struct NotificationGrpc {
+    notifier: Arc<Notifier>,
+    store: store::Store,
+}
+
+impl NotificationGrpc {
+    pub fn new(notifier: Arc<Notifier>, store: store::Store) -> Self {
+        NotificationGrpc { notifier, store }
+    }
+
+    async fn send_template(
+        &self,
+        request: &SendTemplateRequest,
+        deadline: Option<Instant>,
+    ) -> Result<SendTemplateResponse, Error> {
+        let message = self.notifier.prepare(&NotificationRequest {
+            phone: &request.phone,
+            template: &request.template,
+            params: &request.params,
+            positional_params: &request.positional_params,
+            language: &request.language,
+        })?;
+        if request.idempotency_key.is_empty() {
+            let sent = self.notifier.send(&message, deadline).await?;
+            return Ok(SendTemplateResponse {
+                message_id: sent.message_id,
+                wa_id: sent.wa_id,
+                phone: message.to.e164().to_owned(),
+            });
+        }
+        let key = &request.idempotency_key;
+        if key.len() > 128 || !key.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(Error::field(
+                "idempotency_key",
+                "must be 1 to 128 printable ASCII characters without spaces",
+            ));
+        }
+        let store_key = store::idempotency_key(key);
+        match self
+            .store
+            .idempotency_begin(&store_key, IDEMPOTENCY_LOCK)
+            .await
+            .map_err(|e| Error::StoreUnavailable(e.0))?
+        {
+            store::Idempotency::Done(bytes) => {
+                return SendTemplateResponse::decode(bytes.as_slice()).map_err(|_| {
+                    Error::StoreUnavailable("stored idempotent answer is unreadable".into())
+                });
+            }
+            store::Idempotency::InFlight => return Err(Error::IdempotencyInFlight),
+            store::Idempotency::Started => {}
+        }
+        match self.notifier.send(&message, deadline).await {
+            Ok(sent) => {
+                let response = SendTemplateResponse {
+                    message_id: sent.message_id,
+                    wa_id: sent.wa_id,
+                    phone: message.to.e164().to_owned(),
+                };
+                if let Err(e) = self
+                    .store
+                    .idempotency_finish(&store_key, &response.encode_to_vec(), IDEMPOTENCY_KEEP)
+                    .await
+                {
+                    tracing::warn!(error = %e, "could not store the answer for an idempotency key");
+                }
+                Ok(response)
+            }
+            Err(e) => {
+                // Nothing was sent: the caller may retry with the same key.
+                if let Err(e) = self.store.idempotency_abort(&store_key).await {
+                    tracing::warn!(error = %e, "could not release an idempotency key");
+                }
+                Err(e)
+            }
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl pb::notification_service_server::NotificationService for NotificationGrpc {
+    async fn send_template(
+        &self,
+        request: Request<SendTemplateRequest>,
+    ) -> Result<Response<SendTemplateResponse>, Status> {
+        let start = Instant::now();
+        let deadline = deadline(request.metadata(), start);
+        let request = request.into_inner();
+        let result = NotificationGrpc::send_template(self, &request, deadline).await;
+        match result {
+            Ok(response) => {
+                tracing::info!(
+                    method = "SendTemplate",
+                    code = "OK",
+                    elapsed_ms = start.elapsed().as_secs_f64() * 1000.0,
+                    template = %request.template,
+                    to = %response.phone,
+                    reference = %request.reference,
+                    message_id = %response.message_id,
+                    "call done"
+                );
+                Ok(Response::new(response))
+            }
+            Err(e) => {
+                log_call("SendTemplate", start, Err(&e));
+                Err(e.into())
+            }
+        }
+    }
+}
+
+pub struct OtpGrpc {
+    otp: Arc<OtpService>,
+}
+
+impl OtpGrpc {
+    pub fn new(otp: Arc<OtpService>) -> Self {
+        OtpGrpc { otp }
+    }
+}
+
+fn seconds(d: Duration) -> u32 {
+    u32::try_from(d.as_secs()).unwrap_or(u32::MAX)
+}
+
+#[tonic::async_trait]
+impl pb::otp_service_server::OtpService for OtpGrpc {
+    async fn send_otp(
+        &self,
+        request: Request<SendOtpRequest>,
+    ) -> Result<Response<SendOtpResponse>, Status> {
+        let start = Instant::now();
+        let deadline = deadline(request.metadata(), start);
+        let r = request.into_inner();
+        match self
+            .otp
+            .send(&r.phone, &r.purpose, &r.client_ip, deadline)
+            .await
+        {
+            Ok(sent) => {
+                log_call("SendOtp", start, Ok("code sent"));
+                Ok(Response::new(SendOtpResponse {
+                    expires_in_seconds: seconds(sent.expires_in),
+                    resend_after_seconds: seconds(sent.resend_after),
+                    message_id: sent.message_id,
+                }))
+            }
+            Err(e) => {
+                log_call("SendOtp", start, Err(&e));
+                Err(e.into())
+            }
+        }
+    }
+
+    async fn verify_otp(
+        &self,
+        request: Request<VerifyOtpRequest>,
+    ) -> Result<Response<VerifyOtpResponse>, Status> {
+        let start = Instant::now();
+        let r = request.into_inner();
+        match self.otp.verify(&r.phone, &r.purpose, &r.code).await {
+            Ok(verdict) => {
+                let (result, attempts_remaining, word) = match verdict {
+                    Verdict::Verified => (VerifyResult::Verified, 0, "verified"),
+                    Verdict::Invalid { attempts_left } => {
+                        (VerifyResult::InvalidCode, attempts_left, "invalid code")
+                    }
+                    Verdict::Expired => (VerifyResult::Expired, 0, "expired"),
+                    Verdict::TooManyAttempts => {
+                        (VerifyResult::TooManyAttempts, 0, "too many attempts")
+                    }
+                };
+                log_call("VerifyOtp", start, Ok(word));
+                Ok(Response::new(VerifyOtpResponse {
+                    result: result as i32,
+                    attempts_remaining,
+                }))
+            }
+            Err(e) => {
+                log_call("VerifyOtp", start, Err(&e));
+                Err(e.into())
+            }
+        }
+    }
+}

@@ -1,0 +1,48 @@
+//! The HTTP edge (`KABAR_HTTP_ADDR`): liveness and readiness for Kubernetes, systemd watchdogs and
+//! load balancers that do not speak gRPC health.
+
+use std::sync::{
+    Arc,
+    atomic::{AtomicBool, Ordering},
+};
+
+use axum::{Json, Router, extract::State, http::StatusCode, routing::get};
+use serde_json::json;
+
+/// What readiness depends on, updated by the app's health monitor and shutdown.
+#[derive(Debug)]
+pub struct Readiness {
+    pub shutting_down: AtomicBool,
+    pub store_reachable: AtomicBool,
+    pub store_kind: &'static str,
+    pub driver: &'static str,
+}
+
+pub fn router(readiness: Arc<Readiness>) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(ready))
+        .with_state(readiness)
+}
+
+/// 200 while kabar accepts calls; 503 once shutdown has begun. The OTP store's state is reported
+/// but does not make the whole process unready: notifications still go out while Redis is down.
+async fn ready(State(r): State<Arc<Readiness>>) -> (StatusCode, Json<serde_json::Value>) {
+    let shutting_down = r.shutting_down.load(Ordering::Relaxed);
+    let store = r.store_reachable.load(Ordering::Relaxed);
+    let status = if shutting_down {
+        StatusCode::SERVICE_UNAVAILABLE
+    } else {
+        StatusCode::OK
+    };
+    (
+        status,
+        Json(json!({
+            "ready": !shutting_down,
+            "shutting_down": shutting_down,
+            "driver": r.driver,
+            "otp_store": r.store_kind,
+            "otp_store_reachable": store,
+        })),
+    )
+}

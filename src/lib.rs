@@ -1,0 +1,272 @@
+//! kabar: a gRPC notification gateway and WhatsApp OTP service in front of Meta's WhatsApp Cloud
+//! API, for Indonesian ISP billing systems.
+//!
+//! [`run`] starts the whole service on listeners the caller bound, so that tests start it
+//! in-process on `127.0.0.1:0` exactly as `kabar serve` does.
+#![forbid(unsafe_code)]
+
+pub mod config;
+pub mod error;
+pub mod grpc;
+pub mod http;
+pub mod notify;
+pub mod otp;
+pub mod phone;
+pub mod telemetry;
+pub mod templates;
+pub mod whatsapp;
+
+use std::{
+    sync::{Arc, atomic::Ordering},
+    time::Duration,
+};
+
+use anyhow::Context;
+use secrecy::ExposeSecret;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tonic_health::{ServingStatus, server::HealthReporter};
+
+use crate::{
+    config::{Config, DriverKind},
+    notify::Notifier,
+    otp::{MemoryStore, OtpService, RedisStore, Store},
+    whatsapp::{Driver, MetaClient},
+};
+
+/// The generated `kabar.v1` API.
+pub mod pb {
+    tonic::include_proto!("kabar.v1");
+    /// Descriptor set served by gRPC reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("kabar_descriptor");
+}
+
+pub const NOTIFICATION_SERVICE: &str = "kabar.v1.NotificationService";
+pub const OTP_SERVICE: &str = "kabar.v1.OtpService";
+
+/// The two sockets kabar serves on.
+pub struct Listeners {
+    pub grpc: TcpListener,
+    pub http: TcpListener,
+}
+
+impl Listeners {
+    pub async fn bind(config: &Config) -> anyhow::Result<Self> {
+        let grpc = TcpListener::bind(config.grpc_addr)
+            .await
+            .with_context(|| format!("KABAR_GRPC_ADDR: cannot listen on {}", config.grpc_addr))?;
+        let http = TcpListener::bind(config.http_addr)
+            .await
+            .with_context(|| format!("KABAR_HTTP_ADDR: cannot listen on {}", config.http_addr))?;
+        Ok(Listeners { grpc, http })
+    }
+}
+
+/// How often the OTP store's reachability is checked for gRPC health.
+const STORE_PROBE_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Runs kabar until `shutdown` is cancelled. Then health turns NOT_SERVING, calls in flight finish
+/// (for at most `KABAR_SHUTDOWN_GRACE_SECONDS`), and the function returns.
+pub async fn run(
+    config: Config,
+    listeners: Listeners,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    for warning in &config.warnings {
+        tracing::warn!("{warning}");
+    }
+    let driver = match (&config.driver, &config.meta) {
+        (DriverKind::Meta, Some(meta)) => {
+            Driver::Meta(MetaClient::new(meta).map_err(anyhow::Error::msg)?)
+        }
+        _ => Driver::Log,
+    };
+    let store = match &config.redis_url {
+        Some(url) => Store::Redis(
+            RedisStore::new(url.expose_secret(), config.redis_timeout)
+                .map_err(|e| anyhow::anyhow!("REDIS_URL: {e}"))?,
+        ),
+        None => Store::Memory(MemoryStore::default()),
+    };
+    let otp_template = config
+        .templates
+        .get(&config.otp.template)
+        .cloned()
+        .context("KABAR_OTP_TEMPLATE is not in the template registry")?;
+    let otp = Arc::new(OtpService::new(
+        &config.otp,
+        store.clone(),
+        driver.clone(),
+        config.whatsapp_enabled,
+        otp_template,
+    ));
+    let notifier = Arc::new(Notifier::new(
+        config.templates.clone(),
+        driver.clone(),
+        config.whatsapp_enabled,
+    ));
+
+    let readiness = Arc::new(http::Readiness {
+        shutting_down: false.into(),
+        store_reachable: true.into(),
+        store_kind: if store.is_redis() { "redis" } else { "memory" },
+        driver: driver.name(),
+    });
+
+    let (reporter, health_service) = tonic_health::server::health_reporter();
+    reporter
+        .set_service_status("", ServingStatus::Serving)
+        .await;
+    reporter
+        .set_service_status(NOTIFICATION_SERVICE, ServingStatus::Serving)
+        .await;
+    let store_ok = store.ping().await.is_ok();
+    readiness.store_reachable.store(store_ok, Ordering::Relaxed);
+    reporter
+        .set_service_status(OTP_SERVICE, serving(store_ok))
+        .await;
+    if !store_ok {
+        tracing::warn!("Redis is not reachable yet: OtpService is NOT_SERVING until it is");
+    }
+
+    let monitor = tokio::spawn(monitor_store(
+        store.clone(),
+        reporter.clone(),
+        readiness.clone(),
+        shutdown.clone(),
+    ));
+
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .context("cannot build gRPC reflection")?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()
+        .context("cannot build gRPC reflection")?;
+
+    let grpc_addr = listeners.grpc.local_addr()?;
+    let http_addr = listeners.http.local_addr()?;
+
+    // Health turns NOT_SERVING before the servers stop accepting calls, so that load balancers
+    // move traffic away while calls in flight finish.
+    let drain = CancellationToken::new();
+    {
+        let (shutdown, drain, reporter, readiness) = (
+            shutdown.clone(),
+            drain.clone(),
+            reporter.clone(),
+            readiness.clone(),
+        );
+        tokio::spawn(async move {
+            shutdown.cancelled().await;
+            readiness.shutting_down.store(true, Ordering::Relaxed);
+            for service in ["", NOTIFICATION_SERVICE, OTP_SERVICE] {
+                reporter
+                    .set_service_status(service, ServingStatus::NotServing)
+                    .await;
+            }
+            tracing::info!("shutting down: health is NOT_SERVING, finishing calls in flight");
+            drain.cancel();
+        });
+    }
+
+    let grpc_server = tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(
+            pb::notification_service_server::NotificationServiceServer::new(
+                grpc::NotificationGrpc::new(notifier, store.clone()),
+            ),
+        )
+        .add_service(pb::otp_service_server::OtpServiceServer::new(
+            grpc::OtpGrpc::new(otp),
+        ))
+        .serve_with_incoming_shutdown(
+            tonic::transport::server::TcpIncoming::from(listeners.grpc).with_nodelay(Some(true)),
+            drain.clone().cancelled_owned(),
+        );
+
+    let http_server = axum::serve(listeners.http, http::router(readiness.clone()))
+        .with_graceful_shutdown(drain.clone().cancelled_owned());
+
+    tracing::info!(
+        grpc = %grpc_addr,
+        http = %http_addr,
+        driver = driver.name(),
+        otp_store = readiness.store_kind,
+        "kabar is serving"
+    );
+
+    let servers = async {
+        let (grpc, http) = tokio::join!(grpc_server, http_server);
+        grpc.context("gRPC server failed")?;
+        http.context("HTTP server failed")?;
+        anyhow::Ok(())
+    };
+    tokio::pin!(servers);
+    let grace = config.shutdown_grace;
+    let result = tokio::select! {
+        r = &mut servers => r,
+        () = async {
+            drain.cancelled().await;
+            tokio::time::sleep(grace).await;
+        } => {
+            tracing::warn!(grace_seconds = grace.as_secs(), "calls still in flight after the shutdown grace period; stopping anyway");
+            Ok(())
+        }
+    };
+    monitor.abort();
+    tracing::info!("kabar stopped");
+    result
+}
+
+fn serving(ok: bool) -> ServingStatus {
+    if ok {
+        ServingStatus::Serving
+    } else {
+        ServingStatus::NotServing
+    }
+}
+
+/// Keeps `kabar.v1.OtpService` health in step with the store's reachability, and sweeps the
+/// in-process store.
+async fn monitor_store(
+    store: Store,
+    reporter: HealthReporter,
+    readiness: Arc<http::Readiness>,
+    shutdown: CancellationToken,
+) {
+    let mut ticker = tokio::time::interval(STORE_PROBE_INTERVAL);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut ticks: u64 = 0;
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            () = shutdown.cancelled() => return,
+        }
+        ticks += 1;
+        if let Store::Memory(memory) = &store {
+            if ticks.is_multiple_of(60) {
+                memory.sweep();
+            }
+            continue;
+        }
+        let ok = store.ping().await.is_ok();
+        let before = readiness.store_reachable.swap(ok, Ordering::Relaxed);
+        if before != ok && !shutdown.is_cancelled() {
+            if ok {
+                tracing::info!("Redis is reachable again: OtpService is SERVING");
+            } else {
+                tracing::error!("Redis is unreachable: OtpService is NOT_SERVING");
+            }
+            reporter.set_service_status(OTP_SERVICE, serving(ok)).await;
+        }
+    }
+}

@@ -1,0 +1,399 @@
+//! One-time login codes: generation, keyed hashing, the abuse rules, and delivery through the
+//! AUTHENTICATION template.
+//!
+//! Security properties:
+//! - codes come from the OS CSPRNG, uniform over all `10^n` values (rejection sampling);
+//! - only `HMAC-SHA256(secret, purpose|phone|code)` is stored, so a Redis dump reveals no code and
+//!   a code for one purpose or phone never matches another;
+//! - verification is one atomic step in the store: a code is consumed exactly once, and each wrong
+//!   guess uses an attempt until the code is discarded;
+//! - every send passes the per-phone cooldown and hourly cap, the per-IP hourly cap, the country
+//!   allow-list and the global daily cap, because every message costs the ISP money.
+
+mod memory;
+mod redis_store;
+pub mod store;
+
+use std::{
+    collections::HashMap,
+    net::IpAddr,
+    sync::Arc,
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use hmac::{Hmac, Mac};
+use secrecy::{ExposeSecret, SecretBox, SecretString};
+use sha2::Sha256;
+use tonic_types::FieldViolation;
+
+pub use memory::MemoryStore;
+pub use redis_store::RedisStore;
+pub use store::{CodeHash, Gate, Store, StoreError, Verdict};
+
+use crate::{
+    config::OtpConfig,
+    error::Error,
+    phone::{self, Phone},
+    templates::Template,
+    whatsapp::{Driver, OutboundTemplate},
+};
+
+const HOUR: Duration = Duration::from_secs(3600);
+/// The daily cap resets at midnight Western Indonesian Time (UTC+7), the ISP's business day.
+const DAY_OFFSET_MS: u64 = 7 * 3600 * 1000;
+const DAY_MS: u64 = 24 * 3600 * 1000;
+
+pub const DEFAULT_PURPOSE: &str = "login";
+
+pub struct OtpService {
+    store: Store,
+    driver: Driver,
+    whatsapp_enabled: bool,
+    template: Arc<Template>,
+    key: SecretBox<Vec<u8>>,
+    ttl: Duration,
+    max_attempts: u32,
+    resend_after: Duration,
+    max_sends_per_hour: u32,
+    max_sends_per_ip_per_hour: u32,
+    code_length: usize,
+    allowed_countries: Vec<u16>,
+    daily_limit: u32,
+    test_numbers: HashMap<String, SecretString>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OtpSent {
+    pub expires_in: Duration,
+    pub resend_after: Duration,
+    /// Meta's message id; empty for a test number.
+    pub message_id: String,
+}
+
+impl OtpService {
+    pub fn new(
+        config: &OtpConfig,
+        store: Store,
+        driver: Driver,
+        whatsapp_enabled: bool,
+        template: Arc<Template>,
+    ) -> Self {
+        let key = match &config.secret {
+            Some(secret) => SecretBox::new(Box::new(secret.expose_secret().clone())),
+            None => {
+                let mut random = vec![0u8; 32];
+                getrandom::fill(&mut random).expect("the OS random number generator is available");
+                SecretBox::new(Box::new(random))
+            }
+        };
+        OtpService {
+            store,
+            driver,
+            whatsapp_enabled,
+            template,
+            key,
+            ttl: config.ttl,
+            max_attempts: config.max_attempts,
+            resend_after: config.resend_after,
+            max_sends_per_hour: config.max_sends_per_hour,
+            max_sends_per_ip_per_hour: config.max_sends_per_ip_per_hour,
+            code_length: config.code_length,
+            allowed_countries: config.allowed_countries.clone(),
+            daily_limit: config.daily_limit,
+            test_numbers: config
+                .test_numbers
+                .iter()
+                .map(|(k, v)| (k.clone(), SecretString::from(v.expose_secret())))
+                .collect(),
+        }
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// `SendOtp`: a new code for (purpose, phone), replacing any earlier one.
+    pub async fn send(
+        &self,
+        phone: &str,
+        purpose: &str,
+        client_ip: &str,
+        deadline: Option<Instant>,
+    ) -> Result<OtpSent, Error> {
+        let mut violations = Vec::new();
+        let phone = check(&mut violations, "phone", phone::normalize(phone));
+        let purpose = check(&mut violations, "purpose", parse_purpose(purpose));
+        let client_ip = check(&mut violations, "client_ip", parse_client_ip(client_ip));
+        let (Some(phone), Some(purpose), Some(client_ip)) = (phone, purpose, client_ip) else {
+            return Err(Error::InvalidArgument(violations));
+        };
+        if !self.allowed_countries.contains(&phone.country_code()) {
+            return Err(Error::CountryNotAllowed(phone.country_code()));
+        }
+        let test_code = self.test_numbers.get(phone.digits());
+        if test_code.is_none() && !self.whatsapp_enabled {
+            return Err(Error::WhatsAppDisabled);
+        }
+        let now = now_ms();
+
+        if let Some(ip) = client_ip {
+            let gate = self
+                .store
+                .gate(
+                    &store::ip_key(&ip.to_string()),
+                    now,
+                    Duration::ZERO,
+                    self.max_sends_per_ip_per_hour,
+                    HOUR,
+                )
+                .await
+                .map_err(unavailable)?;
+            if let Gate::Cooldown(wait) | Gate::CapReached(wait) = gate {
+                tracing::warn!(client_ip = %ip, "OTP per-IP hourly cap reached");
+                return Err(limited(
+                    "OTP_IP_HOURLY_LIMIT",
+                    format!(
+                        "too many codes requested from this IP address in the last hour (at most {})",
+                        self.max_sends_per_ip_per_hour
+                    ),
+                    wait,
+                ));
+            }
+        }
+
+        let limits_key = store::limits_key(phone.digits());
+        let resend_at_ms = match self
+            .store
+            .gate(
+                &limits_key,
+                now,
+                self.resend_after,
+                self.max_sends_per_hour,
+                HOUR,
+            )
+            .await
+            .map_err(unavailable)?
+        {
+            Gate::Allowed { resend_at_ms } => resend_at_ms,
+            Gate::Cooldown(wait) => {
+                return Err(limited(
+                    "OTP_RESEND_COOLDOWN",
+                    format!(
+                        "a code was sent to this number less than {} s ago",
+                        self.resend_after.as_secs()
+                    ),
+                    wait,
+                ));
+            }
+            Gate::CapReached(wait) => {
+                return Err(limited(
+                    "OTP_HOURLY_LIMIT",
+                    format!(
+                        "at most {} codes per hour are sent to one number",
+                        self.max_sends_per_hour
+                    ),
+                    wait,
+                ));
+            }
+        };
+
+        let code = match test_code {
+            Some(code) => SecretString::from(code.expose_secret()),
+            None => {
+                let day = (now + DAY_OFFSET_MS) / DAY_MS;
+                let next_day_ms = (day + 1) * DAY_MS - DAY_OFFSET_MS;
+                let allowed = self
+                    .store
+                    .count_daily(
+                        &store::daily_key(day),
+                        self.daily_limit,
+                        next_day_ms + DAY_MS,
+                    )
+                    .await;
+                match allowed {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        self.release(&limits_key, resend_at_ms).await;
+                        tracing::error!(
+                            daily_limit = self.daily_limit,
+                            "OTP DAILY LIMIT REACHED: no more OTP messages are sent today \
+                             (KABAR_OTP_DAILY_LIMIT). If this is not expected traffic, someone \
+                             may be pumping OTP messages to run up the WhatsApp bill."
+                        );
+                        return Err(limited(
+                            "OTP_DAILY_LIMIT",
+                            "the service's daily OTP limit is reached".to_owned(),
+                            Duration::from_millis(next_day_ms.saturating_sub(now)),
+                        ));
+                    }
+                    Err(e) => {
+                        self.release(&limits_key, resend_at_ms).await;
+                        return Err(unavailable(e));
+                    }
+                }
+                generate_code(self.code_length)
+            }
+        };
+
+        let hash = self.hash(purpose, &phone, code.expose_secret());
+        let code_key = store::code_key(purpose, phone.digits());
+        if let Err(e) = self
+            .store
+            .put_code(&code_key, &hash, self.max_attempts, self.ttl)
+            .await
+        {
+            self.release(&limits_key, resend_at_ms).await;
+            return Err(unavailable(e));
+        }
+        let sent = OtpSent {
+            expires_in: self.ttl,
+            resend_after: self.resend_after,
+            message_id: String::new(),
+        };
+        if test_code.is_some() {
+            tracing::info!(to = %phone, purpose, "OTP for a configured test number: not sent");
+            return Ok(sent);
+        }
+
+        let message = OutboundTemplate {
+            to: phone.clone(),
+            template: self.template.name.clone(),
+            language: self.template.language.clone(),
+            body_params: vec![code.expose_secret().to_owned()],
+            button_param: Some(code.expose_secret().to_owned()),
+            sensitive: true,
+        };
+        match self.driver.send(&message, deadline).await {
+            Ok(delivered) => Ok(OtpSent {
+                message_id: delivered.message_id,
+                ..sent
+            }),
+            Err(e) => {
+                // The customer never saw this code: drop it and let them ask again at once.
+                // The send still counted toward the hourly caps.
+                if let Err(e) = self.store.discard_code(&code_key, &hash).await {
+                    tracing::warn!(error = %e, "could not discard an undelivered OTP code");
+                }
+                self.release(&limits_key, resend_at_ms).await;
+                Err(e.into())
+            }
+        }
+    }
+
+    async fn release(&self, limits_key: &str, resend_at_ms: u64) {
+        if resend_at_ms == 0 {
+            return;
+        }
+        if let Err(e) = self.store.release_cooldown(limits_key, resend_at_ms).await {
+            tracing::warn!(error = %e, "could not lift the resend cooldown after a failed send");
+        }
+    }
+
+    /// `VerifyOtp`: one atomic check in the store.
+    pub async fn verify(&self, phone: &str, purpose: &str, code: &str) -> Result<Verdict, Error> {
+        let mut violations = Vec::new();
+        let phone = check(&mut violations, "phone", phone::normalize(phone));
+        let purpose = check(&mut violations, "purpose", parse_purpose(purpose));
+        let code_ok = code.len() == self.code_length && code.bytes().all(|b| b.is_ascii_digit());
+        if !code_ok {
+            violations.push(FieldViolation::new(
+                "code",
+                format!("must be exactly {} digits", self.code_length),
+            ));
+        }
+        let (Some(phone), Some(purpose), true) = (phone, purpose, code_ok) else {
+            return Err(Error::InvalidArgument(violations));
+        };
+        let hash = self.hash(purpose, &phone, code);
+        self.store
+            .verify(&store::code_key(purpose, phone.digits()), &hash)
+            .await
+            .map_err(unavailable)
+    }
+
+    fn hash(&self, purpose: &str, phone: &Phone, code: &str) -> CodeHash {
+        let mut mac = Hmac::<Sha256>::new_from_slice(self.key.expose_secret())
+            .expect("HMAC accepts keys of any length");
+        mac.update(purpose.as_bytes());
+        mac.update(b"|");
+        mac.update(phone.digits().as_bytes());
+        mac.update(b"|");
+        mac.update(code.as_bytes());
+        mac.finalize().into_bytes().into()
+    }
+}
+
+fn check<T, E: std::fmt::Display>(
+    violations: &mut Vec<FieldViolation>,
+    field: &str,
+    result: Result<T, E>,
+) -> Option<T> {
+    match result {
+        Ok(v) => Some(v),
+        Err(e) => {
+            violations.push(FieldViolation::new(field, e.to_string()));
+            None
+        }
+    }
+}
+
+fn limited(reason: &'static str, message: String, wait: Duration) -> Error {
+    // Round up: "retry after 0 s" would invite an immediate, refused retry.
+    let retry_after = Duration::from_secs(wait.as_millis().div_ceil(1000) as u64);
+    Error::Limited {
+        reason,
+        message: format!("{message}; retry in {} s", retry_after.as_secs()),
+        retry_after,
+    }
+}
+
+fn unavailable(e: StoreError) -> Error {
+    Error::StoreUnavailable(e.0)
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// `login` when empty; otherwise 1 to 32 of `a-z 0-9 _ -`.
+pub fn parse_purpose(purpose: &str) -> Result<&str, String> {
+    if purpose.is_empty() {
+        return Ok(DEFAULT_PURPOSE);
+    }
+    if purpose.len() <= 32
+        && purpose
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
+    {
+        Ok(purpose)
+    } else {
+        Err("must be 1 to 32 characters of a-z, 0-9, _ and - (e.g. login, reset)".to_owned())
+    }
+}
+
+fn parse_client_ip(ip: &str) -> Result<Option<IpAddr>, String> {
+    if ip.is_empty() {
+        return Ok(None);
+    }
+    ip.parse::<IpAddr>()
+        .map(|ip| Some(ip.to_canonical()))
+        .map_err(|_| "must be an IPv4 or IPv6 address such as 203.0.113.7".to_owned())
+}
+
+/// `length` decimal digits, each drawn uniformly: bytes of 250 and above are rejected so that
+/// `byte % 10` carries no bias.
+pub fn generate_code(length: usize) -> SecretString {
+    let mut code = String::with_capacity(length);
+    let mut buffer = [0u8; 32];
+    while code.len() < length {
+        getrandom::fill(&mut buffer).expect("the OS random number generator is available");
+        for &b in &buffer {
+            if b < 250 && code.len() < length {
+                code.push(char::from(b'0' + b % 10));
+            }
+        }
+    }
+    SecretString::from(code)
+}

@@ -1,0 +1,163 @@
+//! Where OTP state lives: Redis in production, process memory for the embedded default. Both
+//! backends implement exactly the same semantics, and the integration tests run the same cases
+//! against each.
+//!
+//! What is stored, per (purpose, phone): the 32-byte HMAC of the code followed by one byte of
+//! attempts left, expiring with the code. Per phone: the send count of the current hour window,
+//! when that window ends, and when the next send is allowed. Per client IP: the same counter.
+//! Per day: one global counter. Never the code.
+
+use std::time::Duration;
+
+use super::{memory::MemoryStore, redis_store::RedisStore};
+
+/// Key prefixes. Every key carries a `{hash tag}` so that all keys of one phone live in one Redis
+/// Cluster slot.
+pub(crate) fn code_key(purpose: &str, phone_digits: &str) -> String {
+    format!("kabar:otp:{{{phone_digits}}}:{purpose}")
+}
+pub(crate) fn limits_key(phone_digits: &str) -> String {
+    format!("kabar:otp-limit:{{{phone_digits}}}")
+}
+pub(crate) fn ip_key(ip: &str) -> String {
+    format!("kabar:otp-ip:{{{ip}}}")
+}
+pub(crate) fn daily_key(day: u64) -> String {
+    format!("kabar:otp-daily:{{{day}}}")
+}
+pub(crate) fn idempotency_key(key: &str) -> String {
+    format!("kabar:idem:{{{key}}}")
+}
+
+pub const HASH_LEN: usize = 32;
+pub type CodeHash = [u8; HASH_LEN];
+
+/// The answer of a counter gate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Gate {
+    /// Counted. `resend_at_ms` identifies the cooldown this call started (0 if none).
+    Allowed { resend_at_ms: u64 },
+    /// Inside the resend cooldown.
+    Cooldown(Duration),
+    /// The window's cap is reached.
+    CapReached(Duration),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    Verified,
+    Invalid { attempts_left: u32 },
+    Expired,
+    TooManyAttempts,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Idempotency {
+    /// This call owns the key now and must finish or abort it.
+    Started,
+    /// Another call holds the key and has not finished.
+    InFlight,
+    /// A call with this key finished; here is its stored answer.
+    Done(Vec<u8>),
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{0}")]
+pub struct StoreError(pub String);
+
+/// Which backend, chosen by `REDIS_URL`.
+#[derive(Clone)]
+pub enum Store {
+    Redis(RedisStore),
+    Memory(MemoryStore),
+}
+
+macro_rules! dispatch {
+    ($self:ident, $s:ident => $call:expr) => {
+        match $self {
+            Store::Redis($s) => $call,
+            Store::Memory($s) => $call,
+        }
+    };
+}
+
+impl Store {
+    /// Counts one send in an hourly window (`max` per window of `window`), refusing inside
+    /// `resend` of the last counted send. A refusal changes nothing.
+    pub async fn gate(
+        &self,
+        key: &str,
+        now_ms: u64,
+        resend: Duration,
+        max: u32,
+        window: Duration,
+    ) -> Result<Gate, StoreError> {
+        dispatch!(self, s => s.gate(key, now_ms, resend, max, window).await)
+    }
+
+    /// Ends the cooldown started by the send identified by `resend_at_ms` (when Meta refused it).
+    pub async fn release_cooldown(&self, key: &str, resend_at_ms: u64) -> Result<(), StoreError> {
+        dispatch!(self, s => s.release_cooldown(key, resend_at_ms).await)
+    }
+
+    /// Counts one message against a global daily cap; `false` once `limit` is passed.
+    pub async fn count_daily(
+        &self,
+        key: &str,
+        limit: u32,
+        expire_at_ms: u64,
+    ) -> Result<bool, StoreError> {
+        dispatch!(self, s => s.count_daily(key, limit, expire_at_ms).await)
+    }
+
+    /// Stores a code's hash with its attempts, replacing any earlier code.
+    pub async fn put_code(
+        &self,
+        key: &str,
+        hash: &CodeHash,
+        attempts: u32,
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        dispatch!(self, s => s.put_code(key, hash, attempts, ttl).await)
+    }
+
+    /// Deletes the code if it is still the one with this hash.
+    pub async fn discard_code(&self, key: &str, hash: &CodeHash) -> Result<(), StoreError> {
+        dispatch!(self, s => s.discard_code(key, hash).await)
+    }
+
+    /// The whole check, atomically: missing, match (consumed), mismatch (one attempt used).
+    pub async fn verify(&self, key: &str, hash: &CodeHash) -> Result<Verdict, StoreError> {
+        dispatch!(self, s => s.verify(key, hash).await)
+    }
+
+    pub async fn idempotency_begin(
+        &self,
+        key: &str,
+        lock: Duration,
+    ) -> Result<Idempotency, StoreError> {
+        dispatch!(self, s => s.idempotency_begin(key, lock).await)
+    }
+
+    pub async fn idempotency_finish(
+        &self,
+        key: &str,
+        answer: &[u8],
+        keep: Duration,
+    ) -> Result<(), StoreError> {
+        dispatch!(self, s => s.idempotency_finish(key, answer, keep).await)
+    }
+
+    pub async fn idempotency_abort(&self, key: &str) -> Result<(), StoreError> {
+        dispatch!(self, s => s.idempotency_abort(key).await)
+    }
+
+    /// Whether the store answers now.
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        dispatch!(self, s => s.ping().await)
+    }
+
+    pub fn is_redis(&self) -> bool {
+        matches!(self, Store::Redis(_))
+    }
+}

@@ -1,0 +1,120 @@
+//! Phone numbers as billing systems and customers type them, normalised to E.164.
+//!
+//! Indonesian numbers may be written nationally (`0812-3456-7890`, `(0812) 3456-7890`), without
+//! the trunk zero (`812...`), or with the country code with or without `+`. Any other country must
+//! be written with `+` and its country code. Every number is checked against libphonenumber's
+//! numbering plan, and Indonesian numbers must be mobile numbers: WhatsApp accounts live on mobile
+//! numbers, and sending to a landline costs a Meta call that can only fail (131026).
+
+use std::fmt;
+
+/// A validated number in E.164 form, e.g. `+6281234567890`.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct Phone {
+    e164: String,
+    country_code: u16,
+}
+
+impl Phone {
+    /// `+6281234567890`: what Meta's `to` field gets.
+    pub fn e164(&self) -> &str {
+        &self.e164
+    }
+
+    /// The digits without `+`: `6281234567890`. Used in store keys.
+    pub fn digits(&self) -> &str {
+        &self.e164[1..]
+    }
+
+    pub fn country_code(&self) -> u16 {
+        self.country_code
+    }
+}
+
+impl fmt::Debug for Phone {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.e164)
+    }
+}
+
+impl fmt::Display for Phone {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.e164)
+    }
+}
+
+/// Why a phone number was refused; the text is safe to show to a developer.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PhoneError {
+    #[error("phone number is empty")]
+    Empty,
+    #[error(
+        "phone number may contain only digits, spaces, dashes, dots, parentheses and a leading +"
+    )]
+    BadCharacters,
+    #[error("phone number has {0} digits; a full number has 8 to 15")]
+    WrongLength(usize),
+    #[error("not a valid phone number in the international numbering plan")]
+    NotValid,
+    #[error(
+        "not an Indonesian mobile number (expected 08xx..., 8xx..., 628xx... or +628xx... with 9 to 12 digits after 62)"
+    )]
+    NotIndonesianMobile,
+}
+
+const INDONESIA: u16 = 62;
+
+/// Parses what a person typed into a validated E.164 number.
+pub fn normalize(input: &str) -> Result<Phone, PhoneError> {
+    let trimmed = input.trim();
+    if trimmed.is_empty() {
+        return Err(PhoneError::Empty);
+    }
+    let mut digits = String::with_capacity(trimmed.len());
+    let mut plus = false;
+    for (i, c) in trimmed.char_indices() {
+        match c {
+            '0'..='9' => digits.push(c),
+            '+' if i == 0 => plus = true,
+            ' ' | '-' | '.' | '(' | ')' => {}
+            _ => return Err(PhoneError::BadCharacters),
+        }
+    }
+    if digits.is_empty() {
+        return Err(PhoneError::Empty);
+    }
+    // Without `+`, a number is read as Indonesian: "08..." national with trunk zero,
+    // "62..." international without the plus, "8..." national without the trunk zero.
+    let international = if plus {
+        digits
+    } else if let Some(rest) = digits.strip_prefix('0') {
+        format!("62{rest}")
+    } else if digits.starts_with("62") {
+        digits
+    } else {
+        format!("62{digits}")
+    };
+    if !(8..=15).contains(&international.len()) {
+        return Err(PhoneError::WrongLength(international.len()));
+    }
+    let parsed =
+        phonenumber::parse(None, format!("+{international}")).map_err(|_| PhoneError::NotValid)?;
+    let country_code = parsed.code().value();
+    if country_code == INDONESIA {
+        let national = parsed.national().to_string();
+        let mobile = matches!(
+            parsed.number_type(&phonenumber::metadata::DATABASE),
+            phonenumber::Type::Mobile | phonenumber::Type::FixedLineOrMobile
+        );
+        if !national.starts_with('8') || !(9..=12).contains(&national.len()) || !mobile {
+            return Err(PhoneError::NotIndonesianMobile);
+        }
+    }
+    if !parsed.is_valid() {
+        return Err(PhoneError::NotValid);
+    }
+    Ok(Phone {
+        e164: parsed.format().mode(phonenumber::Mode::E164).to_string(),
+        country_code,
+    })
+}

@@ -1,0 +1,370 @@
+//! Meta's error codes, classified: what each means for the caller, whether kabar retries it, and
+//! the remedy a developer can act on. Decisions rest on `code` (and the HTTP status for codes Meta
+//! has not documented), never on the message text or the subcode, which Meta changes freely.
+
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// How a Meta refusal reaches the caller. Each kind has exactly one gRPC code (see `error.rs`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MetaErrorKind {
+    /// The request itself is wrong (parameters, registry): INVALID_ARGUMENT.
+    InvalidArgument,
+    /// Configuration or policy on the business side (token, template approval, number
+    /// registration): FAILED_PRECONDITION.
+    Configuration,
+    /// The recipient cannot receive WhatsApp messages (131026): FAILED_PRECONDITION.
+    RecipientUndeliverable,
+    /// A Meta rate limit: RESOURCE_EXHAUSTED with the wait.
+    RateLimited,
+    /// Meta is failing or in maintenance: UNAVAILABLE.
+    Unavailable,
+    /// A code Meta did not document for this API: UNKNOWN, with everything Meta said.
+    Unclassified,
+}
+
+/// Meta's error body: `{"error": {...}}`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct MetaErrorBody {
+    pub error: MetaErrorObject,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct MetaErrorObject {
+    #[serde(default)]
+    pub message: String,
+    #[serde(default, rename = "type")]
+    pub kind: String,
+    pub code: i64,
+    #[serde(default)]
+    pub error_subcode: Option<i64>,
+    #[serde(default)]
+    pub error_data: Option<MetaErrorData>,
+    #[serde(default)]
+    pub fbtrace_id: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct MetaErrorData {
+    #[serde(default)]
+    pub details: Option<String>,
+}
+
+/// A refusal from Meta, classified.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MetaFailure {
+    pub kind: MetaErrorKind,
+    /// Machine-readable reason for `google.rpc.ErrorInfo`, e.g. `META_TEMPLATE_NOT_APPROVED`.
+    pub reason: &'static str,
+    /// Meta's `code` (or 0 when Meta sent no parseable body).
+    pub meta_code: i64,
+    pub http_status: u16,
+    /// Meta's `error_data.details`, else its `message`.
+    pub details: String,
+    pub fbtrace_id: Option<String>,
+    /// What a developer or operator should do about it.
+    pub remedy: String,
+    /// kabar may try the same request again.
+    pub retryable: bool,
+    /// How long the caller should wait before trying again (rate limits).
+    pub retry_after: Option<Duration>,
+}
+
+impl std::fmt::Display for MetaFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "Meta error {} ({}): {}. {}",
+            self.meta_code, self.reason, self.details, self.remedy
+        )
+    }
+}
+
+/// What the template was, for remedies that name it.
+pub struct SendContext<'a> {
+    pub template: &'a str,
+    pub language: &'a str,
+}
+
+/// Classifies a Meta error. `body` is Meta's parsed error body, if the response had one.
+pub fn classify(
+    http_status: u16,
+    body: Option<&MetaErrorObject>,
+    ctx: &SendContext<'_>,
+) -> MetaFailure {
+    use MetaErrorKind::*;
+    let code = body.map_or(0, |b| b.code);
+    let (tpl, lang) = (ctx.template, ctx.language);
+    let (kind, reason, retryable, retry_after, remedy): (_, _, _, Option<Duration>, String) =
+        match code {
+            0 | 190 if body.is_some() => (
+                Configuration,
+                "META_TOKEN_INVALID",
+                false,
+                None,
+                "the access token (WHATSAPP_API_KEY) is invalid or expired: generate a new \
+                 System User token in Meta Business Settings and restart kabar"
+                    .to_owned(),
+            ),
+            3 | 10 | 200..=299 => (
+                Configuration,
+                "META_PERMISSION_DENIED",
+                false,
+                None,
+                "the token lacks a permission: give the System User whatsapp_business_messaging \
+                 and whatsapp_business_management on this WhatsApp Business Account"
+                    .to_owned(),
+            ),
+            4 => (
+                RateLimited,
+                "META_APP_RATE_LIMIT",
+                true,
+                Some(Duration::from_secs(60)),
+                "the Meta app hit its Graph API call limit: slow down and retry later".to_owned(),
+            ),
+            80007 => (
+                RateLimited,
+                "META_ACCOUNT_RATE_LIMIT",
+                true,
+                Some(Duration::from_secs(60)),
+                "the WhatsApp Business Account hit its rate limit: slow down and retry later"
+                    .to_owned(),
+            ),
+            130429 => (
+                RateLimited,
+                "META_THROUGHPUT_EXCEEDED",
+                true,
+                Some(Duration::from_secs(1)),
+                "the sending number exceeded its throughput (80 messages/s by default): \
+                 spread the run out and retry"
+                    .to_owned(),
+            ),
+            131056 => (
+                RateLimited,
+                "META_PAIR_RATE_LIMIT",
+                false,
+                Some(Duration::from_secs(6)),
+                "too many messages to this recipient in a short time: wait a few seconds \
+                 before sending to them again"
+                    .to_owned(),
+            ),
+            131048 => (
+                Configuration,
+                "META_SPAM_RATE_LIMIT",
+                false,
+                None,
+                "Meta limited this number because of low message quality: check the quality \
+                 rating in WhatsApp Manager and pause non-essential sends"
+                    .to_owned(),
+            ),
+            131049 => (
+                RateLimited,
+                "META_USER_MARKETING_LIMIT",
+                false,
+                Some(Duration::from_secs(24 * 3600)),
+                "Meta limits how many marketing messages one user receives: try again in 24 hours"
+                    .to_owned(),
+            ),
+            100 => (
+                InvalidArgument,
+                "META_INVALID_PARAMETER",
+                false,
+                None,
+                "Meta refused a parameter of the request (often the phone number or the \
+                 template name): check the details"
+                    .to_owned(),
+            ),
+            131008 => (
+                InvalidArgument,
+                "META_PARAMETER_MISSING",
+                false,
+                None,
+                "a required parameter is missing: check the template's parameters".to_owned(),
+            ),
+            131009 => (
+                InvalidArgument,
+                "META_PARAMETER_INVALID",
+                false,
+                None,
+                "a parameter value is invalid: check the details".to_owned(),
+            ),
+            132000 => (
+                InvalidArgument,
+                "META_TEMPLATE_PARAM_COUNT_MISMATCH",
+                false,
+                None,
+                format!(
+                    "template {tpl} in language {lang} has a different number of parameters in \
+                     WhatsApp Manager: fix its params list in the template registry \
+                     (KABAR_TEMPLATES)"
+                ),
+            ),
+            132005 => (
+                InvalidArgument,
+                "META_TEMPLATE_TEXT_TOO_LONG",
+                false,
+                None,
+                format!("the rendered text of template {tpl} is too long: shorten the parameters"),
+            ),
+            132007 => (
+                InvalidArgument,
+                "META_TEMPLATE_POLICY_VIOLATION",
+                false,
+                None,
+                format!("the content of template {tpl} violates WhatsApp policy"),
+            ),
+            132012 => (
+                InvalidArgument,
+                "META_TEMPLATE_PARAM_FORMAT",
+                false,
+                None,
+                format!(
+                    "a parameter of template {tpl} does not match the format approved in \
+                     WhatsApp Manager"
+                ),
+            ),
+            132018 => (
+                InvalidArgument,
+                "META_TEMPLATE_PARAM_INVALID_TEXT",
+                false,
+                None,
+                "a parameter contains a line break, a tab or more than 4 consecutive spaces"
+                    .to_owned(),
+            ),
+            132001 => (
+                Configuration,
+                "META_TEMPLATE_NOT_APPROVED",
+                false,
+                None,
+                format!(
+                    "template {tpl} in language {lang} is not approved in WhatsApp Manager \
+                     (or has another name there): check its status, or map the key to the \
+                     approved name in KABAR_TEMPLATES"
+                ),
+            ),
+            132015 => (
+                Configuration,
+                "META_TEMPLATE_PAUSED",
+                false,
+                None,
+                format!(
+                    "template {tpl} is paused by Meta for low quality: edit it in WhatsApp \
+                     Manager or wait for it to be unpaused"
+                ),
+            ),
+            132016 => (
+                Configuration,
+                "META_TEMPLATE_DISABLED",
+                false,
+                None,
+                format!(
+                    "template {tpl} is disabled by Meta: create and approve a new template and \
+                     map the key to it in KABAR_TEMPLATES"
+                ),
+            ),
+            133010 => (
+                Configuration,
+                "META_PHONE_NOT_REGISTERED",
+                false,
+                None,
+                "the business phone number (META_WA_PHONE_NUMBER_ID) is not registered with the \
+                 Cloud API: register it in WhatsApp Manager"
+                    .to_owned(),
+            ),
+            131047 => (
+                Configuration,
+                "META_REENGAGEMENT_REQUIRED",
+                false,
+                None,
+                "more than 24 hours since the customer last wrote: only an approved template \
+                 can be sent"
+                    .to_owned(),
+            ),
+            131026 => (
+                RecipientUndeliverable,
+                "META_RECIPIENT_UNDELIVERABLE",
+                false,
+                None,
+                "the recipient cannot receive WhatsApp messages (no WhatsApp on this number, \
+                 an old app, or terms not accepted): contact the customer another way"
+                    .to_owned(),
+            ),
+            368 => (
+                Configuration,
+                "META_ACCOUNT_BLOCKED",
+                false,
+                None,
+                "Meta temporarily blocked this account for policy violations: stop sending and \
+                 check Account Quality in WhatsApp Manager"
+                    .to_owned(),
+            ),
+            131000 => (
+                Unavailable,
+                "META_UNKNOWN_ERROR",
+                true,
+                None,
+                "Meta failed with an unknown error: retry later".to_owned(),
+            ),
+            131016 => (
+                Unavailable,
+                "META_SERVICE_UNAVAILABLE",
+                true,
+                None,
+                "Meta's service is temporarily unavailable: retry later".to_owned(),
+            ),
+            131057 => (
+                Unavailable,
+                "META_ACCOUNT_MAINTENANCE",
+                true,
+                None,
+                "the business account is in maintenance (often a throughput upgrade): retry in \
+                 a few minutes"
+                    .to_owned(),
+            ),
+            _ if http_status >= 500 => (
+                Unavailable,
+                "META_SERVER_ERROR",
+                true,
+                None,
+                format!("Meta answered HTTP {http_status}: retry later"),
+            ),
+            _ if http_status == 429 => (
+                RateLimited,
+                "META_RATE_LIMIT",
+                false,
+                Some(Duration::from_secs(60)),
+                "Meta rate-limited the request: retry later".to_owned(),
+            ),
+            _ => (
+                Unclassified,
+                "META_ERROR",
+                false,
+                None,
+                format!(
+                    "Meta refused the message with code {code} (HTTP {http_status}): see Meta's \
+                     error-code reference"
+                ),
+            ),
+        };
+    let details = body
+        .map(|b| {
+            b.error_data
+                .as_ref()
+                .and_then(|d| d.details.clone())
+                .filter(|d| !d.is_empty())
+                .unwrap_or_else(|| b.message.clone())
+        })
+        .unwrap_or_else(|| format!("HTTP {http_status} without a Meta error body"));
+    MetaFailure {
+        kind,
+        reason,
+        meta_code: code,
+        http_status,
+        details,
+        fbtrace_id: body.and_then(|b| b.fbtrace_id.clone()),
+        remedy,
+        retryable,
+        retry_after,
+    }
+}

@@ -1,0 +1,224 @@
+//! The WhatsApp Cloud API client: one shared connection pool, Bearer authentication, Meta's
+//! exact JSON, and retries for what Meta says is temporary.
+
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use reqwest::header::{AUTHORIZATION, CONTENT_TYPE, HeaderValue};
+use secrecy::{ExposeSecret, SecretString};
+use serde::Deserialize;
+
+use super::{
+    OutboundTemplate, SendError, Sent,
+    classify::{MetaErrorBody, SendContext, classify},
+};
+
+/// Settings of the Meta client (from `config.rs`).
+#[derive(Clone)]
+pub struct MetaSettings {
+    pub graph_api_url: String,
+    pub graph_api_version: String,
+    pub phone_number_id: String,
+    pub access_token: SecretString,
+    pub connect_timeout: Duration,
+    pub request_timeout: Duration,
+    /// Total attempts for a retryable failure, the first included.
+    pub max_attempts: u32,
+    /// First backoff; doubled after each attempt, with full jitter over its upper half.
+    pub retry_base: Duration,
+}
+
+#[derive(Clone)]
+pub struct MetaClient {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    http: reqwest::Client,
+    messages_url: String,
+    authorization: HeaderValue,
+    request_timeout: Duration,
+    max_attempts: u32,
+    retry_base: Duration,
+}
+
+impl std::fmt::Debug for MetaClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MetaClient")
+            .field("messages_url", &self.inner.messages_url)
+            .field("authorization", &"[redacted]")
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Deserialize)]
+struct SuccessBody {
+    #[serde(default)]
+    contacts: Vec<Contact>,
+    messages: Vec<MessageId>,
+}
+
+#[derive(Deserialize)]
+struct Contact {
+    wa_id: String,
+}
+
+#[derive(Deserialize)]
+struct MessageId {
+    id: String,
+}
+
+impl MetaClient {
+    pub fn new(settings: &MetaSettings) -> Result<Self, String> {
+        let http = reqwest::Client::builder()
+            .connect_timeout(settings.connect_timeout)
+            .timeout(settings.request_timeout)
+            // A monthly invoice run keeps hundreds of requests in flight against a 200 ms API;
+            // keep those connections instead of reopening them.
+            .pool_max_idle_per_host(1024)
+            .pool_idle_timeout(Duration::from_secs(90))
+            .tcp_nodelay(true)
+            .user_agent(concat!("kabar/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| format!("cannot build the HTTP client: {e}"))?;
+        let mut authorization =
+            HeaderValue::from_str(&format!("Bearer {}", settings.access_token.expose_secret()))
+                .map_err(|_| "WHATSAPP_API_KEY contains characters not allowed in a header")?;
+        authorization.set_sensitive(true);
+        let messages_url = format!(
+            "{}/{}/{}/messages",
+            settings.graph_api_url.trim_end_matches('/'),
+            settings.graph_api_version,
+            settings.phone_number_id
+        );
+        Ok(MetaClient {
+            inner: Arc::new(Inner {
+                http,
+                messages_url,
+                authorization,
+                request_timeout: settings.request_timeout,
+                max_attempts: settings.max_attempts.max(1),
+                retry_base: settings.retry_base,
+            }),
+        })
+    }
+
+    /// Sends a template message. Retries only failures Meta calls temporary and connections that
+    /// failed before the request was sent: a request that timed out after being sent may have
+    /// been delivered, and a second copy would cost the ISP and confuse the customer.
+    pub async fn send(
+        &self,
+        message: &OutboundTemplate,
+        deadline: Option<Instant>,
+    ) -> Result<Sent, SendError> {
+        let inner = &*self.inner;
+        let body = bytes_of(message);
+        let ctx = SendContext {
+            template: &message.template,
+            language: &message.language,
+        };
+        let mut attempt = 1;
+        loop {
+            let timeout = match deadline {
+                Some(d) => {
+                    let left = d.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        return Err(SendError::DeadlineExceeded);
+                    }
+                    left.min(inner.request_timeout)
+                }
+                None => inner.request_timeout,
+            };
+            let outcome = inner
+                .http
+                .post(&inner.messages_url)
+                .header(AUTHORIZATION, inner.authorization.clone())
+                .header(CONTENT_TYPE, HeaderValue::from_static("application/json"))
+                .body(body.clone())
+                .timeout(timeout)
+                .send()
+                .await;
+            let error = match outcome {
+                Ok(response) => {
+                    let status = response.status().as_u16();
+                    let bytes = match response.bytes().await {
+                        Ok(b) => b,
+                        Err(e) => return Err(transport_error(&e, deadline)),
+                    };
+                    if (200..300).contains(&status) {
+                        return parse_success(&bytes);
+                    }
+                    let parsed = serde_json::from_slice::<MetaErrorBody>(&bytes).ok();
+                    let failure = classify(status, parsed.as_ref().map(|b| &b.error), &ctx);
+                    if !failure.retryable {
+                        return Err(SendError::Meta(failure));
+                    }
+                    SendError::Meta(failure)
+                }
+                Err(e) if e.is_connect() => SendError::Unreachable(e.to_string()),
+                Err(e) => return Err(transport_error(&e, deadline)),
+            };
+            if attempt >= inner.max_attempts {
+                return Err(error);
+            }
+            let backoff = backoff(inner.retry_base, attempt);
+            if deadline.is_some_and(|d| Instant::now() + backoff >= d) {
+                return Err(error);
+            }
+            tracing::debug!(attempt, ?backoff, %error, "retrying Meta send");
+            tokio::time::sleep(backoff).await;
+            attempt += 1;
+        }
+    }
+}
+
+fn bytes_of(message: &OutboundTemplate) -> bytes::Bytes {
+    // Serialising these plain structs cannot fail: no maps with non-string keys, no floats.
+    serde_json::to_vec(&message.to_meta_json())
+        .expect("a template message always serialises")
+        .into()
+}
+
+fn parse_success(bytes: &[u8]) -> Result<Sent, SendError> {
+    let body: SuccessBody = serde_json::from_slice(bytes).map_err(|e| {
+        SendError::Unreachable(format!("Meta answered 200 with an unexpected body: {e}"))
+    })?;
+    let message_id = body
+        .messages
+        .into_iter()
+        .next()
+        .map(|m| m.id)
+        .ok_or_else(|| SendError::Unreachable("Meta answered 200 without a message id".into()))?;
+    let wa_id = body
+        .contacts
+        .into_iter()
+        .next()
+        .map(|c| c.wa_id)
+        .unwrap_or_default();
+    Ok(Sent { message_id, wa_id })
+}
+
+fn transport_error(e: &reqwest::Error, deadline: Option<Instant>) -> SendError {
+    if e.is_timeout() && deadline.is_some_and(|d| Instant::now() >= d) {
+        SendError::DeadlineExceeded
+    } else if e.is_timeout() {
+        SendError::Unreachable("Meta did not answer in time".to_owned())
+    } else {
+        // reqwest errors name the URL, which holds no secret (the token is a header).
+        SendError::Unreachable(e.to_string())
+    }
+}
+
+/// `base * 2^(attempt-1)`, drawn uniformly from its upper half so that many senders backing off
+/// together do not retry in lockstep.
+fn backoff(base: Duration, attempt: u32) -> Duration {
+    let full = base.saturating_mul(1 << (attempt - 1).min(16));
+    let mut random = [0u8; 4];
+    let fraction = match getrandom::fill(&mut random) {
+        Ok(()) => f64::from(u32::from_le_bytes(random)) / f64::from(u32::MAX),
+        Err(_) => 1.0,
+    };
+    full / 2 + full.mul_f64(fraction / 2.0)
+}
