@@ -75,6 +75,9 @@ pub async fn run(
     for warning in &config.warnings {
         tracing::warn!("{warning}");
     }
+    tokio::task::spawn_blocking(phone::warm_up)
+        .await
+        .context("loading phone number metadata")?;
     let driver = match (&config.driver, &config.meta) {
         (DriverKind::Meta, Some(meta)) => {
             Driver::Meta(MetaClient::new(meta).map_err(anyhow::Error::msg)?)

@@ -118,3 +118,10 @@ pub fn normalize(input: &str) -> Result<Phone, PhoneError> {
         country_code,
     })
 }
+
+/// Loads libphonenumber's metadata and compiles its patterns now, at start-up, instead of inside
+/// the first call (where, in a debug build, it takes longer than a short gRPC deadline).
+pub fn warm_up() {
+    let _ = normalize("+6281234567890");
+    let _ = normalize("+16505551234");
+}

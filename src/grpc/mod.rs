@@ -24,10 +24,12 @@ const IDEMPOTENCY_KEEP: Duration = Duration::from_secs(24 * 3600);
 /// How long a key stays locked by a call in progress (longer than any send with retries).
 const IDEMPOTENCY_LOCK: Duration = Duration::from_secs(120);
 
-/// The caller's deadline from the `grpc-timeout` header, if it sent one.
+/// The caller's deadline from the `grpc-timeout` header, if it sent one, less a small margin:
+/// kabar answers DEADLINE_EXCEEDED itself just before tonic's own timeout would cut the call off
+/// with a bare CANCELLED.
 pub fn deadline(metadata: &MetadataMap, start: Instant) -> Option<Instant> {
     let value = metadata.get("grpc-timeout")?.to_str().ok()?;
-    if value.len() < 2 || value.len() > 9 {
+    if value.len() < 2 {
         return None;
     }
     let (digits, unit) = value.split_at(value.len() - 1);
@@ -41,7 +43,8 @@ pub fn deadline(metadata: &MetadataMap, start: Instant) -> Option<Instant> {
         "n" => Duration::from_nanos(n),
         _ => return None,
     };
-    start.checked_add(timeout)
+    let margin = (timeout / 10).min(Duration::from_millis(20));
+    start.checked_add(timeout - margin)
 }
 
 fn log_call(method: &'static str, start: Instant, outcome: Result<&str, &Error>) {

@@ -85,15 +85,15 @@ impl MemoryStore {
             }) => (*count, *window_end, *resend_at),
             _ => (0, 0, 0),
         };
-        if resend_at > now {
-            return Ok(Gate::Cooldown(Duration::from_millis(resend_at - now)));
-        }
         if window_end <= now {
             count = 0;
             window_end = now + window.as_millis() as u64;
         }
         if count >= max {
             return Ok(Gate::CapReached(Duration::from_millis(window_end - now)));
+        }
+        if resend_at > now {
+            return Ok(Gate::Cooldown(Duration::from_millis(resend_at - now)));
         }
         let resend_ms = resend.as_millis() as u64;
         let resend_at = if resend_ms > 0 { now + resend_ms } else { 0 };

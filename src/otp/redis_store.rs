@@ -8,20 +8,20 @@ use redis::{AsyncCommands, Script, aio::ConnectionManager};
 
 use super::store::{CodeHash, Gate, HASH_LEN, Idempotency, StoreError, Verdict};
 
-/// Counts a send in a fixed window that starts at its first send; refuses inside the cooldown or
-/// at the cap without changing anything. Returns {0, resend_at} | {1, wait_ms} | {2, wait_ms}.
+/// Counts a send in a fixed window that starts at its first send; refuses at the cap (the longer
+/// wait, so it is reported first) or inside the cooldown, without changing anything. Returns {0, resend_at} | {1, wait_ms} | {2, wait_ms}.
 const GATE: &str = r#"
 local now = tonumber(ARGV[1])
 local v = redis.call('HMGET', KEYS[1], 'n', 'w', 'r')
 local n = tonumber(v[1]) or 0
 local w = tonumber(v[2]) or 0
 local r = tonumber(v[3]) or 0
-if r > now then return {1, r - now} end
 if w <= now then
   n = 0
   w = now + tonumber(ARGV[4])
 end
 if n >= tonumber(ARGV[3]) then return {2, w - now} end
+if r > now then return {1, r - now} end
 n = n + 1
 local resend = tonumber(ARGV[2])
 if resend > 0 then r = now + resend else r = 0 end

@@ -1,0 +1,415 @@
+//! Real parts for the tests: a private `redis-server` per test on a unix socket, a local HTTP
+//! server standing in for Meta's Graph API, and the whole kabar app started in-process on
+//! `127.0.0.1:0` with real gRPC clients.
+
+use std::{
+    collections::{HashMap, VecDeque},
+    net::SocketAddr,
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use axum::{
+    Router,
+    body::Bytes,
+    extract::State,
+    http::{HeaderMap, StatusCode, Uri},
+    response::IntoResponse,
+    routing::post,
+};
+use kabar::{
+    config::Config,
+    pb::{
+        notification_service_client::NotificationServiceClient,
+        otp_service_client::OtpServiceClient,
+    },
+};
+use tokio::{net::TcpListener, task::JoinHandle};
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
+use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+
+static COUNTER: AtomicU64 = AtomicU64::new(0);
+
+fn unique_dir(prefix: &str) -> PathBuf {
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("{prefix}-{}-{n}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("temp dir is writable");
+    dir
+}
+
+/// A private Redis for one test, on a unix socket, keeping nothing on disk.
+pub struct RedisServer {
+    dir: PathBuf,
+    socket: PathBuf,
+    child: Option<Child>,
+}
+
+impl RedisServer {
+    pub fn start() -> Self {
+        let dir = unique_dir("kabar-redis");
+        let socket = dir.join("redis.sock");
+        let mut server = RedisServer {
+            dir,
+            socket,
+            child: None,
+        };
+        server.spawn();
+        server
+    }
+
+    fn binary() -> String {
+        std::env::var("REDIS_SERVER").unwrap_or_else(|_| "redis-server".to_owned())
+    }
+
+    fn spawn(&mut self) {
+        let child = Command::new(Self::binary())
+            .args(["--port", "0", "--save", "", "--appendonly", "no"])
+            .arg("--unixsocket")
+            .arg(&self.socket)
+            .arg("--dir")
+            .arg(&self.dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!(
+                    "cannot start redis-server ({e}); install it (apt-get install redis-server) \
+                     or run scripts/test.sh, which does"
+                )
+            });
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if std::os::unix::net::UnixStream::connect(&self.socket).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        panic!("redis-server did not open {:?}", self.socket);
+    }
+
+    pub fn url(&self) -> String {
+        format!("unix://{}", self.socket.display())
+    }
+
+    /// Kills the server (as a crash would) and waits until the socket is gone.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let _ = std::fs::remove_file(&self.socket);
+    }
+
+    /// Starts it again on the same socket, empty.
+    pub fn restart(&mut self) {
+        self.stop();
+        self.spawn();
+    }
+
+    pub async fn connection(&self) -> redis::aio::MultiplexedConnection {
+        redis::Client::open(self.url())
+            .expect("valid url")
+            .get_multiplexed_async_connection()
+            .await
+            .expect("test redis reachable")
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.stop();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// One request as the Meta stand-in received it.
+#[derive(Debug, Clone)]
+pub struct Received {
+    pub path: String,
+    pub authorization: Option<String>,
+    pub content_type: Option<String>,
+    pub body: serde_json::Value,
+    pub at: Instant,
+}
+
+/// What the stand-in answers next: HTTP status and JSON body, after an optional delay.
+#[derive(Debug, Clone)]
+pub struct Reply {
+    pub status: u16,
+    pub body: serde_json::Value,
+    pub delay: Duration,
+}
+
+impl Reply {
+    pub fn error(status: u16, code: i64, details: &str) -> Self {
+        Reply {
+            status,
+            body: meta_error_body(code, details),
+            delay: Duration::ZERO,
+        }
+    }
+}
+
+/// Meta's error body, shaped like `shared/meta/samples/error_130429_rate_limit.json`.
+pub fn meta_error_body(code: i64, details: &str) -> serde_json::Value {
+    serde_json::json!({
+        "error": {
+            "message": format!("(#{code}) {details}"),
+            "type": "OAuthException",
+            "code": code,
+            "error_data": {"messaging_product": "whatsapp", "details": details},
+            "error_subcode": 2494055,
+            "fbtrace_id": format!("Az8or2yhqkZfEZ-_{code}")
+        }
+    })
+}
+
+#[derive(Default)]
+struct MetaState {
+    received: Vec<Received>,
+    replies: VecDeque<Reply>,
+    delay: Duration,
+    next_id: u64,
+}
+
+/// A local HTTP server standing in for `graph.facebook.com`. It records every request and answers
+/// from a queue of scripted replies, or with Meta's success body when the queue is empty.
+#[derive(Clone)]
+pub struct FakeMeta {
+    pub addr: SocketAddr,
+    state: Arc<Mutex<MetaState>>,
+}
+
+pub const PHONE_NUMBER_ID: &str = "106540352242922";
+pub const TOKEN: &str = "EAAtestTOKENnot-a-real-one";
+
+impl FakeMeta {
+    pub async fn start() -> Self {
+        let state = Arc::new(Mutex::new(MetaState::default()));
+        let app = Router::new()
+            .route("/{*path}", post(meta_handler))
+            .with_state(state.clone());
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        FakeMeta { addr, state }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn push(&self, reply: Reply) {
+        self.state.lock().unwrap().replies.push_back(reply);
+    }
+
+    /// Delay of every default (success) answer.
+    pub fn set_delay(&self, delay: Duration) {
+        self.state.lock().unwrap().delay = delay;
+    }
+
+    pub fn received(&self) -> Vec<Received> {
+        self.state.lock().unwrap().received.clone()
+    }
+
+    pub fn count(&self) -> usize {
+        self.state.lock().unwrap().received.len()
+    }
+}
+
+async fn meta_handler(
+    State(state): State<Arc<Mutex<MetaState>>>,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> impl IntoResponse {
+    let parsed: serde_json::Value =
+        serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null);
+    let (reply, id) = {
+        let mut s = state.lock().unwrap();
+        s.received.push(Received {
+            path: uri.path().to_owned(),
+            authorization: headers
+                .get("authorization")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned),
+            content_type: headers
+                .get("content-type")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned),
+            body: parsed.clone(),
+            at: Instant::now(),
+        });
+        s.next_id += 1;
+        let delay = s.delay;
+        (
+            s.replies.pop_front().unwrap_or(Reply {
+                status: 200,
+                body: serde_json::Value::Null,
+                delay,
+            }),
+            s.next_id,
+        )
+    };
+    if !reply.delay.is_zero() {
+        tokio::time::sleep(reply.delay).await;
+    }
+    let body = if reply.status == 200 && reply.body.is_null() {
+        let to = parsed["to"].as_str().unwrap_or_default().to_owned();
+        serde_json::json!({
+            "messaging_product": "whatsapp",
+            "contacts": [{"input": to, "wa_id": to.trim_start_matches('+')}],
+            "messages": [{"id": format!("wamid.TEST{id:08}"), "message_status": "accepted"}]
+        })
+    } else {
+        reply.body
+    };
+    (
+        StatusCode::from_u16(reply.status).expect("valid status"),
+        [("content-type", "application/json")],
+        body.to_string(),
+    )
+}
+
+/// The whole kabar app, in-process, with gRPC clients connected to it.
+pub struct TestApp {
+    pub http_addr: SocketAddr,
+    pub channel: Channel,
+    pub shutdown: CancellationToken,
+    pub handle: Option<JoinHandle<anyhow::Result<()>>>,
+}
+
+/// Variables for an app that sends through `meta` with fast retries.
+pub fn meta_vars(meta: &FakeMeta) -> Vec<(String, String)> {
+    vec![
+        ("WHATSAPP_DRIVER".into(), "meta".into()),
+        ("WHATSAPP_API_KEY".into(), TOKEN.into()),
+        ("META_WA_PHONE_NUMBER_ID".into(), PHONE_NUMBER_ID.into()),
+        ("META_GRAPH_API_URL".into(), meta.url()),
+        ("KABAR_META_RETRY_BASE_MS".into(), "20".into()),
+    ]
+}
+
+pub fn vars(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+    pairs
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect()
+}
+
+impl TestApp {
+    pub async fn start(vars: Vec<(String, String)>) -> Self {
+        let mut map: HashMap<String, String> = HashMap::new();
+        map.insert("KABAR_GRPC_ADDR".into(), "127.0.0.1:0".into());
+        map.insert("KABAR_HTTP_ADDR".into(), "127.0.0.1:0".into());
+        map.insert("KABAR_SHUTDOWN_GRACE_SECONDS".into(), "5".into());
+        for (k, v) in vars {
+            map.insert(k, v);
+        }
+        let config = Config::from_source(&map).expect("valid test configuration");
+        let listeners = kabar::Listeners::bind(&config).await.expect("bind");
+        let grpc_addr = listeners.grpc.local_addr().unwrap();
+        let http_addr = listeners.http.local_addr().unwrap();
+        let shutdown = CancellationToken::new();
+        let handle = tokio::spawn(kabar::run(config, listeners, shutdown.clone()));
+        let channel = Channel::from_shared(format!("http://{grpc_addr}"))
+            .unwrap()
+            .connect()
+            .await
+            .expect("connect to kabar");
+        let app = TestApp {
+            http_addr,
+            channel,
+            shutdown,
+            handle: Some(handle),
+        };
+        // The listeners accept connections before kabar has finished starting; wait for it.
+        assert!(
+            app.wait_health("", SERVING, Duration::from_secs(10)).await,
+            "kabar did not report SERVING"
+        );
+        app
+    }
+
+    pub fn notifications(&self) -> NotificationServiceClient<Channel> {
+        NotificationServiceClient::new(self.channel.clone())
+    }
+
+    pub fn otp(&self) -> OtpServiceClient<Channel> {
+        OtpServiceClient::new(self.channel.clone())
+    }
+
+    pub fn health(&self) -> HealthClient<Channel> {
+        HealthClient::new(self.channel.clone())
+    }
+
+    /// The serving status of `service` ("" for the whole server), as an i32 of `ServingStatus`.
+    pub async fn health_status(&self, service: &str) -> i32 {
+        self.health()
+            .check(HealthCheckRequest {
+                service: service.to_owned(),
+            })
+            .await
+            .expect("health check answers")
+            .into_inner()
+            .status
+    }
+
+    /// Polls health until `service` reports `status` or `within` passes.
+    pub async fn wait_health(&self, service: &str, status: i32, within: Duration) -> bool {
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            if self.health_status(service).await == status {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        false
+    }
+
+    pub async fn stop(mut self) -> anyhow::Result<()> {
+        self.shutdown.cancel();
+        self.handle.take().expect("running").await.expect("joins")
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+pub const SERVING: i32 = 1;
+pub const NOT_SERVING: i32 = 2;
+
+/// The `google.rpc.BadRequest` field names of a status.
+pub fn violated_fields(status: &tonic::Status) -> Vec<String> {
+    use tonic_types::StatusExt;
+    status
+        .get_details_bad_request()
+        .map(|b| b.field_violations.into_iter().map(|v| v.field).collect())
+        .unwrap_or_default()
+}
+
+/// `(reason, metadata)` of the `google.rpc.ErrorInfo` of a status.
+pub fn error_info(status: &tonic::Status) -> Option<(String, HashMap<String, String>)> {
+    use tonic_types::StatusExt;
+    status
+        .get_details_error_info()
+        .map(|i| (i.reason, i.metadata))
+}
+
+pub fn retry_delay(status: &tonic::Status) -> Option<Duration> {
+    use tonic_types::StatusExt;
+    status.get_details_retry_info().and_then(|r| r.retry_delay)
+}
