@@ -55,6 +55,9 @@ pub struct Config {
     pub otp: OtpConfig,
     /// How long calls in flight may take to finish after a shutdown signal.
     pub shutdown_grace: Duration,
+    /// How long health reports NOT_SERVING, while calls are still accepted, before the servers
+    /// stop accepting: time for load balancers and Kubernetes to move traffic away.
+    pub shutdown_delay: Duration,
     /// Warnings to log once logging is up (development defaults in use).
     pub warnings: Vec<String>,
 }
@@ -105,7 +108,9 @@ pub struct Environment;
 
 impl Environment {
     pub fn load() -> Result<Self, ConfigError> {
-        match dotenvy::dotenv() {
+        // Only the working directory's .env: searching parent directories could pick up an
+        // unrelated file (e.g. /etc/.env for a service started in /etc/kabar).
+        match dotenvy::from_path(".env") {
             Ok(_) => Ok(Environment),
             Err(e) if e.not_found() => Ok(Environment),
             Err(e) => Err(err(".env", format!("cannot read the .env file: {e}"))),
@@ -283,7 +288,7 @@ impl Config {
             100..=60_000,
         )?);
         let request_timeout =
-            Duration::from_millis(r.number("KABAR_META_TIMEOUT_MS", 10_000, 100..=120_000)?);
+            Duration::from_millis(r.number("KABAR_META_TIMEOUT_MS", 10_000, 100..=30_000)?);
         let max_attempts = r.number("KABAR_META_MAX_ATTEMPTS", 3, 1..=3)? as u32;
         let retry_base =
             Duration::from_millis(r.number("KABAR_META_RETRY_BASE_MS", 200, 1..=10_000)?);
@@ -359,6 +364,8 @@ impl Config {
         let otp = Self::otp(&r, redis_url.is_some(), &templates, &mut warnings)?;
         let shutdown_grace =
             Duration::from_secs(r.number("KABAR_SHUTDOWN_GRACE_SECONDS", 25, 0..=600)?);
+        let shutdown_delay =
+            Duration::from_secs(r.number("KABAR_SHUTDOWN_DELAY_SECONDS", 0, 0..=60)?);
 
         if redis_url.is_none() {
             warnings.push(
@@ -386,6 +393,7 @@ impl Config {
             redis_timeout,
             otp,
             shutdown_grace,
+            shutdown_delay,
             warnings,
         };
         // Build the HTTP client once here so that a bad token format fails at start-up.

@@ -19,9 +19,14 @@ pub enum Error {
     /// Meta refused the message.
     #[error("{0}")]
     Meta(MetaFailure),
-    /// Meta could not be reached or failed without an answer.
-    #[error("{0}")]
+    /// Meta could not be reached; nothing was sent.
+    #[error("the WhatsApp Cloud API is unreachable: {0}")]
     MetaUnreachable(String),
+    /// The request reached Meta but no usable answer came back; it may have been delivered.
+    #[error(
+        "no usable answer from the WhatsApp Cloud API; the message may have been delivered, so check before sending it again: {0}"
+    )]
+    MetaOutcomeUnknown(String),
     /// `WHATSAPP_ENABLED=false`.
     #[error("WhatsApp sending is disabled on this kabar (WHATSAPP_ENABLED=false)")]
     WhatsAppDisabled,
@@ -36,11 +41,11 @@ pub enum Error {
         retry_after: Duration,
     },
     /// The store (Redis) is unreachable or too slow.
-    #[error("the OTP store is unavailable: {0}")]
+    #[error("the store (Redis) is unavailable: {0}")]
     StoreUnavailable(String),
-    /// The caller's deadline passed.
+    /// The caller's deadline passed; `maybe_delivered` when a request to Meta had gone out.
     #[error("deadline exceeded")]
-    DeadlineExceeded,
+    DeadlineExceeded { maybe_delivered: bool },
     /// The same idempotency key is being processed by another call right now.
     #[error("a call with this idempotency_key is still in progress")]
     IdempotencyInFlight,
@@ -59,17 +64,35 @@ impl Error {
         Error::InvalidArgument(vec![FieldViolation::new(field, description)])
     }
 
+    /// Whether a message may have reached the customer although the call failed: such a call
+    /// must not be repeated blindly (idempotency keys stay taken, OTP codes stay valid).
+    pub fn may_have_been_delivered(&self) -> bool {
+        match self {
+            Error::MetaOutcomeUnknown(_) => true,
+            Error::DeadlineExceeded { maybe_delivered } => *maybe_delivered,
+            Error::InvalidArgument(_)
+            | Error::Meta(_)
+            | Error::MetaUnreachable(_)
+            | Error::WhatsAppDisabled
+            | Error::CountryNotAllowed(_)
+            | Error::Limited { .. }
+            | Error::StoreUnavailable(_)
+            | Error::IdempotencyInFlight => false,
+        }
+    }
+
     /// The gRPC code alone (for logs and metrics).
     pub fn code(&self) -> Code {
         match self {
             Error::InvalidArgument(_) => Code::InvalidArgument,
             Error::Meta(f) => meta_code(f.kind),
             Error::MetaUnreachable(_) => Code::Unavailable,
+            Error::MetaOutcomeUnknown(_) => Code::Unavailable,
             Error::WhatsAppDisabled => Code::FailedPrecondition,
             Error::CountryNotAllowed(_) => Code::FailedPrecondition,
             Error::Limited { .. } => Code::ResourceExhausted,
             Error::StoreUnavailable(_) => Code::Unavailable,
-            Error::DeadlineExceeded => Code::DeadlineExceeded,
+            Error::DeadlineExceeded { .. } => Code::DeadlineExceeded,
             Error::IdempotencyInFlight => Code::Aborted,
         }
     }
@@ -102,7 +125,10 @@ impl From<SendError> for Error {
         match e {
             SendError::Meta(f) => Error::Meta(f),
             SendError::Unreachable(m) => Error::MetaUnreachable(m),
-            SendError::DeadlineExceeded => Error::DeadlineExceeded,
+            SendError::Uncertain(m) => Error::MetaOutcomeUnknown(m),
+            SendError::DeadlineExceeded { sent } => Error::DeadlineExceeded {
+                maybe_delivered: sent,
+            },
         }
     }
 }
@@ -136,6 +162,7 @@ impl From<Error> for Status {
                 d.set_retry_info(Some(Duration::from_secs(5)));
                 d
             }
+            Error::MetaOutcomeUnknown(_) => info("META_OUTCOME_UNKNOWN", &[]),
             Error::WhatsAppDisabled => info("WHATSAPP_DISABLED", &[]),
             Error::CountryNotAllowed(cc) => info(
                 "OTP_COUNTRY_NOT_ALLOWED",
@@ -158,7 +185,7 @@ impl From<Error> for Status {
                 d.set_retry_info(Some(Duration::from_secs(1)));
                 d
             }
-            Error::DeadlineExceeded => ErrorDetails::new(),
+            Error::DeadlineExceeded { .. } => ErrorDetails::new(),
             Error::IdempotencyInFlight => {
                 let mut d = info("IDEMPOTENCY_KEY_IN_FLIGHT", &[]);
                 d.set_retry_info(Some(Duration::from_secs(1)));

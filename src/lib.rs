@@ -157,11 +157,12 @@ pub async fn run(
     // move traffic away while calls in flight finish.
     let drain = CancellationToken::new();
     {
-        let (shutdown, drain, reporter, readiness) = (
+        let (shutdown, drain, reporter, readiness, delay) = (
             shutdown.clone(),
             drain.clone(),
             reporter.clone(),
             readiness.clone(),
+            config.shutdown_delay,
         );
         tokio::spawn(async move {
             shutdown.cancelled().await;
@@ -171,7 +172,13 @@ pub async fn run(
                     .set_service_status(service, ServingStatus::NotServing)
                     .await;
             }
-            tracing::info!("shutting down: health is NOT_SERVING, finishing calls in flight");
+            tracing::info!(
+                delay_seconds = delay.as_secs(),
+                "shutting down: health is NOT_SERVING"
+            );
+            // Calls are still accepted during the delay, while load balancers notice.
+            tokio::time::sleep(delay).await;
+            tracing::info!("no longer accepting calls; finishing calls in flight");
             drain.cancel();
         });
     }

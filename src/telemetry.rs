@@ -6,11 +6,16 @@ use tracing_subscriber::{EnvFilter, fmt};
 use crate::config::LogFormat;
 
 pub fn init(format: LogFormat) {
-    let filter = std::env::var("KABAR_LOG")
+    let filter = match std::env::var("KABAR_LOG")
         .ok()
         .or_else(|| std::env::var("RUST_LOG").ok())
-        .and_then(|f| EnvFilter::try_new(f).ok())
-        .unwrap_or_else(|| EnvFilter::new("info"));
+    {
+        None => EnvFilter::new("info"),
+        Some(spec) => EnvFilter::try_new(&spec).unwrap_or_else(|e| {
+            eprintln!("kabar: KABAR_LOG {spec:?} is not a log filter ({e}); using info");
+            EnvFilter::new("info")
+        }),
+    };
     let builder = fmt().with_env_filter(filter).with_writer(std::io::stderr);
     // A second init (tests starting several apps) keeps the first subscriber.
     let _ = match format {

@@ -21,7 +21,8 @@ use crate::{
 
 /// How long an idempotency key remembers its answer.
 const IDEMPOTENCY_KEEP: Duration = Duration::from_secs(24 * 3600);
-/// How long a key stays locked by a call in progress (longer than any send with retries).
+/// How long a key stays locked by a call in progress: longer than any send with its retries
+/// (3 attempts of at most `KABAR_META_TIMEOUT_MS` = 30 s, plus backoff).
 const IDEMPOTENCY_LOCK: Duration = Duration::from_secs(120);
 
 /// The caller's deadline from the `grpc-timeout` header, if it sent one, less a small margin:
@@ -67,15 +68,33 @@ fn log_call(method: &'static str, start: Instant, outcome: Result<&str, &Error>)
 }
 
 pub struct NotificationGrpc {
+    core: Arc<NotificationCore>,
+}
+
+struct NotificationCore {
     notifier: Arc<Notifier>,
     store: store::Store,
 }
 
 impl NotificationGrpc {
     pub fn new(notifier: Arc<Notifier>, store: store::Store) -> Self {
-        NotificationGrpc { notifier, store }
+        NotificationGrpc {
+            core: Arc::new(NotificationCore { notifier, store }),
+        }
     }
+}
 
+/// Runs a call's domain work as its own task: a caller that disconnects or times out must not
+/// cut it off halfway (an idempotency key left locked, an OTP cooldown never lifted).
+async fn detached<T: Send + 'static>(
+    work: impl Future<Output = T> + Send + 'static,
+) -> Result<T, Status> {
+    tokio::spawn(work)
+        .await
+        .map_err(|_| Status::internal("the call's task failed"))
+}
+
+impl NotificationCore {
     async fn send_template(
         &self,
         request: &SendTemplateRequest,
@@ -134,6 +153,15 @@ impl NotificationGrpc {
                 }
                 Ok(response)
             }
+            Err(e) if e.may_have_been_delivered() => {
+                // The message may have gone out: the key stays taken until its lock expires, so
+                // a retry with it cannot send a second copy right away.
+                tracing::warn!(
+                    "send with an idempotency key ended without a usable answer from Meta; \
+                     the key stays locked"
+                );
+                Err(e)
+            }
             Err(e) => {
                 // Nothing was sent: the caller may retry with the same key.
                 if let Err(e) = self.store.idempotency_abort(&store_key).await {
@@ -154,7 +182,12 @@ impl pb::notification_service_server::NotificationService for NotificationGrpc {
         let start = Instant::now();
         let deadline = deadline(request.metadata(), start);
         let request = request.into_inner();
-        let result = NotificationGrpc::send_template(self, &request, deadline).await;
+        let core = self.core.clone();
+        let (result, request) = detached(async move {
+            let result = core.send_template(&request, deadline).await;
+            (result, request)
+        })
+        .await?;
         match result {
             Ok(response) => {
                 tracing::info!(
@@ -200,11 +233,11 @@ impl pb::otp_service_server::OtpService for OtpGrpc {
         let start = Instant::now();
         let deadline = deadline(request.metadata(), start);
         let r = request.into_inner();
-        match self
-            .otp
-            .send(&r.phone, &r.purpose, &r.client_ip, deadline)
-            .await
-        {
+        let otp = self.otp.clone();
+        let result =
+            detached(async move { otp.send(&r.phone, &r.purpose, &r.client_ip, deadline).await })
+                .await?;
+        match result {
             Ok(sent) => {
                 log_call("SendOtp", start, Ok("code sent"));
                 Ok(Response::new(SendOtpResponse {

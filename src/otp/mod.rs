@@ -136,31 +136,6 @@ impl OtpService {
         }
         let now = now_ms();
 
-        if let Some(ip) = client_ip {
-            let gate = self
-                .store
-                .gate(
-                    &store::ip_key(&ip.to_string()),
-                    now,
-                    Duration::ZERO,
-                    self.max_sends_per_ip_per_hour,
-                    HOUR,
-                )
-                .await
-                .map_err(unavailable)?;
-            if let Gate::Cooldown(wait) | Gate::CapReached(wait) = gate {
-                tracing::warn!(client_ip = %ip, "OTP per-IP hourly cap reached");
-                return Err(limited(
-                    "OTP_IP_HOURLY_LIMIT",
-                    format!(
-                        "too many codes requested from this IP address in the last hour (at most {})",
-                        self.max_sends_per_ip_per_hour
-                    ),
-                    wait,
-                ));
-            }
-        }
-
         let limits_key = store::limits_key(phone.digits());
         let resend_at_ms = match self
             .store
@@ -196,6 +171,41 @@ impl OtpService {
                 ));
             }
         };
+
+        // The per-IP cap is counted after the per-phone gate, so that a customer tapping
+        // "send again" inside the cooldown does not use up the allowance of everyone behind the
+        // same carrier NAT address.
+        if let Some(ip) = client_ip {
+            let gate = self
+                .store
+                .gate(
+                    &store::ip_key(&ip.to_string()),
+                    now,
+                    Duration::ZERO,
+                    self.max_sends_per_ip_per_hour,
+                    HOUR,
+                )
+                .await;
+            let gate = match gate {
+                Ok(gate) => gate,
+                Err(e) => {
+                    self.release(&limits_key, resend_at_ms).await;
+                    return Err(unavailable(e));
+                }
+            };
+            if let Gate::Cooldown(wait) | Gate::CapReached(wait) = gate {
+                self.release(&limits_key, resend_at_ms).await;
+                tracing::warn!(client_ip = %ip, "OTP per-IP hourly cap reached");
+                return Err(limited(
+                    "OTP_IP_HOURLY_LIMIT",
+                    format!(
+                        "too many codes requested from this IP address in the last hour (at most {})",
+                        self.max_sends_per_ip_per_hour
+                    ),
+                    wait,
+                ));
+            }
+        }
 
         let code = match test_code {
             Some(code) => SecretString::from(code.expose_secret()),
@@ -268,6 +278,10 @@ impl OtpService {
                 message_id: delivered.message_id,
                 ..sent
             }),
+            Err(e) if e.may_have_been_delivered() => {
+                // The customer may have the code: it stays valid and the cooldown stands.
+                Err(e.into())
+            }
             Err(e) => {
                 // The customer never saw this code: drop it and let them ask again at once.
                 // The send still counted toward the hourly caps.

@@ -125,7 +125,8 @@ impl MetaClient {
                 Some(d) => {
                     let left = d.saturating_duration_since(Instant::now());
                     if left.is_zero() {
-                        return Err(SendError::DeadlineExceeded);
+                        // Earlier attempts ended in definite refusals or failed connections.
+                        return Err(SendError::DeadlineExceeded { sent: false });
                     }
                     left.min(inner.request_timeout)
                 }
@@ -183,14 +184,14 @@ fn bytes_of(message: &OutboundTemplate) -> bytes::Bytes {
 
 fn parse_success(bytes: &[u8]) -> Result<Sent, SendError> {
     let body: SuccessBody = serde_json::from_slice(bytes).map_err(|e| {
-        SendError::Unreachable(format!("Meta answered 200 with an unexpected body: {e}"))
+        SendError::Uncertain(format!("Meta answered 200 with an unexpected body: {e}"))
     })?;
     let message_id = body
         .messages
         .into_iter()
         .next()
         .map(|m| m.id)
-        .ok_or_else(|| SendError::Unreachable("Meta answered 200 without a message id".into()))?;
+        .ok_or_else(|| SendError::Uncertain("Meta answered 200 without a message id".into()))?;
     let wa_id = body
         .contacts
         .into_iter()
@@ -200,14 +201,15 @@ fn parse_success(bytes: &[u8]) -> Result<Sent, SendError> {
     Ok(Sent { message_id, wa_id })
 }
 
+/// A failure after the connection was made: the request may have reached Meta.
 fn transport_error(e: &reqwest::Error, deadline: Option<Instant>) -> SendError {
     if e.is_timeout() && deadline.is_some_and(|d| Instant::now() >= d) {
-        SendError::DeadlineExceeded
+        SendError::DeadlineExceeded { sent: true }
     } else if e.is_timeout() {
-        SendError::Unreachable("Meta did not answer in time".to_owned())
+        SendError::Uncertain("Meta did not answer in time".to_owned())
     } else {
         // reqwest errors name the URL, which holds no secret (the token is a header).
-        SendError::Unreachable(e.to_string())
+        SendError::Uncertain(e.to_string())
     }
 }
 

@@ -143,12 +143,30 @@ pub enum SendError {
     /// Meta answered with an error.
     #[error("{0}")]
     Meta(MetaFailure),
-    /// Meta could not be reached or did not answer in time.
+    /// Meta could not be reached: nothing was sent.
     #[error("WhatsApp Cloud API unreachable: {0}")]
     Unreachable(String),
-    /// The caller's deadline passed before Meta answered.
+    /// The request went out but no usable answer came back (a timeout, a broken connection, an
+    /// unreadable body): Meta may have delivered the message.
+    #[error(
+        "no usable answer from the WhatsApp Cloud API (the message may have been delivered): {0}"
+    )]
+    Uncertain(String),
+    /// The caller's deadline passed; `sent` says whether a request had gone out by then.
     #[error("deadline exceeded while waiting for Meta")]
-    DeadlineExceeded,
+    DeadlineExceeded { sent: bool },
+}
+
+impl SendError {
+    /// Whether the customer may have received the message despite the error. Such a send must
+    /// not be repeated blindly, and an OTP code sent this way must stay valid.
+    pub fn may_have_been_delivered(&self) -> bool {
+        match self {
+            SendError::Meta(_) | SendError::Unreachable(_) => false,
+            SendError::Uncertain(_) => true,
+            SendError::DeadlineExceeded { sent } => *sent,
+        }
+    }
 }
 
 /// The configured way of delivering messages.

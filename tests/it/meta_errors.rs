@@ -434,3 +434,28 @@ async fn meta_unreachable_is_unavailable_after_three_connection_attempts() {
     // Two backoffs of at least 10 ms and 20 ms were waited.
     assert!(start.elapsed() >= Duration::from_millis(30));
 }
+
+#[tokio::test]
+async fn an_unreadable_success_is_outcome_unknown_and_keeps_the_idempotency_key() {
+    let meta = FakeMeta::start().await;
+    let app = TestApp::start(meta_vars(&meta)).await;
+    let mut client = app.notifications();
+    meta.push(Reply {
+        status: 200,
+        body: serde_json::json!({"unexpected": true}),
+        delay: Duration::ZERO,
+    });
+    let request = kabar::pb::SendTemplateRequest {
+        idempotency_key: "inv-uncertain".into(),
+        ..invoice_request()
+    };
+    let status = client.send_template(request.clone()).await.unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert_eq!(error_info(&status).unwrap().0, "META_OUTCOME_UNKNOWN");
+    assert_eq!(meta.count(), 1, "not retried: it may have been delivered");
+    // The message may have gone out: the same key does not send a second copy.
+    let again = client.send_template(request).await.unwrap_err();
+    assert_eq!(again.code(), Code::Aborted, "{again:?}");
+    assert_eq!(error_info(&again).unwrap().0, "IDEMPOTENCY_KEY_IN_FLIGHT");
+    assert_eq!(meta.count(), 1);
+}

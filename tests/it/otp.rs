@@ -130,6 +130,7 @@ both_stores!(
     allowed_countries,
     test_numbers_never_reach_meta,
     meta_refusal_discards_the_code_and_lifts_the_cooldown,
+    an_uncertain_send_keeps_the_code_and_the_cooldown,
     malformed_codes_use_no_attempt,
     daily_cap_protects_the_bill,
     bad_requests_name_their_fields,
@@ -400,6 +401,23 @@ async fn meta_refusal_discards_the_code_and_lifts_the_cooldown(backend: Backend)
         env.verify(PHONE, "login", &delivered).await.0,
         Verify::Verified
     );
+}
+
+async fn an_uncertain_send_keeps_the_code_and_the_cooldown(backend: Backend) {
+    let env = Env::start(backend, &[]).await;
+    // Meta takes the request but the answer is unusable: the customer may have the code.
+    env.meta.push(Reply {
+        status: 200,
+        body: json!({"messages": []}),
+        delay: Duration::ZERO,
+    });
+    let status = env.send(PHONE, "login").await.unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable);
+    assert_eq!(error_info(&status).unwrap().0, "META_OUTCOME_UNKNOWN");
+    let code = env.last_code();
+    let status = env.send(PHONE, "login").await.unwrap_err();
+    assert_limited(&status, "OTP_RESEND_COOLDOWN", 58..=60);
+    assert_eq!(env.verify(PHONE, "login", &code).await.0, Verify::Verified);
 }
 
 async fn malformed_codes_use_no_attempt(backend: Backend) {

@@ -116,6 +116,33 @@ async fn shutdown_turns_health_not_serving_and_finishes_calls_in_flight() {
     app.stop().await.expect("run returns Ok");
 }
 
+#[tokio::test]
+async fn shutdown_delay_keeps_accepting_calls_while_health_says_not_serving() {
+    let meta = FakeMeta::start().await;
+    let mut vars = meta_vars(&meta);
+    vars.push(("KABAR_SHUTDOWN_DELAY_SECONDS".into(), "1".into()));
+    let app = TestApp::start(vars).await;
+    let start = Instant::now();
+    app.shutdown.cancel();
+    assert!(
+        app.wait_health("", NOT_SERVING, Duration::from_millis(500))
+            .await
+    );
+    assert_eq!(app.health_status(kabar::OTP_SERVICE).await, NOT_SERVING);
+    let ready = reqwest::get(format!("http://{}/readyz", app.http_addr))
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), 503);
+    // Still inside the delay: a new call is served.
+    app.notifications()
+        .send_template(invoice_request())
+        .await
+        .expect("served during the delay");
+    assert!(start.elapsed() < Duration::from_secs(1));
+    app.stop().await.expect("run returns Ok");
+    assert!(start.elapsed() >= Duration::from_secs(1));
+}
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
