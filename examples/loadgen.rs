@@ -1,0 +1,716 @@
+//! kabar's load generator and the pieces a benchmark run needs beside kabar itself.
+//!
+//! ```text
+//! loadgen run --scenario health --target http://127.0.0.1:50051 -c 64 -m 4 -d 10
+//! loadgen bare-health --addr 127.0.0.1:50061          # tonic with only the health service
+//! loadgen meta-standin --addr 127.0.0.1:18080 --latency-ms 200
+//! loadgen redis-memory --url unix:///tmp/redis.sock   # bytes per pending OTP
+//! ```
+//!
+//! `run` keeps N unary calls in flight over M HTTP/2 connections for a duration (or a count),
+//! then prints calls/s, latency percentiles and errors by gRPC code (`--json` for one JSON line).
+//! `scripts/bench.sh` starts everything and runs every scenario in one go.
+
+use std::{
+    collections::BTreeMap,
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use clap::{Parser, Subcommand, ValueEnum};
+use kabar::pb::{
+    SendOtpRequest, SendTemplateRequest, VerifyOtpRequest,
+    notification_service_client::NotificationServiceClient, otp_service_client::OtpServiceClient,
+    verify_otp_response::Result as VerifyResult,
+};
+use tonic::transport::{Channel, Endpoint};
+use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+
+#[derive(Parser)]
+#[command(about = "kabar load generator, bare health server and Meta stand-in")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Drive one scenario and print the figures.
+    Run(RunArgs),
+    /// A bare tonic server with only grpc.health.v1.Health: the framework's ceiling.
+    BareHealth {
+        #[arg(long, default_value = "127.0.0.1:50061")]
+        addr: SocketAddr,
+        /// Worker threads of its runtime (0: one per core).
+        #[arg(long, default_value_t = 0)]
+        threads: usize,
+    },
+    /// An HTTP server answering `POST /{version}/{id}/messages` like Meta, after a fixed latency.
+    MetaStandin {
+        #[arg(long, default_value = "127.0.0.1:18080")]
+        addr: SocketAddr,
+        #[arg(long, default_value_t = 0)]
+        latency_ms: u64,
+        #[arg(long, default_value_t = 0)]
+        threads: usize,
+    },
+    /// Reads the JSON lines of a benchmark run and prints the targets table (markdown).
+    Summarize {
+        /// A file of JSON lines written by `run --json`, `redis-memory --json` and the bench script.
+        results: std::path::PathBuf,
+    },
+    /// Redis memory per pending OTP: MEMORY USAGE of code keys plus their per-phone limit keys.
+    RedisMemory {
+        #[arg(long)]
+        url: String,
+        #[arg(long, default_value_t = 200)]
+        sample: usize,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+enum Scenario {
+    /// grpc.health.v1.Health/Check on the target.
+    Health,
+    /// VerifyOtp over many phones: keys present and absent, right and wrong codes.
+    Verify,
+    /// SendOtp to distinct phones (configure kabar with the cooldown out of the way).
+    SendOtp,
+    /// SendTemplate invoice_notification with seven parameters.
+    SendTemplate,
+    /// POST straight to the Meta stand-in (target = its base URL), to show it is no bottleneck.
+    MetaDirect,
+}
+
+#[derive(clap::Args, Clone)]
+struct RunArgs {
+    #[arg(long, value_enum)]
+    scenario: Scenario,
+    /// gRPC address of kabar (or of bare-health), or the stand-in's URL for meta-direct.
+    #[arg(long, default_value = "http://127.0.0.1:50051")]
+    target: String,
+    /// Calls in flight.
+    #[arg(short = 'c', long, default_value_t = 64)]
+    concurrency: usize,
+    /// HTTP/2 connections the calls are spread over.
+    #[arg(short = 'm', long, default_value_t = 4)]
+    connections: usize,
+    /// Seconds to measure (after the warm-up).
+    #[arg(short = 'd', long, default_value_t = 10.0)]
+    duration: f64,
+    /// Stop after this many calls instead (the duration still bounds the run).
+    #[arg(short = 'n', long)]
+    count: Option<u64>,
+    /// Seconds of calls before measuring starts.
+    #[arg(long, default_value_t = 1.0)]
+    warmup: f64,
+    /// Phones the verify scenario spreads over (test numbers 62811xxxxxxxx; half get a code).
+    #[arg(long, default_value_t = 2000)]
+    phones: u64,
+    /// The fixed code of those test numbers.
+    #[arg(long, default_value = "123456")]
+    test_code: String,
+    /// First number of the distinct phones for send-otp / send-template (62812 + 8 digits).
+    #[arg(long, default_value_t = 0)]
+    phone_offset: u64,
+    /// Client runtime threads.
+    #[arg(long, default_value_t = 1)]
+    threads: usize,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    json: bool,
+    /// A label for the JSON output.
+    #[arg(long, default_value = "")]
+    label: String,
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Run(args) => runtime(args.threads)?.block_on(run(args)),
+        Command::BareHealth { addr, threads } => runtime(threads)?.block_on(bare_health(addr)),
+        Command::MetaStandin {
+            addr,
+            latency_ms,
+            threads,
+        } => runtime(threads)?.block_on(meta_standin(addr, Duration::from_millis(latency_ms))),
+        Command::Summarize { results } => summarize(&results),
+        Command::RedisMemory { url, sample, json } => {
+            runtime(1)?.block_on(redis_memory(&url, sample, json))
+        }
+    }
+}
+
+fn runtime(threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if threads > 0 {
+        builder.worker_threads(threads);
+    }
+    builder.enable_all().build()
+}
+
+async fn bare_health(addr: SocketAddr) -> anyhow::Result<()> {
+    let (reporter, service) = tonic_health::server::health_reporter();
+    reporter
+        .set_service_status("", tonic_health::ServingStatus::Serving)
+        .await;
+    eprintln!("bare health server on {addr}");
+    tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .add_service(service)
+        .serve_with_shutdown(addr, async {
+            let _ = tokio::signal::ctrl_c().await;
+        })
+        .await?;
+    Ok(())
+}
+
+async fn meta_standin(addr: SocketAddr, latency: Duration) -> anyhow::Result<()> {
+    use axum::{Router, body::Bytes, routing::post};
+    let counter = Arc::new(AtomicU64::new(0));
+    let app = Router::new().route(
+        "/{version}/{phone_number_id}/messages",
+        post(move |body: Bytes| {
+            let counter = counter.clone();
+            async move {
+                if !latency.is_zero() {
+                    tokio::time::sleep(latency).await;
+                }
+                let id = counter.fetch_add(1, Ordering::Relaxed);
+                let to = serde_json::from_slice::<serde_json::Value>(&body)
+                    .ok()
+                    .and_then(|v| v["to"].as_str().map(str::to_owned))
+                    .unwrap_or_default();
+                let wa_id = to.trim_start_matches('+').to_owned();
+                (
+                    [("content-type", "application/json")],
+                    serde_json::json!({
+                        "messaging_product": "whatsapp",
+                        "contacts": [{"input": to, "wa_id": wa_id}],
+                        "messages": [{"id": format!("wamid.BENCH{id:012}")}]
+                    })
+                    .to_string(),
+                )
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    eprintln!("Meta stand-in on {addr}, latency {latency:?}");
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async {
+            let _ = tokio::signal::ctrl_c().await;
+        })
+        .await?;
+    Ok(())
+}
+
+async fn redis_memory(url: &str, sample: usize, json: bool) -> anyhow::Result<()> {
+    let client = redis::Client::open(url)?;
+    let mut con = client.get_multiplexed_async_connection().await?;
+    let mut cursor: u64 = 0;
+    let mut keys: Vec<String> = Vec::new();
+    loop {
+        let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg("kabar:otp:{*")
+            .arg("COUNT")
+            .arg(1000)
+            .query_async(&mut con)
+            .await?;
+        keys.extend(batch);
+        cursor = next;
+        if cursor == 0 || keys.len() >= sample {
+            break;
+        }
+    }
+    keys.truncate(sample);
+    anyhow::ensure!(
+        !keys.is_empty(),
+        "no pending OTP keys (kabar:otp:{{...}}) in Redis"
+    );
+    let (mut code_bytes, mut limit_bytes) = (0u64, 0u64);
+    for key in &keys {
+        let code: u64 = redis::cmd("MEMORY")
+            .arg("USAGE")
+            .arg(key)
+            .arg("SAMPLES")
+            .arg(0)
+            .query_async(&mut con)
+            .await?;
+        let phone = key
+            .split_once('{')
+            .and_then(|(_, rest)| rest.split_once('}'))
+            .map(|(p, _)| p)
+            .unwrap_or_default();
+        let limit: Option<u64> = redis::cmd("MEMORY")
+            .arg("USAGE")
+            .arg(format!("kabar:otp-limit:{{{phone}}}"))
+            .arg("SAMPLES")
+            .arg(0)
+            .query_async(&mut con)
+            .await?;
+        code_bytes += code;
+        limit_bytes += limit.unwrap_or(0);
+    }
+    let n = keys.len() as f64;
+    let (code_avg, limit_avg) = (code_bytes as f64 / n, limit_bytes as f64 / n);
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "label": "redis-memory",
+                "keys_sampled": keys.len(),
+                "code_key_bytes": code_avg,
+                "limit_key_bytes": limit_avg,
+                "bytes_per_pending_otp": code_avg + limit_avg,
+            })
+        );
+    } else {
+        println!(
+            "{} pending OTPs sampled: code key {code_avg:.0} B + per-phone limit key {limit_avg:.0} B = {:.0} B per pending OTP",
+            keys.len(),
+            code_avg + limit_avg
+        );
+    }
+    Ok(())
+}
+
+/// One call's outcome: `Ok(label)` or `Err(gRPC code name)`.
+type Outcome = Result<&'static str, String>;
+
+#[derive(Default)]
+struct Tally {
+    latencies_us: Vec<u32>,
+    errors: BTreeMap<String, u64>,
+    results: BTreeMap<&'static str, u64>,
+}
+
+async fn run(args: RunArgs) -> anyhow::Result<()> {
+    let args = Arc::new(args);
+    let channels = if args.scenario == Scenario::MetaDirect {
+        Vec::new()
+    } else {
+        let mut channels = Vec::with_capacity(args.connections);
+        for _ in 0..args.connections.max(1) {
+            // Each Endpoint::connect is its own HTTP/2 connection.
+            channels.push(
+                Endpoint::from_shared(args.target.clone())?
+                    .tcp_nodelay(true)
+                    .connect()
+                    .await?,
+            );
+        }
+        channels
+    };
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(args.concurrency)
+        .build()?;
+
+    if args.scenario == Scenario::Verify {
+        prepare_verify(&args, &channels[0]).await?;
+    }
+
+    let measuring = Arc::new(AtomicBool::new(false));
+    let stop = Arc::new(AtomicBool::new(false));
+    let issued = Arc::new(AtomicU64::new(0));
+    let sequence = Arc::new(AtomicU64::new(args.phone_offset));
+    let mut workers = Vec::with_capacity(args.concurrency);
+    for i in 0..args.concurrency {
+        let channel = channels.get(i % channels.len().max(1)).cloned();
+        let (args, measuring, stop, issued, sequence, http) = (
+            args.clone(),
+            measuring.clone(),
+            stop.clone(),
+            issued.clone(),
+            sequence.clone(),
+            http.clone(),
+        );
+        workers.push(tokio::spawn(async move {
+            let mut tally = Tally::default();
+            let mut caller = Caller::new(&args, channel, http, i as u64);
+            while !stop.load(Ordering::Relaxed) {
+                let counted = measuring.load(Ordering::Relaxed);
+                if counted
+                    && let Some(limit) = args.count
+                    && issued.fetch_add(1, Ordering::Relaxed) >= limit
+                {
+                    break;
+                }
+                let start = Instant::now();
+                let outcome = caller.call(&args, &sequence).await;
+                if counted && measuring.load(Ordering::Relaxed) {
+                    let us = start.elapsed().as_micros().min(u128::from(u32::MAX)) as u32;
+                    tally.latencies_us.push(us);
+                    match outcome {
+                        Ok(label) => *tally.results.entry(label).or_default() += 1,
+                        Err(code) => *tally.errors.entry(code).or_default() += 1,
+                    }
+                }
+            }
+            tally
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs_f64(args.warmup)).await;
+    measuring.store(true, Ordering::Relaxed);
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs_f64(args.duration);
+    while Instant::now() < deadline {
+        if args
+            .count
+            .is_some_and(|n| issued.load(Ordering::Relaxed) >= n)
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    measuring.store(false, Ordering::Relaxed);
+    let elapsed = started.elapsed().as_secs_f64();
+    stop.store(true, Ordering::Relaxed);
+
+    let mut all = Tally::default();
+    for worker in workers {
+        let t = worker.await?;
+        all.latencies_us.extend(t.latencies_us);
+        for (k, v) in t.errors {
+            *all.errors.entry(k).or_default() += v;
+        }
+        for (k, v) in t.results {
+            *all.results.entry(k).or_default() += v;
+        }
+    }
+    report(&args, all, elapsed);
+    Ok(())
+}
+
+fn report(args: &RunArgs, mut tally: Tally, elapsed: f64) {
+    tally.latencies_us.sort_unstable();
+    let calls = tally.latencies_us.len();
+    let pct = |p: f64| -> f64 {
+        if calls == 0 {
+            return 0.0;
+        }
+        let idx = ((p / 100.0) * calls as f64).ceil() as usize;
+        f64::from(tally.latencies_us[idx.clamp(1, calls) - 1]) / 1000.0
+    };
+    let rate = calls as f64 / elapsed;
+    let (p50, p90, p99, max) = (pct(50.0), pct(90.0), pct(99.0), pct(100.0));
+    let scenario = format!("{:?}", args.scenario).to_lowercase();
+    if args.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "label": args.label,
+                "scenario": scenario,
+                "target": args.target,
+                "concurrency": args.concurrency,
+                "connections": args.connections,
+                "seconds": elapsed,
+                "calls": calls,
+                "calls_per_sec": rate,
+                "p50_ms": p50, "p90_ms": p90, "p99_ms": p99, "max_ms": max,
+                "errors": tally.errors,
+                "results": tally.results,
+            })
+        );
+    } else {
+        println!(
+            "{scenario} {}: {calls} calls in {elapsed:.1} s = {rate:.0} calls/s, c={} m={}",
+            args.label, args.concurrency, args.connections
+        );
+        println!("  latency ms: p50 {p50:.2}  p90 {p90:.2}  p99 {p99:.2}  max {max:.2}");
+        println!("  results: {:?}", tally.results);
+        println!("  errors by code: {:?}", tally.errors);
+    }
+}
+
+/// Gives half of the verify scenario's phones a pending code (their fixed test code).
+async fn prepare_verify(args: &RunArgs, channel: &Channel) -> anyhow::Result<()> {
+    let mut client = OtpServiceClient::new(channel.clone());
+    let mut sent = 0;
+    for i in (0..args.phones).step_by(2) {
+        match client
+            .send_otp(SendOtpRequest {
+                phone: test_phone(i),
+                purpose: "login".into(),
+                client_ip: String::new(),
+            })
+            .await
+        {
+            Ok(_) => sent += 1,
+            Err(s) => anyhow::bail!(
+                "preparing verify: SendOtp to {} failed: {:?} {} (is kabar configured with these \
+                 test numbers and KABAR_OTP_RESEND_SECONDS=0?)",
+                test_phone(i),
+                s.code(),
+                s.message()
+            ),
+        }
+    }
+    eprintln!(
+        "verify: {sent} of {} phones have a pending code",
+        args.phones
+    );
+    Ok(())
+}
+
+/// Test numbers of the verify scenario: +62811 followed by 8 digits.
+fn test_phone(i: u64) -> String {
+    format!("+62811{:08}", i % 100_000_000)
+}
+
+/// Distinct recipients of send-otp / send-template: +62812 followed by 8 digits.
+fn distinct_phone(n: u64) -> String {
+    format!("+62812{:08}", n % 100_000_000)
+}
+
+struct Caller {
+    health: Option<HealthClient<Channel>>,
+    otp: Option<OtpServiceClient<Channel>>,
+    notifications: Option<NotificationServiceClient<Channel>>,
+    http: reqwest::Client,
+    /// xorshift state: cheap per-call randomness for the verify mix.
+    rng: u64,
+}
+
+impl Caller {
+    fn new(args: &RunArgs, channel: Option<Channel>, http: reqwest::Client, seed: u64) -> Self {
+        Caller {
+            health: channel.clone().map(HealthClient::new),
+            otp: channel.clone().map(OtpServiceClient::new),
+            notifications: channel.map(NotificationServiceClient::new),
+            http,
+            rng: (seed + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ args.phone_offset,
+        }
+    }
+
+    fn next(&mut self) -> u64 {
+        self.rng ^= self.rng << 13;
+        self.rng ^= self.rng >> 7;
+        self.rng ^= self.rng << 17;
+        self.rng
+    }
+
+    async fn call(&mut self, args: &RunArgs, sequence: &AtomicU64) -> Outcome {
+        match args.scenario {
+            Scenario::Health => self
+                .health
+                .as_mut()
+                .expect("channel")
+                .check(HealthCheckRequest {
+                    service: String::new(),
+                })
+                .await
+                .map(|_| "ok")
+                .map_err(|s| format!("{:?}", s.code())),
+            Scenario::Verify => {
+                let phone = test_phone(self.next() % args.phones);
+                // One call in ten carries the right code.
+                let code = if self.next() % 10 == 0 {
+                    args.test_code.clone()
+                } else if args.test_code.bytes().all(|b| b == b'0') {
+                    "1".repeat(args.test_code.len())
+                } else {
+                    "0".repeat(args.test_code.len())
+                };
+                self.otp
+                    .as_mut()
+                    .expect("channel")
+                    .verify_otp(VerifyOtpRequest {
+                        phone,
+                        purpose: "login".into(),
+                        code,
+                    })
+                    .await
+                    .map(|r| match r.into_inner().result() {
+                        VerifyResult::Verified => "verified",
+                        VerifyResult::InvalidCode => "invalid_code",
+                        VerifyResult::Expired => "expired",
+                        VerifyResult::TooManyAttempts => "too_many_attempts",
+                        VerifyResult::Unspecified => "unspecified",
+                    })
+                    .map_err(|s| format!("{:?}", s.code()))
+            }
+            Scenario::SendOtp => {
+                let n = sequence.fetch_add(1, Ordering::Relaxed);
+                self.otp
+                    .as_mut()
+                    .expect("channel")
+                    .send_otp(SendOtpRequest {
+                        phone: distinct_phone(n),
+                        purpose: "login".into(),
+                        client_ip: String::new(),
+                    })
+                    .await
+                    .map(|_| "sent")
+                    .map_err(|s| format!("{:?}", s.code()))
+            }
+            Scenario::SendTemplate => {
+                let n = sequence.fetch_add(1, Ordering::Relaxed);
+                let params = [
+                    ("nama", "Budi Santoso".to_owned()),
+                    ("periode", "November 2026".to_owned()),
+                    ("no_invoice", format!("INV/2026/11/{n:06}")),
+                    ("paket", "Home 30 Mbps".to_owned()),
+                    ("nominal", "Rp 250.000".to_owned()),
+                    ("jatuh_tempo", "10 Desember 2026".to_owned()),
+                    ("customer_id", format!("CUST-{n:06}")),
+                ]
+                .into_iter()
+                .map(|(k, v)| (k.to_owned(), v))
+                .collect();
+                self.notifications
+                    .as_mut()
+                    .expect("channel")
+                    .send_template(SendTemplateRequest {
+                        phone: distinct_phone(n),
+                        template: "invoice_notification".into(),
+                        params,
+                        ..Default::default()
+                    })
+                    .await
+                    .map(|_| "sent")
+                    .map_err(|s| format!("{:?}", s.code()))
+            }
+            Scenario::MetaDirect => {
+                let n = sequence.fetch_add(1, Ordering::Relaxed);
+                let body = serde_json::json!({
+                    "messaging_product": "whatsapp", "recipient_type": "individual",
+                    "to": distinct_phone(n), "type": "template",
+                    "template": {"name": "invoice_notification", "language": {"code": "id"}}
+                });
+                match self
+                    .http
+                    .post(format!("{}/v24.0/1/messages", args.target))
+                    .json(&body)
+                    .send()
+                    .await
+                {
+                    Ok(r) if r.status().is_success() => match r.bytes().await {
+                        Ok(_) => Ok("ok"),
+                        Err(_) => Err("body".to_owned()),
+                    },
+                    Ok(r) => Err(format!("http {}", r.status().as_u16())),
+                    Err(_) => Err("connect".to_owned()),
+                }
+            }
+        }
+    }
+}
+
+/// The targets of the benchmark issue, checked against one run's figures.
+fn summarize(path: &std::path::Path) -> anyhow::Result<()> {
+    let text = std::fs::read_to_string(path)?;
+    let mut by_label: BTreeMap<String, serde_json::Value> = BTreeMap::new();
+    for line in text.lines().filter(|l| l.trim_start().starts_with('{')) {
+        let v: serde_json::Value = serde_json::from_str(line)?;
+        let label = v["label"].as_str().unwrap_or_default().to_owned();
+        by_label.insert(label, v);
+    }
+    let get = |label: &str, field: &str| -> Option<f64> { by_label.get(label)?[field].as_f64() };
+    let rate = |label: &str| get(label, "calls_per_sec");
+    println!("| scenario | calls/s | p50 ms | p90 ms | p99 ms | max ms | errors |");
+    println!("|---|---:|---:|---:|---:|---:|---|");
+    for (label, v) in &by_label {
+        if v.get("calls_per_sec").is_none() {
+            continue;
+        }
+        println!(
+            "| {label} (c={}, m={}) | {:.0} | {:.2} | {:.2} | {:.2} | {:.2} | {} |",
+            v["concurrency"],
+            v["connections"],
+            v["calls_per_sec"].as_f64().unwrap_or(0.0),
+            v["p50_ms"].as_f64().unwrap_or(0.0),
+            v["p90_ms"].as_f64().unwrap_or(0.0),
+            v["p99_ms"].as_f64().unwrap_or(0.0),
+            v["max_ms"].as_f64().unwrap_or(0.0),
+            v["errors"]
+        );
+    }
+    println!();
+    println!("| target | measured | goal | met |");
+    println!("|---|---|---|---|");
+    let row = |name: &str, measured: Option<(String, bool)>, goal: &str| match measured {
+        Some((text, met)) => {
+            println!(
+                "| {name} | {text} | {goal} | {} |",
+                if met { "yes" } else { "**no**" }
+            )
+        }
+        None => println!("| {name} | not measured | {goal} | - |"),
+    };
+    let ratio = |a: Option<f64>, b: Option<f64>, goal: f64| -> Option<(String, bool)> {
+        let (a, b) = (a?, b?);
+        let r = a / b;
+        Some((format!("{a:.0} / {b:.0} = {:.0}%", r * 100.0), r >= goal))
+    };
+    row(
+        "kabar health / bare tonic health",
+        ratio(rate("health"), rate("bare-health"), 0.80),
+        ">= 80%",
+    );
+    row(
+        "verify (Redis) / health",
+        ratio(rate("verify"), rate("health"), 0.40),
+        ">= 40%",
+    );
+    row(
+        "verify p99 at 64 in flight",
+        get("verify", "p99_ms").map(|p| (format!("{p:.2} ms"), p < 10.0)),
+        "< 10 ms",
+    );
+    row(
+        "send-template (0 ms Meta) / health",
+        ratio(rate("send-template"), rate("health"), 0.12),
+        ">= 12%",
+    );
+    row(
+        "send-otp (0 ms Meta) / health",
+        ratio(rate("send-otp"), rate("health"), 0.12),
+        ">= 12%",
+    );
+    row(
+        "send-template, 200 ms Meta: calls/s",
+        rate("send-template-200ms").map(|r| (format!("{r:.0} calls/s"), r >= 1000.0)),
+        ">= 1000",
+    );
+    row(
+        "send-template, 200 ms Meta: p99",
+        get("send-template-200ms", "p99_ms").map(|p| (format!("{p:.1} ms"), p < 300.0)),
+        "< 300 ms",
+    );
+    row(
+        "Meta stand-in alone (0 ms) / send-template",
+        rate("meta-direct-0ms")
+            .zip(rate("send-template"))
+            .map(|(m, s)| (format!("{m:.0} vs {s:.0} calls/s"), m > s)),
+        "stand-in faster",
+    );
+    let rss = get("rss", "kabar_peak_rss_kb")
+        .into_iter()
+        .chain(get("rss", "kabar_200ms_peak_rss_kb"))
+        .fold(None::<f64>, |acc, v| Some(acc.map_or(v, |a| a.max(v))));
+    row(
+        "kabar peak resident memory",
+        rss.map(|kb| (format!("{:.1} MiB", kb / 1024.0), kb <= 64.0 * 1024.0)),
+        "<= 64 MiB",
+    );
+    row(
+        "Redis bytes per pending OTP (its key; no index exists)",
+        get("redis-memory", "code_key_bytes").map(|b| (format!("{b:.0} B"), b <= 200.0)),
+        "<= 200 B",
+    );
+    if let Some(limit) = get("redis-memory", "limit_key_bytes") {
+        println!(
+            "\nPer-phone rate-limit key (cooldown and hourly count; lives for the hour window, \
+             not with the code): {limit:.0} B per phone that asked for a code in the last hour."
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,132 @@
+#!/usr/bin/env bash
+# Runs every benchmark scenario in one go and prints the targets table (docs/BENCHMARKS.md).
+#
+#   scripts/bench.sh               # release build, 10 s per scenario
+#   scripts/bench.sh --smoke       # debug build, 1 s per scenario: checks that it all works
+#   DURATION=20 scripts/bench.sh   # longer runs
+#
+# It starts, all on this machine: a private redis-server (unix socket), two Meta stand-ins
+# (0 ms and 200 ms), a bare tonic health server, and kabar; then drives each scenario with the
+# project's load generator (examples/loadgen.rs). Results: target/bench/results.jsonl.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+profile=release
+duration="${DURATION:-10}"
+warmup="${WARMUP:-2}"
+if [[ "${1:-}" == "--smoke" ]]; then
+    profile=dev
+    duration=1
+    warmup=0.3
+fi
+cargo_flags=()
+bin_dir=target/debug
+if [[ "$profile" == release ]]; then
+    cargo_flags=(--release)
+    bin_dir=target/release
+fi
+
+command -v redis-server >/dev/null || {
+    echo "bench: redis-server is needed (apt-get install redis-server)" >&2
+    exit 1
+}
+
+cargo build "${cargo_flags[@]}" --bin kabar --example loadgen
+kabar="$bin_dir/kabar"
+loadgen="$bin_dir/examples/loadgen"
+
+work="$(mktemp -d /tmp/kabar-bench.XXXXXX)"
+out=target/bench
+mkdir -p "$out"
+results="$out/results.jsonl"
+: >"$results"
+pids=()
+cleanup() {
+    for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+    wait 2>/dev/null || true
+    rm -rf "$work"
+}
+trap cleanup EXIT
+
+free_port() {
+    python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])' 2>/dev/null ||
+        echo $((20000 + RANDOM % 20000))
+}
+wait_tcp() { # host:port
+    for _ in $(seq 1 200); do
+        if (exec 3<>"/dev/tcp/${1%:*}/${1#*:}") 2>/dev/null; then return 0; fi
+        sleep 0.05
+    done
+    echo "bench: nothing listens on $1" >&2
+    return 1
+}
+
+redis-server --port 0 --unixsocket "$work/redis.sock" --save "" --appendonly no --dir "$work" \
+    >"$work/redis.log" 2>&1 &
+pids+=($!)
+for _ in $(seq 1 100); do [[ -S "$work/redis.sock" ]] && break; sleep 0.05; done
+
+meta0="127.0.0.1:$(free_port)"
+meta200="127.0.0.1:$(free_port)"
+bare="127.0.0.1:$(free_port)"
+grpc="127.0.0.1:$(free_port)"
+http="127.0.0.1:$(free_port)"
+"$loadgen" meta-standin --addr "$meta0" --latency-ms 0 2>>"$work/meta.log" &
+pids+=($!)
+"$loadgen" meta-standin --addr "$meta200" --latency-ms 200 2>>"$work/meta.log" &
+pids+=($!)
+"$loadgen" bare-health --addr "$bare" 2>>"$work/bare.log" &
+pids+=($!)
+wait_tcp "$meta0"
+wait_tcp "$meta200"
+wait_tcp "$bare"
+
+phones=2000
+for ((i = 0; i < phones; i++)); do printf '62811%08d=123456\n' "$i"; done >"$work/test_numbers"
+
+start_kabar() { # meta address, log file
+    env -i PATH="$PATH" HOME="${HOME:-/root}" \
+        KABAR_GRPC_ADDR="$grpc" KABAR_HTTP_ADDR="$http" \
+        WHATSAPP_DRIVER=meta WHATSAPP_API_KEY=bench-token META_WA_PHONE_NUMBER_ID=1 \
+        META_GRAPH_API_URL="http://$1" \
+        REDIS_URL="unix://$work/redis.sock" KABAR_OTP_SECRET="bench-secret-0123456789abcdef-0123456789" \
+        KABAR_OTP_RESEND_SECONDS=0 KABAR_OTP_MAX_SENDS_PER_HOUR=1000 KABAR_OTP_MAX_ATTEMPTS=20 \
+        KABAR_OTP_DAILY_LIMIT=10000000 KABAR_OTP_TEST_NUMBERS_FILE="$work/test_numbers" \
+        KABAR_LOG_FORMAT=json KABAR_SHUTDOWN_GRACE_SECONDS=2 \
+        "$kabar" serve 2>"$2" &
+    kabar_pid=$!
+    pids+=("$kabar_pid")
+    wait_tcp "$grpc"
+}
+peak_rss_kb() { awk '/VmHWM/ {print $2}' "/proc/$1/status"; }
+run() { # label scenario target [extra args]
+    local label=$1 scenario=$2 target=$3
+    shift 3
+    echo "== $label" >&2
+    "$loadgen" run --scenario "$scenario" --target "$target" --label "$label" \
+        -d "$duration" --warmup "$warmup" --json "$@" | tee -a "$results"
+}
+
+start_kabar "$meta0" "$work/kabar.log"
+run meta-direct-0ms meta-direct "http://$meta0" -c 64
+run bare-health health "http://$bare" -c 64 -m 4
+run health health "http://$grpc" -c 64 -m 4
+run verify verify "http://$grpc" -c 64 -m 4 --phones "$phones"
+run send-otp send-otp "http://$grpc" -c 64 -m 4 --phone-offset 0
+run send-template send-template "http://$grpc" -c 64 -m 4 --phone-offset 50000000
+"$loadgen" redis-memory --url "unix://$work/redis.sock" --json | tee -a "$results"
+rss0=$(peak_rss_kb "$kabar_pid")
+kill -TERM "$kabar_pid"
+wait "$kabar_pid" || { echo "bench: kabar did not exit 0 on SIGTERM" >&2; exit 1; }
+
+start_kabar "$meta200" "$work/kabar-200.log"
+run meta-direct-200ms meta-direct "http://$meta200" -c 256
+run send-template-200ms send-template "http://$grpc" -c 256 -m 4 --phone-offset 70000000
+rss200=$(peak_rss_kb "$kabar_pid")
+kill -TERM "$kabar_pid"
+wait "$kabar_pid" || { echo "bench: kabar did not exit 0 on SIGTERM" >&2; exit 1; }
+
+echo "{\"label\":\"rss\",\"kabar_peak_rss_kb\":$rss0,\"kabar_200ms_peak_rss_kb\":$rss200}" | tee -a "$results"
+echo
+echo "== $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), profile $profile, ${duration}s per scenario"
+"$loadgen" summarize "$results" | tee "$out/summary.md"
