@@ -6,10 +6,8 @@ use tracing_subscriber::{EnvFilter, fmt};
 use crate::config::LogFormat;
 
 pub fn init(format: LogFormat) {
-    let filter = match std::env::var("KABAR_LOG")
-        .ok()
-        .or_else(|| std::env::var("RUST_LOG").ok())
-    {
+    let set = |name: &str| std::env::var(name).ok().filter(|v| !v.trim().is_empty());
+    let filter = match set("KABAR_LOG").or_else(|| set("RUST_LOG")) {
         None => EnvFilter::new("info"),
         Some(spec) => EnvFilter::try_new(&spec).unwrap_or_else(|e| {
             eprintln!("kabar: KABAR_LOG {spec:?} is not a log filter ({e}); using info");
