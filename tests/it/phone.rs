@@ -18,6 +18,7 @@ fn indonesian_formats_normalise_to_e164() {
         ("0896 1234 5678", "+6289612345678"),
         ("0881-2345-6789", "+6288123456789"),
         ("0838 1234 567", "+628381234567"),
+        ("+62 (0)812-3456-7890", "+6281234567890"),
     ];
     for (input, expected) in cases {
         let phone = normalize(input).unwrap_or_else(|e| panic!("{input:?}: {e}"));
@@ -69,4 +70,29 @@ fn debug_and_display_show_only_the_e164_form() {
     assert_eq!(format!("{phone}"), "+6281234567890");
     assert_eq!(format!("{phone:?}"), "+6281234567890");
     assert_eq!(phone.digits(), "6281234567890");
+}
+
+/// The fast path for Indonesian numbers agrees with phonenumber's full classification.
+#[test]
+fn indonesian_fast_path_agrees_with_libphonenumber() {
+    let db = &*phonenumber::metadata::DATABASE;
+    let mut checked = 0;
+    for prefix in 800..900 {
+        for extra in 6..=9 {
+            let national = format!("{prefix}{}", "1234567890"[..extra].to_owned());
+            let full = phonenumber::parse(None, format!("+62{national}")).unwrap();
+            let library_says_mobile = full.is_valid()
+                && matches!(
+                    full.number_type(db),
+                    phonenumber::Type::Mobile | phonenumber::Type::FixedLineOrMobile
+                );
+            let ours = normalize(&format!("0{national}"));
+            assert_eq!(ours.is_ok(), library_says_mobile, "0{national}: {ours:?}");
+            if let Ok(phone) = ours {
+                assert_eq!(phone.e164(), format!("+62{national}"));
+            }
+            checked += 1;
+        }
+    }
+    assert_eq!(checked, 400);
 }
