@@ -50,7 +50,8 @@ pub struct OtpService {
     driver: Driver,
     whatsapp_enabled: bool,
     template: Arc<Template>,
-    key: SecretBox<Vec<u8>>,
+    /// HMAC-SHA256 keyed with the OTP secret, the key schedule done once; cloned per code.
+    keyed_mac: Hmac<Sha256>,
     ttl: Duration,
     max_attempts: u32,
     resend_after: Duration,
@@ -86,12 +87,14 @@ impl OtpService {
                 SecretBox::new(Box::new(random))
             }
         };
+        let keyed_mac = Hmac::<Sha256>::new_from_slice(key.expose_secret())
+            .expect("HMAC accepts keys of any length");
         OtpService {
             store,
             driver,
             whatsapp_enabled,
             template,
-            key,
+            keyed_mac,
             ttl: config.ttl,
             max_attempts: config.max_attempts,
             resend_after: config.resend_after,
@@ -326,8 +329,7 @@ impl OtpService {
     }
 
     fn hash(&self, purpose: &str, phone: &Phone, code: &str) -> CodeHash {
-        let mut mac = Hmac::<Sha256>::new_from_slice(self.key.expose_secret())
-            .expect("HMAC accepts keys of any length");
+        let mut mac = self.keyed_mac.clone();
         mac.update(purpose.as_bytes());
         mac.update(b"|");
         mac.update(phone.digits().as_bytes());
