@@ -292,6 +292,7 @@ impl Config {
         let max_attempts = r.number("KABAR_META_MAX_ATTEMPTS", 3, 1..=3)? as u32;
         let retry_base =
             Duration::from_millis(r.number("KABAR_META_RETRY_BASE_MS", 200, 1..=10_000)?);
+        let max_in_flight = r.number("KABAR_META_MAX_IN_FLIGHT", 512, 1..=10_000)? as usize;
 
         let meta = match driver {
             DriverKind::Meta => {
@@ -326,6 +327,7 @@ impl Config {
                     request_timeout,
                     max_attempts,
                     retry_base,
+                    max_in_flight,
                 })
             }
             DriverKind::Log => {

@@ -459,3 +459,36 @@ async fn an_unreadable_success_is_outcome_unknown_and_keeps_the_idempotency_key(
     assert_eq!(error_info(&again).unwrap().0, "IDEMPOTENCY_KEY_IN_FLIGHT");
     assert_eq!(meta.count(), 1);
 }
+
+#[tokio::test]
+async fn outbound_sends_are_bounded_and_waiting_respects_the_deadline() {
+    let meta = FakeMeta::start().await;
+    meta.set_delay(Duration::from_millis(300));
+    let mut vars = meta_vars(&meta);
+    vars.push(("KABAR_META_MAX_IN_FLIGHT".into(), "2".into()));
+    let app = TestApp::start(vars).await;
+    let calls: Vec<_> = (0..4)
+        .map(|_| {
+            let mut client = app.notifications();
+            tokio::spawn(async move { client.send_template(invoice_request()).await })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Both slots are busy: a call with a short deadline waits, then gives up unsent.
+    let mut short = tonic::Request::new(invoice_request());
+    short.set_timeout(Duration::from_millis(150));
+    let status = app.notifications().send_template(short).await.unwrap_err();
+    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+    for call in calls {
+        call.await.unwrap().expect("queued sends go out");
+    }
+    let received = meta.received();
+    assert_eq!(received.len(), 4, "the timed-out call never reached Meta");
+    let mut arrivals: Vec<Instant> = received.iter().map(|r| r.at).collect();
+    arrivals.sort();
+    assert!(
+        arrivals[2] - arrivals[0] >= Duration::from_millis(250),
+        "at most 2 in flight: third arrived {:?} after the first",
+        arrivals[2] - arrivals[0]
+    );
+}
