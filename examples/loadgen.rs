@@ -110,12 +110,15 @@ struct RunArgs {
     /// Seconds of calls before measuring starts.
     #[arg(long, default_value_t = 1.0)]
     warmup: f64,
-    /// Phones the verify scenario spreads over (test numbers 62811xxxxxxxx; half get a code).
-    #[arg(long, default_value_t = 2000)]
+    /// Phones the verify scenario spreads over (+62813 and 8 digits); every other one gets a code.
+    #[arg(long, default_value_t = 200_000)]
     phones: u64,
-    /// The fixed code of those test numbers.
-    #[arg(long, default_value = "123456")]
-    test_code: String,
+    /// The Meta stand-in kabar sends to: the verify scenario reads the codes it received.
+    #[arg(long, default_value = "http://127.0.0.1:18080")]
+    meta: String,
+    /// Share of verify calls to a phone with a code that carry the right code.
+    #[arg(long, default_value_t = 0.02)]
+    right_share: f64,
     /// First number of the distinct phones for send-otp / send-template (62812 + 8 digits).
     #[arg(long, default_value_t = 0)]
     phone_offset: u64,
@@ -171,35 +174,66 @@ async fn bare_health(addr: SocketAddr) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The last OTP code the stand-in received per recipient, for the verify scenario's right codes.
+type Codes = Arc<std::sync::Mutex<std::collections::HashMap<String, String>>>;
+
 async fn meta_standin(addr: SocketAddr, latency: Duration) -> anyhow::Result<()> {
-    use axum::{Router, body::Bytes, routing::post};
+    use axum::{
+        Router,
+        body::Bytes,
+        routing::{get, post},
+    };
     let counter = Arc::new(AtomicU64::new(0));
-    let app = Router::new().route(
-        "/{version}/{phone_number_id}/messages",
-        post(move |body: Bytes| {
-            let counter = counter.clone();
-            async move {
-                if !latency.is_zero() {
-                    tokio::time::sleep(latency).await;
+    let codes: Codes = Arc::default();
+    let recorded = codes.clone();
+    let app = Router::new()
+        .route(
+            "/_bench/codes",
+            get(move || {
+                let codes = codes.clone();
+                async move {
+                    let map = codes.lock().expect("not poisoned").clone();
+                    serde_json::to_string(&map).unwrap_or_default()
                 }
-                let id = counter.fetch_add(1, Ordering::Relaxed);
-                let to = serde_json::from_slice::<serde_json::Value>(&body)
-                    .ok()
-                    .and_then(|v| v["to"].as_str().map(str::to_owned))
-                    .unwrap_or_default();
-                let wa_id = to.trim_start_matches('+').to_owned();
-                (
-                    [("content-type", "application/json")],
-                    serde_json::json!({
-                        "messaging_product": "whatsapp",
-                        "contacts": [{"input": to, "wa_id": wa_id}],
-                        "messages": [{"id": format!("wamid.BENCH{id:012}")}]
-                    })
-                    .to_string(),
-                )
-            }
-        }),
-    );
+            }),
+        )
+        .route(
+            "/{version}/{phone_number_id}/messages",
+            post(move |body: Bytes| {
+                let counter = counter.clone();
+                let recorded = recorded.clone();
+                async move {
+                    if !latency.is_zero() {
+                        tokio::time::sleep(latency).await;
+                    }
+                    let id = counter.fetch_add(1, Ordering::Relaxed);
+                    let parsed = serde_json::from_slice::<serde_json::Value>(&body).ok();
+                    let to = parsed
+                        .as_ref()
+                        .and_then(|v| v["to"].as_str().map(str::to_owned))
+                        .unwrap_or_default();
+                    // An authentication template carries the code in its copy-code button.
+                    if let Some(code) = parsed.as_ref().and_then(|v| {
+                        v["template"]["components"][1]["parameters"][0]["text"].as_str()
+                    }) {
+                        recorded
+                            .lock()
+                            .expect("not poisoned")
+                            .insert(to.clone(), code.to_owned());
+                    }
+                    let wa_id = to.trim_start_matches('+').to_owned();
+                    (
+                        [("content-type", "application/json")],
+                        serde_json::json!({
+                            "messaging_product": "whatsapp",
+                            "contacts": [{"input": to, "wa_id": wa_id}],
+                            "messages": [{"id": format!("wamid.BENCH{id:012}")}]
+                        })
+                        .to_string(),
+                    )
+                }
+            }),
+        );
     let listener = tokio::net::TcpListener::bind(addr).await?;
     eprintln!("Meta stand-in on {addr}, latency {latency:?}");
     axum::serve(listener, app)
@@ -313,9 +347,11 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         .pool_max_idle_per_host(args.concurrency)
         .build()?;
 
-    if args.scenario == Scenario::Verify {
-        prepare_verify(&args, &channels[0]).await?;
-    }
+    let codes = Arc::new(if args.scenario == Scenario::Verify {
+        prepare_verify(&args, &channels).await?
+    } else {
+        std::collections::HashMap::new()
+    });
 
     let measuring = Arc::new(AtomicBool::new(false));
     let stop = Arc::new(AtomicBool::new(false));
@@ -324,6 +360,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let mut workers = Vec::with_capacity(args.concurrency);
     for i in 0..args.concurrency {
         let channel = channels.get(i % channels.len().max(1)).cloned();
+        let codes = codes.clone();
         let (args, measuring, stop, issued, sequence, http) = (
             args.clone(),
             measuring.clone(),
@@ -344,7 +381,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                     break;
                 }
                 let start = Instant::now();
-                let outcome = caller.call(&args, &sequence).await;
+                let outcome = caller.call(&args, &sequence, &codes).await;
                 if counted && measuring.load(Ordering::Relaxed) {
                     let us = start.elapsed().as_micros().min(u128::from(u32::MAX)) as u32;
                     tally.latencies_us.push(us);
@@ -430,39 +467,62 @@ fn report(args: &RunArgs, mut tally: Tally, elapsed: f64) {
     }
 }
 
-/// Gives half of the verify scenario's phones a pending code (their fixed test code).
-async fn prepare_verify(args: &RunArgs, channel: &Channel) -> anyhow::Result<()> {
-    let mut client = OtpServiceClient::new(channel.clone());
-    let mut sent = 0;
-    for i in (0..args.phones).step_by(2) {
-        match client
-            .send_otp(SendOtpRequest {
-                phone: test_phone(i),
-                purpose: "login".into(),
-                client_ip: String::new(),
-            })
-            .await
-        {
-            Ok(_) => sent += 1,
-            Err(s) => anyhow::bail!(
-                "preparing verify: SendOtp to {} failed: {:?} {} (is kabar configured with these \
-                 test numbers and KABAR_OTP_RESEND_SECONDS=0?)",
-                test_phone(i),
+/// Gives every other phone of the verify scenario a pending code (sent through kabar to the
+/// stand-in, many at once), then reads back from the stand-in which code each phone got.
+async fn prepare_verify(
+    args: &RunArgs,
+    channels: &[Channel],
+) -> anyhow::Result<std::collections::HashMap<String, String>> {
+    let next = Arc::new(AtomicU64::new(0));
+    let mut senders = Vec::new();
+    for w in 0..64 {
+        let mut client = OtpServiceClient::new(channels[w % channels.len()].clone());
+        let (next, phones) = (next.clone(), args.phones);
+        senders.push(tokio::spawn(async move {
+            loop {
+                let i = next.fetch_add(2, Ordering::Relaxed);
+                if i >= phones {
+                    return Ok::<(), tonic::Status>(());
+                }
+                client
+                    .send_otp(SendOtpRequest {
+                        phone: verify_phone(i),
+                        purpose: "login".into(),
+                        client_ip: String::new(),
+                    })
+                    .await?;
+            }
+        }));
+    }
+    for sender in senders {
+        if let Err(s) = sender.await? {
+            anyhow::bail!(
+                "preparing verify: SendOtp failed: {:?} {} (configure kabar with \
+                 KABAR_OTP_RESEND_SECONDS=0 and a high KABAR_OTP_DAILY_LIMIT)",
                 s.code(),
                 s.message()
-            ),
+            );
         }
     }
+    let codes: std::collections::HashMap<String, String> =
+        reqwest::get(format!("{}/_bench/codes", args.meta.trim_end_matches('/')))
+            .await?
+            .json()
+            .await?;
+    let pending = (0..args.phones)
+        .step_by(2)
+        .filter(|i| codes.contains_key(&verify_phone(*i)))
+        .count();
     eprintln!(
-        "verify: {sent} of {} phones have a pending code",
+        "verify: {pending} of {} phones have a pending code",
         args.phones
     );
-    Ok(())
+    Ok(codes)
 }
 
-/// Test numbers of the verify scenario: +62811 followed by 8 digits.
-fn test_phone(i: u64) -> String {
-    format!("+62811{:08}", i % 100_000_000)
+/// Phones of the verify scenario: +62813 followed by 8 digits.
+fn verify_phone(i: u64) -> String {
+    format!("+62813{:08}", i % 100_000_000)
 }
 
 /// Distinct recipients of send-otp / send-template: +62812 followed by 8 digits.
@@ -497,7 +557,12 @@ impl Caller {
         self.rng
     }
 
-    async fn call(&mut self, args: &RunArgs, sequence: &AtomicU64) -> Outcome {
+    async fn call(
+        &mut self,
+        args: &RunArgs,
+        sequence: &AtomicU64,
+        codes: &std::collections::HashMap<String, String>,
+    ) -> Outcome {
         match args.scenario {
             Scenario::Health => self
                 .health
@@ -510,14 +575,17 @@ impl Caller {
                 .map(|_| "ok")
                 .map_err(|s| format!("{:?}", s.code())),
             Scenario::Verify => {
-                let phone = test_phone(self.next() % args.phones);
-                // One call in ten carries the right code.
-                let code = if self.next().is_multiple_of(10) {
-                    args.test_code.clone()
-                } else if args.test_code.bytes().all(|b| b == b'0') {
-                    "1".repeat(args.test_code.len())
-                } else {
-                    "0".repeat(args.test_code.len())
+                let phone = verify_phone(self.next() % args.phones);
+                let right = codes.get(&phone);
+                let roll = (self.next() % 1_000_000) as f64 / 1_000_000.0;
+                let code = match right {
+                    Some(code) if roll < args.right_share => code.clone(),
+                    // A wrong code of the right length: each digit shifted by one.
+                    Some(code) => code
+                        .bytes()
+                        .map(|b| char::from(b'0' + (b - b'0' + 1) % 10))
+                        .collect(),
+                    None => "000000".to_owned(),
                 };
                 self.otp
                     .as_mut()

@@ -14,8 +14,10 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 profile=release
 duration="${DURATION:-10}"
 warmup="${WARMUP:-2}"
+phones="${PHONES:-200000}"
 if [[ "${1:-}" == "--smoke" ]]; then
     profile=dev
+    phones=2000
     duration=1
     warmup=0.3
 fi
@@ -81,9 +83,6 @@ wait_tcp "$meta0"
 wait_tcp "$meta200"
 wait_tcp "$bare"
 
-phones=2000
-for ((i = 0; i < phones; i++)); do printf '62811%08d=123456\n' "$i"; done >"$work/test_numbers"
-
 start_kabar() { # meta address, log file
     env -i PATH="$PATH" HOME="${HOME:-/root}" \
         KABAR_GRPC_ADDR="$grpc" KABAR_HTTP_ADDR="$http" \
@@ -91,7 +90,7 @@ start_kabar() { # meta address, log file
         META_GRAPH_API_URL="http://$1" \
         REDIS_URL="unix://$work/redis.sock" KABAR_OTP_SECRET="bench-secret-0123456789abcdef-0123456789" \
         KABAR_OTP_RESEND_SECONDS=0 KABAR_OTP_MAX_SENDS_PER_HOUR=1000 KABAR_OTP_MAX_ATTEMPTS=20 \
-        KABAR_OTP_DAILY_LIMIT=10000000 KABAR_OTP_TEST_NUMBERS_FILE="$work/test_numbers" \
+        KABAR_OTP_DAILY_LIMIT=10000000 \
         KABAR_LOG_FORMAT=json KABAR_SHUTDOWN_GRACE_SECONDS=2 \
         "$kabar" serve 2>"$2" &
     kabar_pid=$!
@@ -114,7 +113,7 @@ run bare-health health "http://$bare" -c 64 -m 4
 run health health "http://$grpc" -c 64 -m 4
 run 'bare-health#2' health "http://$bare" -c 64 -m 4
 run 'health#2' health "http://$grpc" -c 64 -m 4
-run verify verify "http://$grpc" -c 64 -m 4 --phones "$phones"
+run verify verify "http://$grpc" -c 64 -m 4 --phones "$phones" --meta "http://$meta0"
 run send-otp send-otp "http://$grpc" -c 64 -m 4 --phone-offset 0
 run send-template send-template "http://$grpc" -c 64 -m 4 --phone-offset 50000000
 "$loadgen" redis-memory --url "unix://$work/redis.sock" --json | tee -a "$results"
