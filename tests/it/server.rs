@@ -277,3 +277,75 @@ async fn binary_serves_on_defaults_and_exits_zero_on_sigterm() {
     assert!(call["elapsed_ms"].is_number());
     let _ = std::fs::remove_dir_all(dir);
 }
+
+#[tokio::test]
+async fn send_test_prints_the_message_id_or_the_remedy() {
+    let meta = FakeMeta::start().await;
+    let dir = temp_dir("send-test");
+    let run = |args: &[&str]| {
+        let mut command = kabar_command(&dir);
+        command
+            .arg("send-test")
+            .args(args)
+            .env("WHATSAPP_DRIVER", "meta")
+            .env("WHATSAPP_API_KEY", crate::support::TOKEN)
+            .env("META_WA_PHONE_NUMBER_ID", crate::support::PHONE_NUMBER_ID)
+            .env("META_GRAPH_API_URL", meta.url());
+        command
+    };
+    let output = tokio::task::spawn_blocking({
+        let mut command = run(&["0812-3456-7890", "--param", "nama=Budi"]);
+        move || command.output().unwrap()
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout} {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(stdout.contains("wamid.TEST00000001"), "{stdout}");
+    let sent = &meta.received()[0].body;
+    assert_eq!(sent["template"]["name"], "access_opened");
+    assert_eq!(
+        sent["template"]["components"][0]["parameters"][0]["text"],
+        "Budi"
+    );
+    // The missing parameter got a sample value.
+    assert_eq!(
+        sent["template"]["components"][0]["parameters"][1]["text"],
+        "0800-000-0000"
+    );
+
+    meta.push(crate::support::Reply::error(
+        404,
+        132001,
+        "template name does not exist",
+    ));
+    let output = tokio::task::spawn_blocking({
+        let mut command = run(&["0812-3456-7890", "--template", "invoice_notification"]);
+        move || command.output().unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("132001"), "{stderr}");
+    assert!(
+        stderr.contains("invoice_notification in language id is not approved"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains(crate::support::TOKEN));
+
+    let output = tokio::task::spawn_blocking({
+        let mut command = run(&["0812345"]);
+        move || command.output().unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("phone"));
+    assert_eq!(meta.count(), 2, "an invalid phone never reaches Meta");
+    let _ = std::fs::remove_dir_all(dir);
+}
