@@ -63,7 +63,7 @@ enum Command {
         /// A file of JSON lines written by `run --json`, `redis-memory --json` and the bench script.
         results: std::path::PathBuf,
     },
-    /// Redis memory per pending OTP: MEMORY USAGE of code keys plus their per-phone limit keys.
+    /// Redis memory per pending OTP (MEMORY USAGE of code keys), and of the per-phone limit keys.
     RedisMemory {
         #[arg(long)]
         url: String,
@@ -303,12 +303,12 @@ async fn redis_memory(url: &str, sample: usize, json: bool) -> anyhow::Result<()
                 "keys_sampled": keys.len(),
                 "code_key_bytes": code_avg,
                 "limit_key_bytes": limit_avg,
-                "bytes_per_pending_otp": code_avg + limit_avg,
+                "code_plus_limit_bytes": code_avg + limit_avg,
             })
         );
     } else {
         println!(
-            "{} pending OTPs sampled: code key {code_avg:.0} B + per-phone limit key {limit_avg:.0} B = {:.0} B per pending OTP",
+            "{} pending OTPs sampled: code key {code_avg:.0} B (the pending OTP); per-phone limit key {limit_avg:.0} B; together {:.0} B",
             keys.len(),
             code_avg + limit_avg
         );

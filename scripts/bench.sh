@@ -28,10 +28,8 @@ if [[ "$profile" == release ]]; then
     bin_dir=target/release
 fi
 
-command -v redis-server >/dev/null || {
-    echo "bench: redis-server is needed (apt-get install redis-server)" >&2
-    exit 1
-}
+# shellcheck source=scripts/ensure-redis.sh
+. scripts/ensure-redis.sh
 
 cargo build "${cargo_flags[@]}" --bin kabar --example loadgen
 kabar="$bin_dir/kabar"

@@ -23,25 +23,8 @@ if ! command -v cargo >/dev/null 2>&1; then
     exit 1
 fi
 
-if ! command -v redis-server >/dev/null 2>&1; then
-    if [[ "$(id -u)" -eq 0 ]] && command -v apt-get >/dev/null 2>&1; then
-        echo "scripts/test.sh: redis-server not found; installing it with apt-get" >&2
-        export DEBIAN_FRONTEND=noninteractive
-        apt-get update
-        apt-get install -y redis-server
-    else
-        echo "scripts/test.sh: redis-server not found on PATH." >&2
-        echo "The integration tests start their own redis-server; install the binary:" >&2
-        echo "    Debian/Ubuntu:  sudo apt-get install redis-server" >&2
-        echo "    macOS:          brew install redis" >&2
-        echo "(A running Redis service is not needed; each test starts a private one.)" >&2
-        exit 1
-    fi
-    if ! command -v redis-server >/dev/null 2>&1; then
-        echo "scripts/test.sh: redis-server is still not on PATH after apt-get install" >&2
-        exit 1
-    fi
-fi
+# shellcheck source=scripts/ensure-redis.sh
+. scripts/ensure-redis.sh
 REDIS_SERVER="$(command -v redis-server)"
 export REDIS_SERVER
 echo "scripts/test.sh: using $REDIS_SERVER ($("$REDIS_SERVER" --version))" >&2

@@ -7,7 +7,7 @@ use std::{collections::HashMap, net::SocketAddr, time::Duration};
 
 use secrecy::{ExposeSecret, SecretBox, SecretString};
 
-use crate::{phone, templates::TemplateRegistry, whatsapp::MetaClient};
+use crate::{phone, templates::TemplateRegistry};
 
 /// A configuration problem: which variable, and what it needs.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -398,9 +398,14 @@ impl Config {
             shutdown_delay,
             warnings,
         };
-        // Build the HTTP client once here so that a bad token format fails at start-up.
-        if let Some(meta) = &config.meta {
-            MetaClient::new(meta).map_err(|e| err("WHATSAPP_API_KEY", e))?;
+        // The token goes into a header: a character a header cannot carry fails here, at start-up.
+        if let Some(meta) = &config.meta
+            && reqwest::header::HeaderValue::from_str(meta.access_token.expose_secret()).is_err()
+        {
+            return Err(err(
+                "WHATSAPP_API_KEY",
+                "contains characters not allowed in an HTTP header",
+            ));
         }
         Ok(config)
     }

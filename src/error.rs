@@ -87,7 +87,9 @@ impl Error {
             Error::InvalidArgument(_) => Code::InvalidArgument,
             Error::Meta(f) => meta_code(f.kind),
             Error::MetaUnreachable(_) => Code::Unavailable,
-            Error::MetaOutcomeUnknown(_) => Code::Unavailable,
+            // Not UNAVAILABLE: gRPC retry policies resend UNAVAILABLE calls on their own, and this
+            // message may already have been delivered.
+            Error::MetaOutcomeUnknown(_) => Code::Unknown,
             Error::WhatsAppDisabled => Code::FailedPrecondition,
             Error::CountryNotAllowed(_) => Code::FailedPrecondition,
             Error::Limited { .. } => Code::ResourceExhausted,

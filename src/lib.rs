@@ -28,10 +28,10 @@ use tokio_util::sync::CancellationToken;
 use tonic_health::{ServingStatus, server::HealthReporter};
 
 use crate::{
-    config::{Config, DriverKind},
+    config::Config,
     notify::Notifier,
     otp::{MemoryStore, OtpService, RedisStore, Store},
-    whatsapp::{Driver, MetaClient},
+    whatsapp::Driver,
 };
 
 /// The generated `kabar.v1` API.
@@ -78,12 +78,7 @@ pub async fn run(
     tokio::task::spawn_blocking(phone::warm_up)
         .await
         .context("loading phone number metadata")?;
-    let driver = match (&config.driver, &config.meta) {
-        (DriverKind::Meta, Some(meta)) => {
-            Driver::Meta(MetaClient::new(meta).map_err(anyhow::Error::msg)?)
-        }
-        _ => Driver::Log,
-    };
+    let driver = Driver::from_config(&config).map_err(anyhow::Error::msg)?;
     let store = match &config.redis_url {
         Some(url) => Store::Redis(
             RedisStore::new(url.expose_secret(), config.redis_timeout)
@@ -192,7 +187,7 @@ pub async fn run(
         .add_service(reflection_v1alpha)
         .add_service(
             pb::notification_service_server::NotificationServiceServer::new(
-                grpc::NotificationGrpc::new(notifier, store.clone()),
+                grpc::NotificationGrpc::new(notifier, store.clone(), driver.longest_send()),
             ),
         )
         .add_service(pb::otp_service_server::OtpServiceServer::new(

@@ -4,9 +4,9 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use kabar::{
-    config::{Config, DriverKind},
+    config::Config,
     notify::{NotificationRequest, Notifier},
-    whatsapp::{Driver, MetaClient},
+    whatsapp::Driver,
 };
 use tokio_util::sync::CancellationToken;
 
@@ -120,12 +120,7 @@ async fn send_test(
     params: Vec<String>,
     language: String,
 ) -> anyhow::Result<()> {
-    let driver = match (&config.driver, &config.meta) {
-        (DriverKind::Meta, Some(meta)) => {
-            Driver::Meta(MetaClient::new(meta).map_err(anyhow::Error::msg)?)
-        }
-        _ => Driver::Log,
-    };
+    let driver = Driver::from_config(&config).map_err(anyhow::Error::msg)?;
     let notifier = Notifier::new(config.templates.clone(), driver, config.whatsapp_enabled);
     let mut named = std::collections::HashMap::new();
     for p in &params {

@@ -79,7 +79,8 @@ impl Notifier {
 
         let mut values: Vec<String> = Vec::new();
         if let Some(t) = template {
-            let expected = t.params.join(", ");
+            // Only error texts use the list: build it when one is written.
+            let expected = || t.params.join(", ");
             if !request.params.is_empty() && !request.positional_params.is_empty() {
                 violations.push(FieldViolation::new(
                     "positional_params",
@@ -90,9 +91,10 @@ impl Notifier {
                     violations.push(FieldViolation::new(
                         "positional_params",
                         format!(
-                            "template {} takes {} parameters ({expected}), got {}",
+                            "template {} takes {} parameters ({}), got {}",
                             t.key,
                             t.params.len(),
+                            expected(),
                             request.positional_params.len()
                         ),
                     ));
@@ -111,7 +113,7 @@ impl Notifier {
                     match request.params.get(name) {
                         None => violations.push(FieldViolation::new(
                             format!("params[{name}]"),
-                            format!("is required by template {} ({expected})", t.key),
+                            format!("is required by template {} ({})", t.key, expected()),
                         )),
                         Some(value) => {
                             if let Err(problem) = templates::check_param_text(value) {
@@ -131,7 +133,7 @@ impl Notifier {
                 for name in unknown {
                     violations.push(FieldViolation::new(
                         format!("params[{name}]"),
-                        format!("is not a parameter of template {} ({expected})", t.key),
+                        format!("is not a parameter of template {} ({})", t.key, expected()),
                     ));
                 }
             }

@@ -18,16 +18,6 @@ pub enum Category {
     Marketing,
 }
 
-impl Category {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Category::Utility => "UTILITY",
-            Category::Authentication => "AUTHENTICATION",
-            Category::Marketing => "MARKETING",
-        }
-    }
-}
-
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Template {
     /// Registry key the callers use, e.g. `invoice_notification`.

@@ -21,9 +21,6 @@ use crate::{
 
 /// How long an idempotency key remembers its answer.
 const IDEMPOTENCY_KEEP: Duration = Duration::from_secs(24 * 3600);
-/// How long a key stays locked by a call in progress: longer than any send with its retries
-/// (3 attempts of at most `KABAR_META_TIMEOUT_MS` = 30 s, plus backoff).
-const IDEMPOTENCY_LOCK: Duration = Duration::from_secs(120);
 
 /// The caller's deadline from the `grpc-timeout` header, if it sent one, less a small margin:
 /// kabar answers DEADLINE_EXCEEDED itself just before tonic's own timeout would cut the call off
@@ -74,12 +71,19 @@ pub struct NotificationGrpc {
 struct NotificationCore {
     notifier: Arc<Notifier>,
     store: store::Store,
+    /// How long a key stays locked by a call in progress: longer than the longest send.
+    idempotency_lock: Duration,
 }
 
 impl NotificationGrpc {
-    pub fn new(notifier: Arc<Notifier>, store: store::Store) -> Self {
+    /// `longest_send`: the most a send may take with its retries and its wait for a slot.
+    pub fn new(notifier: Arc<Notifier>, store: store::Store, longest_send: Duration) -> Self {
         NotificationGrpc {
-            core: Arc::new(NotificationCore { notifier, store }),
+            core: Arc::new(NotificationCore {
+                notifier,
+                store,
+                idempotency_lock: longest_send + Duration::from_secs(30),
+            }),
         }
     }
 }
@@ -123,9 +127,12 @@ impl NotificationCore {
             ));
         }
         let store_key = store::idempotency_key(key);
+        let mut random = [0u8; 16];
+        getrandom::fill(&mut random).expect("the OS random number generator is available");
+        let token = hex::encode(random);
         match self
             .store
-            .idempotency_begin(&store_key, IDEMPOTENCY_LOCK)
+            .idempotency_begin(&store_key, &token, self.idempotency_lock)
             .await
             .map_err(|e| Error::StoreUnavailable(e.0))?
         {
@@ -146,7 +153,12 @@ impl NotificationCore {
                 };
                 if let Err(e) = self
                     .store
-                    .idempotency_finish(&store_key, &response.encode_to_vec(), IDEMPOTENCY_KEEP)
+                    .idempotency_finish(
+                        &store_key,
+                        &token,
+                        &response.encode_to_vec(),
+                        IDEMPOTENCY_KEEP,
+                    )
                     .await
                 {
                     tracing::warn!(error = %e, "could not store the answer for an idempotency key");
@@ -164,7 +176,7 @@ impl NotificationCore {
             }
             Err(e) => {
                 // Nothing was sent: the caller may retry with the same key.
-                if let Err(e) = self.store.idempotency_abort(&store_key).await {
+                if let Err(e) = self.store.idempotency_abort(&store_key, &token).await {
                     tracing::warn!(error = %e, "could not release an idempotency key");
                 }
                 Err(e)

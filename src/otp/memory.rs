@@ -4,10 +4,10 @@
 use std::{
     collections::HashMap,
     sync::{Arc, Mutex, MutexGuard},
-    time::{Duration, SystemTime, UNIX_EPOCH},
+    time::Duration,
 };
 
-use super::store::{CodeHash, Gate, Idempotency, StoreError, Verdict};
+use super::store::{CodeHash, Gate, Idempotency, StoreError, Verdict, now_ms};
 
 enum Value {
     Limits {
@@ -20,7 +20,7 @@ enum Value {
         hash: CodeHash,
         attempts_left: u32,
     },
-    InProgress,
+    InProgress(String),
     Answer(Vec<u8>),
 }
 
@@ -32,12 +32,6 @@ struct Entry {
 #[derive(Clone, Default)]
 pub struct MemoryStore {
     entries: Arc<Mutex<HashMap<String, Entry>>>,
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }
 
 impl MemoryStore {
@@ -113,15 +107,20 @@ impl MemoryStore {
         })
     }
 
-    pub async fn release_cooldown(&self, key: &str, token: u64) -> Result<(), StoreError> {
+    pub async fn release(&self, key: &str, token: u64, uncount: bool) -> Result<(), StoreError> {
         let mut map = self.lock();
         if let Some(Entry {
-            value: Value::Limits { resend_at, .. },
+            value: Value::Limits {
+                count, resend_at, ..
+            },
             ..
         }) = Self::live(&mut map, key)
             && *resend_at == token
         {
             *resend_at = 0;
+            if uncount {
+                *count = count.saturating_sub(1);
+            }
         }
         Ok(())
     }
@@ -218,6 +217,7 @@ impl MemoryStore {
     pub async fn idempotency_begin(
         &self,
         key: &str,
+        token: &str,
         lock: Duration,
     ) -> Result<Idempotency, StoreError> {
         let mut map = self.lock();
@@ -231,7 +231,7 @@ impl MemoryStore {
                 map.insert(
                     key.to_owned(),
                     Entry {
-                        value: Value::InProgress,
+                        value: Value::InProgress(token.to_owned()),
                         expires_at_ms: now_ms() + lock.as_millis() as u64,
                     },
                 );
@@ -240,29 +240,36 @@ impl MemoryStore {
         }
     }
 
+    fn owned_by(map: &mut HashMap<String, Entry>, key: &str, token: &str) -> bool {
+        matches!(
+            Self::live(map, key),
+            Some(Entry { value: Value::InProgress(owner), .. }) if owner == token
+        )
+    }
+
     pub async fn idempotency_finish(
         &self,
         key: &str,
+        token: &str,
         answer: &[u8],
         keep: Duration,
     ) -> Result<(), StoreError> {
-        self.lock().insert(
-            key.to_owned(),
-            Entry {
-                value: Value::Answer(answer.to_vec()),
-                expires_at_ms: now_ms() + keep.as_millis() as u64,
-            },
-        );
+        let mut map = self.lock();
+        if Self::owned_by(&mut map, key, token) {
+            map.insert(
+                key.to_owned(),
+                Entry {
+                    value: Value::Answer(answer.to_vec()),
+                    expires_at_ms: now_ms() + keep.as_millis() as u64,
+                },
+            );
+        }
         Ok(())
     }
 
-    pub async fn idempotency_abort(&self, key: &str) -> Result<(), StoreError> {
+    pub async fn idempotency_abort(&self, key: &str, token: &str) -> Result<(), StoreError> {
         let mut map = self.lock();
-        if let Some(Entry {
-            value: Value::InProgress,
-            ..
-        }) = Self::live(&mut map, key)
-        {
+        if Self::owned_by(&mut map, key, token) {
             map.remove(key);
         }
         Ok(())
@@ -270,18 +277,5 @@ impl MemoryStore {
 
     pub async fn ping(&self) -> Result<(), StoreError> {
         Ok(())
-    }
-
-    /// Number of live entries (tests use it to check that nothing is left behind).
-    pub fn len(&self) -> usize {
-        let now = now_ms();
-        self.lock()
-            .values()
-            .filter(|e| e.expires_at_ms > now)
-            .count()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 }

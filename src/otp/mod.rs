@@ -18,7 +18,7 @@ use std::{
     collections::HashMap,
     net::IpAddr,
     sync::Arc,
-    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+    time::{Duration, Instant},
 };
 
 use hmac::{Hmac, Mac};
@@ -28,6 +28,7 @@ use tonic_types::FieldViolation;
 
 pub use memory::MemoryStore;
 pub use redis_store::RedisStore;
+use store::now_ms;
 pub use store::{CodeHash, Gate, Store, StoreError, Verdict};
 
 use crate::{
@@ -111,10 +112,6 @@ impl OtpService {
         }
     }
 
-    pub fn store(&self) -> &Store {
-        &self.store
-    }
-
     /// `SendOtp`: a new code for (purpose, phone), replacing any earlier one.
     pub async fn send(
         &self,
@@ -182,7 +179,7 @@ impl OtpService {
             let gate = self
                 .store
                 .gate(
-                    &store::ip_key(&ip.to_string()),
+                    &store::ip_key(&ip),
                     now,
                     Duration::ZERO,
                     self.max_sends_per_ip_per_hour,
@@ -192,12 +189,12 @@ impl OtpService {
             let gate = match gate {
                 Ok(gate) => gate,
                 Err(e) => {
-                    self.release(&limits_key, resend_at_ms).await;
+                    self.release(&limits_key, resend_at_ms, true).await;
                     return Err(unavailable(e));
                 }
             };
             if let Gate::Cooldown(wait) | Gate::CapReached(wait) = gate {
-                self.release(&limits_key, resend_at_ms).await;
+                self.release(&limits_key, resend_at_ms, true).await;
                 tracing::warn!(client_ip = %ip, "OTP per-IP hourly cap reached");
                 return Err(limited(
                     "OTP_IP_HOURLY_LIMIT",
@@ -226,7 +223,7 @@ impl OtpService {
                 match allowed {
                     Ok(true) => {}
                     Ok(false) => {
-                        self.release(&limits_key, resend_at_ms).await;
+                        self.release(&limits_key, resend_at_ms, true).await;
                         tracing::error!(
                             daily_limit = self.daily_limit,
                             "OTP DAILY LIMIT REACHED: no more OTP messages are sent today \
@@ -240,7 +237,7 @@ impl OtpService {
                         ));
                     }
                     Err(e) => {
-                        self.release(&limits_key, resend_at_ms).await;
+                        self.release(&limits_key, resend_at_ms, true).await;
                         return Err(unavailable(e));
                     }
                 }
@@ -255,7 +252,7 @@ impl OtpService {
             .put_code(&code_key, &hash, self.max_attempts, self.ttl)
             .await
         {
-            self.release(&limits_key, resend_at_ms).await;
+            self.release(&limits_key, resend_at_ms, true).await;
             return Err(unavailable(e));
         }
         let sent = OtpSent {
@@ -287,22 +284,22 @@ impl OtpService {
             }
             Err(e) => {
                 // The customer never saw this code: drop it and let them ask again at once.
-                // The send still counted toward the hourly caps.
+                // The send still counts toward the hourly caps: Meta was asked.
                 if let Err(e) = self.store.discard_code(&code_key, &hash).await {
                     tracing::warn!(error = %e, "could not discard an undelivered OTP code");
                 }
-                self.release(&limits_key, resend_at_ms).await;
+                self.release(&limits_key, resend_at_ms, false).await;
                 Err(e.into())
             }
         }
     }
 
-    async fn release(&self, limits_key: &str, resend_at_ms: u64) {
-        if resend_at_ms == 0 {
-            return;
-        }
-        if let Err(e) = self.store.release_cooldown(limits_key, resend_at_ms).await {
-            tracing::warn!(error = %e, "could not lift the resend cooldown after a failed send");
+    /// Undoes the phone gate for a send that did not happen. With `uncount` (nothing reached
+    /// Meta) the send also leaves the hourly count: otherwise anyone already refused by the per-IP
+    /// or daily cap could use up a victim's hourly allowance for free.
+    async fn release(&self, limits_key: &str, resend_at_ms: u64, uncount: bool) {
+        if let Err(e) = self.store.release(limits_key, resend_at_ms, uncount).await {
+            tracing::warn!(error = %e, "could not undo the send limits after a failed send");
         }
     }
 
@@ -367,12 +364,6 @@ fn unavailable(e: StoreError) -> Error {
     Error::StoreUnavailable(e.0)
 }
 
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
-
 /// `login` when empty; otherwise 1 to 32 of `a-z 0-9 _ -`.
 pub fn parse_purpose(purpose: &str) -> Result<&str, String> {
     if purpose.is_empty() {
@@ -389,13 +380,23 @@ pub fn parse_purpose(purpose: &str) -> Result<&str, String> {
     }
 }
 
-fn parse_client_ip(ip: &str) -> Result<Option<IpAddr>, String> {
+/// The client the per-IP cap counts: an IPv4 address, or the /64 network of an IPv6 address
+/// (one subscriber line gets a whole /64 and can rotate through it freely).
+fn parse_client_ip(ip: &str) -> Result<Option<String>, String> {
     if ip.is_empty() {
         return Ok(None);
     }
-    ip.parse::<IpAddr>()
-        .map(|ip| Some(ip.to_canonical()))
-        .map_err(|_| "must be an IPv4 or IPv6 address such as 203.0.113.7".to_owned())
+    match ip.parse::<IpAddr>().map(|ip| ip.to_canonical()) {
+        Ok(IpAddr::V4(v4)) => Ok(Some(v4.to_string())),
+        Ok(IpAddr::V6(v6)) => {
+            let s = v6.segments();
+            Ok(Some(format!(
+                "{:x}:{:x}:{:x}:{:x}::/64",
+                s[0], s[1], s[2], s[3]
+            )))
+        }
+        Err(_) => Err("must be an IPv4 or IPv6 address such as 203.0.113.7".to_owned()),
+    }
 }
 
 /// `length` decimal digits, each drawn uniformly: bytes of 250 and above are rejected so that

@@ -30,12 +30,16 @@ redis.call('PEXPIREAT', KEYS[1], string.format('%.0f', math.max(w, r)))
 return {0, r}
 "#;
 
+/// Undoes what GATE did for a send that did not happen: lifts its cooldown and, when asked,
+/// takes the send back off the count. ARGV[1] identifies the send (its resend-at time).
 const RELEASE: &str = r#"
-if redis.call('HGET', KEYS[1], 'r') == ARGV[1] then
-  redis.call('HSET', KEYS[1], 'r', '0')
-  return 1
+if redis.call('HGET', KEYS[1], 'r') ~= ARGV[1] then return 0 end
+redis.call('HSET', KEYS[1], 'r', '0')
+if ARGV[2] == '1' then
+  local n = tonumber(redis.call('HGET', KEYS[1], 'n')) or 0
+  if n > 0 then redis.call('HSET', KEYS[1], 'n', n - 1) end
 end
-return 0
+return 1
 "#;
 
 const DAILY: &str = r#"
@@ -71,16 +75,24 @@ end
 return 0
 "#;
 
-/// 'p' marks a call in progress; a finished answer is stored as 'd' followed by its bytes.
+/// 'p' and the owner's token mark a call in progress; a finished answer is stored as 'd'
+/// followed by its bytes. Only the owner of the lock may finish or abort it: a call that outlived
+/// its lock must not free or overwrite the next owner's.
 const IDEMPOTENCY_BEGIN: &str = r#"
-if redis.call('SET', KEYS[1], 'p', 'NX', 'PX', ARGV[1]) then return {0} end
+if redis.call('SET', KEYS[1], 'p' .. ARGV[2], 'NX', 'PX', ARGV[1]) then return {0} end
 local v = redis.call('GET', KEYS[1])
-if (not v) or v == 'p' then return {1} end
+if (not v) or string.sub(v, 1, 1) == 'p' then return {1} end
 return {2, string.sub(v, 2)}
 "#;
 
+const IDEMPOTENCY_FINISH: &str = r#"
+if redis.call('GET', KEYS[1]) ~= 'p' .. ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], 'd' .. ARGV[2], 'PX', ARGV[3])
+return 1
+"#;
+
 const IDEMPOTENCY_ABORT: &str = r#"
-if redis.call('GET', KEYS[1]) == 'p' then redis.call('DEL', KEYS[1]) end
+if redis.call('GET', KEYS[1]) == 'p' .. ARGV[1] then redis.call('DEL', KEYS[1]) end
 return 0
 "#;
 
@@ -91,6 +103,7 @@ struct Scripts {
     verify: Script,
     discard: Script,
     idempotency_begin: Script,
+    idempotency_finish: Script,
     idempotency_abort: Script,
 }
 
@@ -122,6 +135,7 @@ impl RedisStore {
                 verify: Script::new(VERIFY),
                 discard: Script::new(DISCARD),
                 idempotency_begin: Script::new(IDEMPOTENCY_BEGIN),
+                idempotency_finish: Script::new(IDEMPOTENCY_FINISH),
                 idempotency_abort: Script::new(IDEMPOTENCY_ABORT),
             }),
             timeout,
@@ -172,7 +186,12 @@ impl RedisStore {
         })
     }
 
-    pub async fn release_cooldown(&self, key: &str, resend_at_ms: u64) -> Result<(), StoreError> {
+    pub async fn release(
+        &self,
+        key: &str,
+        resend_at_ms: u64,
+        uncount: bool,
+    ) -> Result<(), StoreError> {
         let mut con = self.connection.clone();
         let _: i64 = self
             .bounded(
@@ -180,6 +199,7 @@ impl RedisStore {
                     .release
                     .key(key)
                     .arg(resend_at_ms.to_string())
+                    .arg(if uncount { "1" } else { "0" })
                     .invoke_async(&mut con),
             )
             .await?;
@@ -261,6 +281,7 @@ impl RedisStore {
     pub async fn idempotency_begin(
         &self,
         key: &str,
+        token: &str,
         lock: Duration,
     ) -> Result<Idempotency, StoreError> {
         let mut con = self.connection.clone();
@@ -270,6 +291,7 @@ impl RedisStore {
                     .idempotency_begin
                     .key(key)
                     .arg(lock.as_millis() as u64)
+                    .arg(token)
                     .invoke_async(&mut con),
             )
             .await?;
@@ -285,26 +307,33 @@ impl RedisStore {
     pub async fn idempotency_finish(
         &self,
         key: &str,
+        token: &str,
         answer: &[u8],
         keep: Duration,
     ) -> Result<(), StoreError> {
-        let mut value = Vec::with_capacity(answer.len() + 1);
-        value.push(b'd');
-        value.extend_from_slice(answer);
         let mut con = self.connection.clone();
-        let options = redis::SetOptions::default()
-            .with_expiration(redis::SetExpiry::PX(keep.as_millis() as u64));
-        self.bounded(con.set_options::<_, _, ()>(key, value, options))
-            .await
+        let _: i64 = self
+            .bounded(
+                self.scripts
+                    .idempotency_finish
+                    .key(key)
+                    .arg(token)
+                    .arg(answer)
+                    .arg(keep.as_millis() as u64)
+                    .invoke_async(&mut con),
+            )
+            .await?;
+        Ok(())
     }
 
-    pub async fn idempotency_abort(&self, key: &str) -> Result<(), StoreError> {
+    pub async fn idempotency_abort(&self, key: &str, token: &str) -> Result<(), StoreError> {
         let mut con = self.connection.clone();
         let _: i64 = self
             .bounded(
                 self.scripts
                     .idempotency_abort
                     .key(key)
+                    .arg(token)
                     .invoke_async(&mut con),
             )
             .await?;

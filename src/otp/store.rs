@@ -30,6 +30,13 @@ pub(crate) fn idempotency_key(key: &str) -> String {
 }
 
 pub const HASH_LEN: usize = 32;
+
+/// Wall-clock milliseconds since the Unix epoch: the time base of windows, cooldowns and expiry.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
 pub type CodeHash = [u8; HASH_LEN];
 
 /// The answer of a counter gate.
@@ -95,9 +102,15 @@ impl Store {
         dispatch!(self, s => s.gate(key, now_ms, resend, max, window).await)
     }
 
-    /// Ends the cooldown started by the send identified by `resend_at_ms` (when Meta refused it).
-    pub async fn release_cooldown(&self, key: &str, resend_at_ms: u64) -> Result<(), StoreError> {
-        dispatch!(self, s => s.release_cooldown(key, resend_at_ms).await)
+    /// Undoes the gate for the send identified by `resend_at_ms`: lifts its cooldown and, with
+    /// `uncount`, takes it back off the window's count (when nothing was sent at all).
+    pub async fn release(
+        &self,
+        key: &str,
+        resend_at_ms: u64,
+        uncount: bool,
+    ) -> Result<(), StoreError> {
+        dispatch!(self, s => s.release(key, resend_at_ms, uncount).await)
     }
 
     /// Counts one message against a global daily cap; `false` once `limit` is passed.
@@ -131,25 +144,30 @@ impl Store {
         dispatch!(self, s => s.verify(key, hash).await)
     }
 
+    /// Takes the key for a call (identified by `token`) unless it is taken or answered.
     pub async fn idempotency_begin(
         &self,
         key: &str,
+        token: &str,
         lock: Duration,
     ) -> Result<Idempotency, StoreError> {
-        dispatch!(self, s => s.idempotency_begin(key, lock).await)
+        dispatch!(self, s => s.idempotency_begin(key, token, lock).await)
     }
 
+    /// Stores the answer, if `token` still owns the key.
     pub async fn idempotency_finish(
         &self,
         key: &str,
+        token: &str,
         answer: &[u8],
         keep: Duration,
     ) -> Result<(), StoreError> {
-        dispatch!(self, s => s.idempotency_finish(key, answer, keep).await)
+        dispatch!(self, s => s.idempotency_finish(key, token, answer, keep).await)
     }
 
-    pub async fn idempotency_abort(&self, key: &str) -> Result<(), StoreError> {
-        dispatch!(self, s => s.idempotency_abort(key).await)
+    /// Frees the key, if `token` still owns it.
+    pub async fn idempotency_abort(&self, key: &str, token: &str) -> Result<(), StoreError> {
+        dispatch!(self, s => s.idempotency_abort(key, token).await)
     }
 
     /// Whether the store answers now.

@@ -303,21 +303,21 @@ pub fn classify(
                 Unavailable,
                 "META_UNKNOWN_ERROR",
                 true,
-                None,
+                Some(Duration::from_secs(5)),
                 "Meta failed with an unknown error: retry later".to_owned(),
             ),
             131016 => (
                 Unavailable,
                 "META_SERVICE_UNAVAILABLE",
                 true,
-                None,
+                Some(Duration::from_secs(5)),
                 "Meta's service is temporarily unavailable: retry later".to_owned(),
             ),
             131057 => (
                 Unavailable,
                 "META_ACCOUNT_MAINTENANCE",
                 true,
-                None,
+                Some(Duration::from_secs(60)),
                 "the business account is in maintenance (often a throughput upgrade): retry in \
                  a few minutes"
                     .to_owned(),
@@ -326,7 +326,7 @@ pub fn classify(
                 Unavailable,
                 "META_SERVER_ERROR",
                 true,
-                None,
+                Some(Duration::from_secs(5)),
                 format!("Meta answered HTTP {http_status}: retry later"),
             ),
             _ if http_status == 429 => (

@@ -111,6 +111,14 @@ impl MetaClient {
         })
     }
 
+    /// The longest a send can take: the wait for a slot, every attempt at its timeout, and the
+    /// backoffs between them.
+    pub fn longest_send(&self) -> Duration {
+        let inner = &*self.inner;
+        inner.request_timeout * (inner.max_attempts + 1)
+            + inner.retry_base * (1 << inner.max_attempts.min(16))
+    }
+
     /// Sends a template message. Retries only failures Meta calls temporary and connections that
     /// failed before the request was sent: a request that timed out after being sent may have
     /// been delivered, and a second copy would cost the ISP and confuse the customer.
@@ -124,7 +132,13 @@ impl MetaClient {
             Some(d) => tokio::time::timeout_at(d.into(), inner.in_flight.acquire())
                 .await
                 .map_err(|_| SendError::DeadlineExceeded { sent: false })?,
-            None => inner.in_flight.acquire().await,
+            None => tokio::time::timeout(inner.request_timeout, inner.in_flight.acquire())
+                .await
+                .map_err(|_| {
+                    SendError::Unreachable(
+                        "every send slot to Meta (KABAR_META_MAX_IN_FLIGHT) stayed busy".into(),
+                    )
+                })?,
         }
         .expect("the in-flight semaphore is never closed");
         let body = bytes_of(message);

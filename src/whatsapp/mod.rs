@@ -177,6 +177,24 @@ pub enum Driver {
 }
 
 impl Driver {
+    /// The driver the configuration asks for.
+    pub fn from_config(config: &crate::config::Config) -> Result<Self, String> {
+        match (&config.driver, &config.meta) {
+            (crate::config::DriverKind::Meta, Some(meta)) => {
+                Ok(Driver::Meta(MetaClient::new(meta)?))
+            }
+            _ => Ok(Driver::Log),
+        }
+    }
+
+    /// The longest one send may take (the `log` driver answers at once).
+    pub fn longest_send(&self) -> std::time::Duration {
+        match self {
+            Driver::Meta(client) => client.longest_send(),
+            Driver::Log => std::time::Duration::ZERO,
+        }
+    }
+
     /// Sends one template message, retrying what is retryable, never past `deadline`.
     pub async fn send(
         &self,

@@ -302,14 +302,9 @@ async fn template_not_approved_names_template_and_language() {
 async fn the_real_rate_limit_sample_body_is_understood() {
     let meta = FakeMeta::start().await;
     let app = TestApp::start(meta_vars(&meta)).await;
-    let sample: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(
-            std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-                .join("../shared/meta/samples/error_130429_rate_limit.json"),
-        )
-        .unwrap_or_else(|_| crate::support::meta_error_body(130429, "Rate limit hit").to_string()),
-    )
-    .unwrap();
+    // Meta's own sample body (shared/meta/samples), kept as a fixture.
+    let sample: serde_json::Value =
+        serde_json::from_str(include_str!("../fixtures/error_130429_rate_limit.json")).unwrap();
     for _ in 0..3 {
         meta.push(Reply {
             status: 429,
@@ -420,8 +415,11 @@ async fn meta_unreachable_is_unavailable_after_three_connection_attempts() {
     drop(listener);
     let meta = FakeMeta::start().await;
     let mut vars = meta_vars(&meta);
-    vars.retain(|(k, _)| k != "META_GRAPH_API_URL");
+    vars.retain(|(k, _)| k != "META_GRAPH_API_URL" && k != "KABAR_META_RETRY_BASE_MS");
     vars.push(("META_GRAPH_API_URL".into(), format!("http://{addr}")));
+    // Backoffs of 50..100 ms then 100..200 ms: three attempts take at least 150 ms, two at most
+    // about 100 ms plus the call itself.
+    vars.push(("KABAR_META_RETRY_BASE_MS".into(), "100".into()));
     let app = TestApp::start(vars).await;
     let start = Instant::now();
     let status = app
@@ -431,14 +429,32 @@ async fn meta_unreachable_is_unavailable_after_three_connection_attempts() {
         .unwrap_err();
     assert_eq!(status.code(), Code::Unavailable, "{status:?}");
     assert_eq!(error_info(&status).unwrap().0, "META_UNREACHABLE");
-    // Two backoffs of at least 10 ms and 20 ms were waited.
-    assert!(start.elapsed() >= Duration::from_millis(30));
+    let elapsed = start.elapsed();
+    assert!(
+        elapsed >= Duration::from_millis(150),
+        "two backoffs: {elapsed:?}"
+    );
+    assert!(elapsed < Duration::from_millis(1000), "{elapsed:?}");
 }
 
 #[tokio::test]
-async fn an_unreadable_success_is_outcome_unknown_and_keeps_the_idempotency_key() {
+async fn an_unreadable_success_is_outcome_unknown_and_keeps_the_idempotency_key_in_memory() {
+    an_unreadable_success_is_outcome_unknown_and_keeps_the_idempotency_key(None).await;
+}
+
+#[tokio::test]
+async fn an_unreadable_success_is_outcome_unknown_and_keeps_the_idempotency_key_on_redis() {
+    let redis = crate::support::RedisServer::start();
+    an_unreadable_success_is_outcome_unknown_and_keeps_the_idempotency_key(Some(&redis)).await;
+}
+
+async fn an_unreadable_success_is_outcome_unknown_and_keeps_the_idempotency_key(
+    redis: Option<&crate::support::RedisServer>,
+) {
     let meta = FakeMeta::start().await;
-    let app = TestApp::start(meta_vars(&meta)).await;
+    let mut vars = meta_vars(&meta);
+    vars.extend(crate::support::store_vars(redis));
+    let app = TestApp::start(vars).await;
     let mut client = app.notifications();
     meta.push(Reply {
         status: 200,
@@ -450,7 +466,7 @@ async fn an_unreadable_success_is_outcome_unknown_and_keeps_the_idempotency_key(
         ..invoice_request()
     };
     let status = client.send_template(request.clone()).await.unwrap_err();
-    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert_eq!(status.code(), Code::Unknown, "{status:?}");
     assert_eq!(error_info(&status).unwrap().0, "META_OUTCOME_UNKNOWN");
     assert_eq!(meta.count(), 1, "not retried: it may have been delivered");
     // The message may have gone out: the same key does not send a second copy.

@@ -125,6 +125,7 @@ both_stores!(
     a_resend_invalidates_the_previous_code,
     cooldown_and_hourly_cap_answer_with_the_wait,
     per_ip_cap,
+    ip_refusals_do_not_lock_out_the_number,
     expired_code,
     purpose_isolation,
     allowed_countries,
@@ -308,6 +309,52 @@ async fn per_ip_cap(backend: Backend) {
         .await
         .unwrap();
     assert_eq!(env.meta.count(), 3);
+
+    // The refusals by IP left the numbers untouched: no cooldown, nothing counted.
+    env.send_from("081200000003", "login", "198.51.100.2")
+        .await
+        .expect("no cooldown from the refused send");
+
+    // IPv6: one subscriber's /64 is one client, whatever address in it they use.
+    env.send_from("081200000006", "login", "2001:db8:1:2::10")
+        .await
+        .unwrap();
+    env.send_from("081200000007", "login", "2001:db8:1:2:ffff::99")
+        .await
+        .unwrap();
+    let status = env
+        .send_from("081200000008", "login", "2001:db8:1:2:abcd::1")
+        .await
+        .unwrap_err();
+    assert_limited(&status, "OTP_IP_HOURLY_LIMIT", 3590..=3600);
+    env.send_from("081200000008", "login", "2001:db8:1:3::1")
+        .await
+        .expect("another /64 is another client");
+}
+
+/// A caller already refused by the per-IP cap cannot use up someone else's hourly allowance.
+async fn ip_refusals_do_not_lock_out_the_number(backend: Backend) {
+    let env = Env::start(
+        backend,
+        &[
+            ("KABAR_OTP_MAX_SENDS_PER_IP_PER_HOUR", "1"),
+            ("KABAR_OTP_MAX_SENDS_PER_HOUR", "2"),
+        ],
+    )
+    .await;
+    env.send_from("081200000001", "login", "203.0.113.9")
+        .await
+        .unwrap();
+    for _ in 0..5 {
+        let status = env
+            .send_from(PHONE, "login", "203.0.113.9")
+            .await
+            .unwrap_err();
+        assert_limited(&status, "OTP_IP_HOURLY_LIMIT", 3590..=3600);
+    }
+    env.send_from(PHONE, "login", "198.51.100.7")
+        .await
+        .expect("the victim's number still has its allowance");
 }
 
 async fn expired_code(backend: Backend) {
@@ -412,7 +459,7 @@ async fn an_uncertain_send_keeps_the_code_and_the_cooldown(backend: Backend) {
         delay: Duration::ZERO,
     });
     let status = env.send(PHONE, "login").await.unwrap_err();
-    assert_eq!(status.code(), Code::Unavailable);
+    assert_eq!(status.code(), Code::Unknown);
     assert_eq!(error_info(&status).unwrap().0, "META_OUTCOME_UNKNOWN");
     let code = env.last_code();
     let status = env.send(PHONE, "login").await.unwrap_err();
@@ -534,45 +581,21 @@ async fn redis_holds_only_keyed_hashes_with_bounded_ttls() {
     let mut code_keys = 0;
     for key in &keys {
         let key_text = String::from_utf8_lossy(key).into_owned();
-        let kind: String = redis::cmd("TYPE")
-            .arg(key)
-            .query_async(&mut con)
-            .await
-            .unwrap();
-        let mut blobs: Vec<Vec<u8>> = vec![key.clone()];
-        match kind.as_str() {
-            "string" => blobs.push(
-                redis::cmd("GET")
-                    .arg(key)
-                    .query_async(&mut con)
-                    .await
-                    .unwrap(),
-            ),
-            "hash" => blobs.extend(
-                redis::cmd("HGETALL")
-                    .arg(key)
-                    .query_async::<Vec<Vec<u8>>>(&mut con)
-                    .await
-                    .unwrap(),
-            ),
-            other => panic!("unexpected type {other} for {key_text}"),
-        }
-        for code in &codes {
-            for blob in &blobs {
-                assert!(
-                    !blob.windows(code.len()).any(|w| w == code.as_bytes()),
-                    "{key_text} contains a code"
-                );
-            }
-        }
         let ttl: i64 = redis::cmd("PTTL")
             .arg(key)
             .query_async(&mut con)
             .await
             .unwrap();
         assert!(ttl > 0, "{key_text} has no TTL");
+        let kind: String = redis::cmd("TYPE")
+            .arg(key)
+            .query_async(&mut con)
+            .await
+            .unwrap();
         if key_text.starts_with("kabar:otp:{") {
+            // A code key: its name holds the phone and purpose, its value the HMAC and attempts.
             code_keys += 1;
+            assert_eq!(kind, "string", "{key_text}");
             assert!(ttl <= 300_000, "{key_text}: TTL {ttl} ms");
             assert!(
                 key_text.ends_with("}:login") || key_text.ends_with("}:reset"),
@@ -584,8 +607,61 @@ async fn redis_holds_only_keyed_hashes_with_bounded_ttls() {
                 .await
                 .unwrap();
             assert_eq!(value.len(), 33, "32-byte HMAC and one attempts byte");
+            for code in &codes {
+                assert!(
+                    !value.windows(code.len()).any(|w| w == code.as_bytes()),
+                    "{key_text} holds a code"
+                );
+            }
         } else {
+            // Rate-limit keys: counters and times only, in known fields.
+            assert!(
+                key_text.starts_with("kabar:otp-limit:{")
+                    || key_text.starts_with("kabar:otp-ip:{")
+                    || key_text.starts_with("kabar:otp-daily:{"),
+                "unexpected key {key_text}"
+            );
             assert!(ttl <= 86_400_000 * 2, "{key_text}: TTL {ttl} ms");
+            let values: Vec<String> = match kind.as_str() {
+                "hash" => {
+                    let map: std::collections::HashMap<String, String> = redis::cmd("HGETALL")
+                        .arg(key)
+                        .query_async(&mut con)
+                        .await
+                        .unwrap();
+                    let mut fields: Vec<&str> = map.keys().map(String::as_str).collect();
+                    fields.sort_unstable();
+                    assert_eq!(fields, ["n", "r", "w"], "{key_text}");
+                    map.into_values().collect()
+                }
+                "string" => vec![
+                    redis::cmd("GET")
+                        .arg(key)
+                        .query_async(&mut con)
+                        .await
+                        .unwrap(),
+                ],
+                other => panic!("unexpected type {other} for {key_text}"),
+            };
+            for v in values {
+                assert!(
+                    v.parse::<u64>().is_ok(),
+                    "{key_text}: {v:?} is not a number"
+                );
+            }
+        }
+        // No key name carries a code either (names hold a phone, an IP or a day number).
+        for code in &codes {
+            let phone_free = key_text
+                .split(['{', '}'])
+                .enumerate()
+                .filter(|(i, _)| i % 2 == 0)
+                .map(|(_, part)| part)
+                .collect::<String>();
+            assert!(
+                !phone_free.contains(code.as_str()),
+                "{key_text} names a code"
+            );
         }
     }
     assert_eq!(code_keys, 7);

@@ -420,9 +420,23 @@ async fn whatsapp_disabled_refuses_with_failed_precondition() {
 }
 
 #[tokio::test]
-async fn idempotency_key_sends_once_and_replays_the_answer() {
+async fn idempotency_key_sends_once_and_replays_the_answer_in_memory() {
+    idempotency_key_sends_once_and_replays_the_answer(None).await;
+}
+
+#[tokio::test]
+async fn idempotency_key_sends_once_and_replays_the_answer_on_redis() {
+    let redis = crate::support::RedisServer::start();
+    idempotency_key_sends_once_and_replays_the_answer(Some(&redis)).await;
+}
+
+async fn idempotency_key_sends_once_and_replays_the_answer(
+    redis: Option<&crate::support::RedisServer>,
+) {
     let meta = FakeMeta::start().await;
-    let app = TestApp::start(meta_vars(&meta)).await;
+    let mut vars = meta_vars(&meta);
+    vars.extend(crate::support::store_vars(redis));
+    let app = TestApp::start(vars).await;
     let mut client = app.notifications();
     let request = SendTemplateRequest {
         idempotency_key: "invoice-INV/2026/11/0042".into(),

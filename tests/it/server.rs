@@ -59,6 +59,33 @@ async fn defaults_serve_health_and_reflection() {
             "{expected} in {names:?}"
         );
     }
+
+    // v1alpha, which older grpcurl and many tools still use, serves the same.
+    use tonic_reflection::pb::v1alpha as alpha;
+    let mut reflection =
+        alpha::server_reflection_client::ServerReflectionClient::new(app.channel.clone());
+    let request = alpha::ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(
+            alpha::server_reflection_request::MessageRequest::ListServices(String::new()),
+        ),
+    };
+    let mut responses = reflection
+        .server_reflection_info(tokio_stream::iter([request]))
+        .await
+        .expect("v1alpha reflection answers")
+        .into_inner();
+    let response = responses.next().await.expect("one answer").expect("ok");
+    let Some(alpha::server_reflection_response::MessageResponse::ListServicesResponse(list)) =
+        response.message_response
+    else {
+        panic!("unexpected reflection answer");
+    };
+    assert!(
+        list.service
+            .iter()
+            .any(|s| s.name == "kabar.v1.NotificationService")
+    );
 }
 
 #[tokio::test]

@@ -300,6 +300,20 @@ pub fn meta_vars(meta: &FakeMeta) -> Vec<(String, String)> {
     ]
 }
 
+/// Variables that put kabar's store on `redis` (or leave it in-process for `None`).
+pub fn store_vars(redis: Option<&RedisServer>) -> Vec<(String, String)> {
+    match redis {
+        Some(redis) => vec![
+            ("REDIS_URL".into(), redis.url()),
+            (
+                "KABAR_OTP_SECRET".into(),
+                "test-otp-secret-0123456789abcdef-0123".into(),
+            ),
+        ],
+        None => Vec::new(),
+    }
+}
+
 pub fn vars(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
     pairs
         .iter()
