@@ -9,6 +9,7 @@ pub mod config;
 pub mod error;
 pub mod grpc;
 pub mod http;
+pub mod metrics;
 pub mod notify;
 pub mod otp;
 pub mod phone;
@@ -104,7 +105,9 @@ pub async fn run(
         config.whatsapp_enabled,
     ));
 
+    let metrics = Arc::new(metrics::Metrics::default());
     let readiness = Arc::new(http::Readiness {
+        metrics: metrics.clone(),
         shutting_down: false.into(),
         store_reachable: true.into(),
         store_kind: if store.is_redis() { "redis" } else { "memory" },
@@ -187,11 +190,16 @@ pub async fn run(
         .add_service(reflection_v1alpha)
         .add_service(
             pb::notification_service_server::NotificationServiceServer::new(
-                grpc::NotificationGrpc::new(notifier, store.clone(), driver.longest_send()),
+                grpc::NotificationGrpc::new(
+                    notifier,
+                    store.clone(),
+                    driver.longest_send(),
+                    metrics.clone(),
+                ),
             ),
         )
         .add_service(pb::otp_service_server::OtpServiceServer::new(
-            grpc::OtpGrpc::new(otp),
+            grpc::OtpGrpc::new(otp, metrics),
         ))
         .serve_with_incoming_shutdown(
             tonic::transport::server::TcpIncoming::from(listeners.grpc).with_nodelay(Some(true)),

@@ -11,6 +11,7 @@ use tonic::{Code, Request, Response, Status, metadata::MetadataMap};
 
 use crate::{
     error::Error,
+    metrics::{Method, Metrics},
     notify::{NotificationRequest, Notifier},
     otp::{OtpService, Verdict, store},
     pb::{
@@ -45,8 +46,16 @@ pub fn deadline(metadata: &MetadataMap, start: Instant) -> Option<Instant> {
     start.checked_add(timeout - margin)
 }
 
-fn log_call(method: &'static str, start: Instant, outcome: Result<&str, &Error>) {
-    let elapsed_ms = start.elapsed().as_secs_f64() * 1000.0;
+/// Counts the call and writes its one log line.
+fn log_call(metrics: &Metrics, method: Method, start: Instant, outcome: Result<&str, &Error>) {
+    let elapsed = start.elapsed();
+    metrics.record(
+        method,
+        outcome.map_or_else(Error::code, |_| Code::Ok),
+        elapsed,
+    );
+    let elapsed_ms = elapsed.as_secs_f64() * 1000.0;
+    let method = method.name();
     match outcome {
         Ok(detail) => tracing::info!(method, code = "OK", elapsed_ms, detail, "call done"),
         Err(e) => {
@@ -66,6 +75,7 @@ fn log_call(method: &'static str, start: Instant, outcome: Result<&str, &Error>)
 
 pub struct NotificationGrpc {
     core: Arc<NotificationCore>,
+    metrics: Arc<Metrics>,
 }
 
 struct NotificationCore {
@@ -77,8 +87,14 @@ struct NotificationCore {
 
 impl NotificationGrpc {
     /// `longest_send`: the most a send may take with its retries and its wait for a slot.
-    pub fn new(notifier: Arc<Notifier>, store: store::Store, longest_send: Duration) -> Self {
+    pub fn new(
+        notifier: Arc<Notifier>,
+        store: store::Store,
+        longest_send: Duration,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         NotificationGrpc {
+            metrics,
             core: Arc::new(NotificationCore {
                 notifier,
                 store,
@@ -202,10 +218,12 @@ impl pb::notification_service_server::NotificationService for NotificationGrpc {
         .await?;
         match result {
             Ok(response) => {
+                let elapsed = start.elapsed();
+                self.metrics.record(Method::SendTemplate, Code::Ok, elapsed);
                 tracing::info!(
                     method = "SendTemplate",
                     code = "OK",
-                    elapsed_ms = start.elapsed().as_secs_f64() * 1000.0,
+                    elapsed_ms = elapsed.as_secs_f64() * 1000.0,
                     template = %request.template,
                     to = %response.phone,
                     reference = %request.reference,
@@ -215,7 +233,7 @@ impl pb::notification_service_server::NotificationService for NotificationGrpc {
                 Ok(Response::new(response))
             }
             Err(e) => {
-                log_call("SendTemplate", start, Err(&e));
+                log_call(&self.metrics, Method::SendTemplate, start, Err(&e));
                 Err(e.into())
             }
         }
@@ -224,11 +242,12 @@ impl pb::notification_service_server::NotificationService for NotificationGrpc {
 
 pub struct OtpGrpc {
     otp: Arc<OtpService>,
+    metrics: Arc<Metrics>,
 }
 
 impl OtpGrpc {
-    pub fn new(otp: Arc<OtpService>) -> Self {
-        OtpGrpc { otp }
+    pub fn new(otp: Arc<OtpService>, metrics: Arc<Metrics>) -> Self {
+        OtpGrpc { otp, metrics }
     }
 }
 
@@ -251,7 +270,7 @@ impl pb::otp_service_server::OtpService for OtpGrpc {
                 .await?;
         match result {
             Ok(sent) => {
-                log_call("SendOtp", start, Ok("code sent"));
+                log_call(&self.metrics, Method::SendOtp, start, Ok("code sent"));
                 Ok(Response::new(SendOtpResponse {
                     expires_in_seconds: seconds(sent.expires_in),
                     resend_after_seconds: seconds(sent.resend_after),
@@ -259,7 +278,7 @@ impl pb::otp_service_server::OtpService for OtpGrpc {
                 }))
             }
             Err(e) => {
-                log_call("SendOtp", start, Err(&e));
+                log_call(&self.metrics, Method::SendOtp, start, Err(&e));
                 Err(e.into())
             }
         }
@@ -283,14 +302,14 @@ impl pb::otp_service_server::OtpService for OtpGrpc {
                         (VerifyResult::TooManyAttempts, 0, "too many attempts")
                     }
                 };
-                log_call("VerifyOtp", start, Ok(word));
+                log_call(&self.metrics, Method::VerifyOtp, start, Ok(word));
                 Ok(Response::new(VerifyOtpResponse {
                     result: result as i32,
                     attempts_remaining,
                 }))
             }
             Err(e) => {
-                log_call("VerifyOtp", start, Err(&e));
+                log_call(&self.metrics, Method::VerifyOtp, start, Err(&e));
                 Err(e.into())
             }
         }

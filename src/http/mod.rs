@@ -1,5 +1,5 @@
 //! The HTTP edge (`KABAR_HTTP_ADDR`): liveness and readiness for Kubernetes, systemd watchdogs and
-//! load balancers that do not speak gRPC health.
+//! load balancers that do not speak gRPC health, and Prometheus metrics.
 
 use std::sync::{
     Arc,
@@ -10,19 +10,30 @@ use axum::{Json, Router, extract::State, http::StatusCode, routing::get};
 use serde_json::json;
 
 /// What readiness depends on, updated by the app's health monitor and shutdown.
-#[derive(Debug)]
 pub struct Readiness {
     pub shutting_down: AtomicBool,
     pub store_reachable: AtomicBool,
     pub store_kind: &'static str,
     pub driver: &'static str,
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 pub fn router(readiness: Arc<Readiness>) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(ready))
+        .route("/metrics", get(metrics))
         .with_state(readiness)
+}
+
+async fn metrics(State(r): State<Arc<Readiness>>) -> impl axum::response::IntoResponse {
+    (
+        [("content-type", "text/plain; version=0.0.4")],
+        r.metrics.render(
+            r.store_reachable.load(Ordering::Relaxed),
+            r.shutting_down.load(Ordering::Relaxed),
+        ),
+    )
 }
 
 /// 200 while kabar accepts calls; 503 once shutdown has begun. The OTP store's state is reported

@@ -100,6 +100,32 @@ async fn http_liveness_and_readiness() {
     assert_eq!(body["ready"], true);
     assert_eq!(body["driver"], "log");
     assert_eq!(body["otp_store"], "memory");
+
+    // Prometheus metrics count calls by method and code.
+    let mut client = app.notifications();
+    client.send_template(invoice_request()).await.unwrap();
+    client.send_template(invoice_request()).await.unwrap();
+    let bad = SendTemplateRequest {
+        phone: "0812".into(),
+        ..invoice_request()
+    };
+    client.send_template(bad).await.unwrap_err();
+    let metrics = reqwest::get(format!("{base}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for line in [
+        "kabar_grpc_calls_total{method=\"SendTemplate\",code=\"OK\"} 2",
+        "kabar_grpc_calls_total{method=\"SendTemplate\",code=\"INVALID_ARGUMENT\"} 1",
+        "kabar_grpc_call_duration_seconds_count{method=\"SendTemplate\"} 3",
+        "kabar_grpc_call_duration_seconds_bucket{method=\"SendTemplate\",le=\"+Inf\"} 3",
+        "kabar_otp_store_up 1",
+        "kabar_shutting_down 0",
+    ] {
+        assert!(metrics.lines().any(|l| l == line), "{line} in:\n{metrics}");
+    }
 }
 
 #[tokio::test]
