@@ -1,6 +1,24 @@
 //! kabar's integration tests: one binary, the whole app in-process, real Redis, a real HTTP
 //! stand-in for Meta, real gRPC clients.
 
+/// Runs `async fn NAME(redis: Option<&RedisServer>)` as two tests, `NAME::in_memory` and
+/// `NAME::on_redis` (a private redis-server), so both stores pass the same case.
+macro_rules! on_both_stores {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[tokio::test]
+            async fn in_memory() {
+                super::$name(None).await
+            }
+            #[tokio::test]
+            async fn on_redis() {
+                let redis = crate::support::RedisServer::start();
+                super::$name(Some(&redis)).await
+            }
+        }
+    )*};
+}
+
 mod config;
 mod meta_errors;
 mod otp;

@@ -437,16 +437,7 @@ async fn meta_unreachable_is_unavailable_after_three_connection_attempts() {
     assert!(elapsed < Duration::from_millis(1000), "{elapsed:?}");
 }
 
-#[tokio::test]
-async fn an_unreadable_success_is_outcome_unknown_and_keeps_the_idempotency_key_in_memory() {
-    an_unreadable_success_is_outcome_unknown_and_keeps_the_idempotency_key(None).await;
-}
-
-#[tokio::test]
-async fn an_unreadable_success_is_outcome_unknown_and_keeps_the_idempotency_key_on_redis() {
-    let redis = crate::support::RedisServer::start();
-    an_unreadable_success_is_outcome_unknown_and_keeps_the_idempotency_key(Some(&redis)).await;
-}
+on_both_stores!(an_unreadable_success_is_outcome_unknown_and_keeps_the_idempotency_key);
 
 async fn an_unreadable_success_is_outcome_unknown_and_keeps_the_idempotency_key(
     redis: Option<&crate::support::RedisServer>,

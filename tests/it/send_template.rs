@@ -419,16 +419,7 @@ async fn whatsapp_disabled_refuses_with_failed_precondition() {
     assert_eq!(meta.count(), 0);
 }
 
-#[tokio::test]
-async fn idempotency_key_sends_once_and_replays_the_answer_in_memory() {
-    idempotency_key_sends_once_and_replays_the_answer(None).await;
-}
-
-#[tokio::test]
-async fn idempotency_key_sends_once_and_replays_the_answer_on_redis() {
-    let redis = crate::support::RedisServer::start();
-    idempotency_key_sends_once_and_replays_the_answer(Some(&redis)).await;
-}
+on_both_stores!(idempotency_key_sends_once_and_replays_the_answer);
 
 async fn idempotency_key_sends_once_and_replays_the_answer(
     redis: Option<&crate::support::RedisServer>,
