@@ -106,7 +106,7 @@ pub async fn run(
     ));
 
     let metrics = Arc::new(metrics::Metrics::default());
-    let readiness = Arc::new(http::Readiness {
+    let http_state = Arc::new(http::HttpState {
         metrics: metrics.clone(),
         shutting_down: false.into(),
         store_reachable: true.into(),
@@ -122,7 +122,9 @@ pub async fn run(
         .set_service_status(NOTIFICATION_SERVICE, ServingStatus::Serving)
         .await;
     let store_ok = store.ping().await.is_ok();
-    readiness.store_reachable.store(store_ok, Ordering::Relaxed);
+    http_state
+        .store_reachable
+        .store(store_ok, Ordering::Relaxed);
     reporter
         .set_service_status(OTP_SERVICE, serving(store_ok))
         .await;
@@ -133,7 +135,7 @@ pub async fn run(
     let monitor = tokio::spawn(monitor_store(
         store.clone(),
         reporter.clone(),
-        readiness.clone(),
+        http_state.clone(),
         shutdown.clone(),
     ));
 
@@ -155,16 +157,16 @@ pub async fn run(
     // move traffic away while calls in flight finish.
     let drain = CancellationToken::new();
     {
-        let (shutdown, drain, reporter, readiness, delay) = (
+        let (shutdown, drain, reporter, http_state, delay) = (
             shutdown.clone(),
             drain.clone(),
             reporter.clone(),
-            readiness.clone(),
+            http_state.clone(),
             config.shutdown_delay,
         );
         tokio::spawn(async move {
             shutdown.cancelled().await;
-            readiness.shutting_down.store(true, Ordering::Relaxed);
+            http_state.shutting_down.store(true, Ordering::Relaxed);
             for service in ["", NOTIFICATION_SERVICE, OTP_SERVICE] {
                 reporter
                     .set_service_status(service, ServingStatus::NotServing)
@@ -206,14 +208,14 @@ pub async fn run(
             drain.clone().cancelled_owned(),
         );
 
-    let http_server = axum::serve(listeners.http, http::router(readiness.clone()))
+    let http_server = axum::serve(listeners.http, http::router(http_state.clone()))
         .with_graceful_shutdown(drain.clone().cancelled_owned());
 
     tracing::info!(
         grpc = %grpc_addr,
         http = %http_addr,
         driver = driver.name(),
-        otp_store = readiness.store_kind,
+        otp_store = http_state.store_kind,
         "kabar is serving"
     );
 
@@ -253,7 +255,7 @@ fn serving(ok: bool) -> ServingStatus {
 async fn monitor_store(
     store: Store,
     reporter: HealthReporter,
-    readiness: Arc<http::Readiness>,
+    http_state: Arc<http::HttpState>,
     shutdown: CancellationToken,
 ) {
     let mut ticker = tokio::time::interval(STORE_PROBE_INTERVAL);
@@ -272,7 +274,7 @@ async fn monitor_store(
             continue;
         }
         let ok = store.ping().await.is_ok();
-        let before = readiness.store_reachable.swap(ok, Ordering::Relaxed);
+        let before = http_state.store_reachable.swap(ok, Ordering::Relaxed);
         if before != ok && !shutdown.is_cancelled() {
             if ok {
                 tracing::info!("Redis is reachable again: OtpService is SERVING");

@@ -9,8 +9,9 @@ use std::sync::{
 use axum::{Json, Router, extract::State, http::StatusCode, routing::get};
 use serde_json::json;
 
-/// What readiness depends on, updated by the app's health monitor and shutdown.
-pub struct Readiness {
+/// What the HTTP endpoints report: readiness (kept current by the health monitor and shutdown)
+/// and the metrics.
+pub struct HttpState {
     pub shutting_down: AtomicBool,
     pub store_reachable: AtomicBool,
     pub store_kind: &'static str,
@@ -18,15 +19,15 @@ pub struct Readiness {
     pub metrics: Arc<crate::metrics::Metrics>,
 }
 
-pub fn router(readiness: Arc<Readiness>) -> Router {
+pub fn router(http_state: Arc<HttpState>) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(ready))
         .route("/metrics", get(metrics))
-        .with_state(readiness)
+        .with_state(http_state)
 }
 
-async fn metrics(State(r): State<Arc<Readiness>>) -> impl axum::response::IntoResponse {
+async fn metrics(State(r): State<Arc<HttpState>>) -> impl axum::response::IntoResponse {
     (
         [("content-type", "text/plain; version=0.0.4")],
         r.metrics.render(
@@ -38,7 +39,7 @@ async fn metrics(State(r): State<Arc<Readiness>>) -> impl axum::response::IntoRe
 
 /// 200 while kabar accepts calls; 503 once shutdown has begun. The OTP store's state is reported
 /// but does not make the whole process unready: notifications still go out while Redis is down.
-async fn ready(State(r): State<Arc<Readiness>>) -> (StatusCode, Json<serde_json::Value>) {
+async fn ready(State(r): State<Arc<HttpState>>) -> (StatusCode, Json<serde_json::Value>) {
     let shutting_down = r.shutting_down.load(Ordering::Relaxed);
     let store = r.store_reachable.load(Ordering::Relaxed);
     let status = if shutting_down {

@@ -284,7 +284,7 @@ impl OtpService {
             }
             Err(e) => {
                 // The customer never saw this code: drop it and let them ask again at once.
-                // The send still counts toward the hourly caps: Meta was asked.
+                // The attempt still counts toward the hourly caps (as the OTP rules say).
                 if let Err(e) = self.store.discard_code(&code_key, &hash).await {
                     tracing::warn!(error = %e, "could not discard an undelivered OTP code");
                 }

@@ -11,7 +11,7 @@ use tonic::Code;
 
 use crate::support::{
     FakeMeta, NOT_SERVING, RedisServer, Reply, SERVING, TestApp, error_info, meta_vars,
-    retry_delay, violated_fields,
+    retry_delay, store_vars, violated_fields,
 };
 
 #[derive(Clone, Copy, Debug)]
@@ -20,7 +20,6 @@ enum Backend {
     Redis,
 }
 
-const SECRET: &str = "test-otp-secret-0123456789abcdef-0123";
 const PHONE: &str = "0812-3456-7890";
 
 struct Env {
@@ -35,13 +34,9 @@ impl Env {
         let mut vars = meta_vars(&meta);
         let redis = match backend {
             Backend::Memory => None,
-            Backend::Redis => {
-                let redis = RedisServer::start();
-                vars.push(("REDIS_URL".into(), redis.url()));
-                vars.push(("KABAR_OTP_SECRET".into(), SECRET.into()));
-                Some(redis)
-            }
+            Backend::Redis => Some(RedisServer::start()),
         };
+        vars.extend(store_vars(redis.as_ref()));
         for (k, v) in extra {
             vars.push(((*k).into(), (*v).into()));
         }

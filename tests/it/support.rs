@@ -322,6 +322,7 @@ pub fn vars(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
 }
 
 impl TestApp {
+    /// Starts kabar with `vars`; a variable listed twice takes its later value.
     pub async fn start(vars: Vec<(String, String)>) -> Self {
         let mut map: HashMap<String, String> = HashMap::new();
         map.insert("KABAR_GRPC_ADDR".into(), "127.0.0.1:0".into());
