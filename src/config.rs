@@ -17,6 +17,19 @@ pub struct ConfigError {
     pub message: String,
 }
 
+/// A URL as it may be shown: any `user:password@` replaced, so that a configuration error or a
+/// log line never prints a credential.
+pub fn redact_url(url: &str) -> String {
+    if let Some(scheme_end) = url.find("://") {
+        let rest = &url[scheme_end + 3..];
+        let authority = &rest[..rest.find(['/', '?', '#']).unwrap_or(rest.len())];
+        if let Some(at) = authority.rfind('@') {
+            return format!("{}://[redacted]@{}", &url[..scheme_end], &rest[at + 1..]);
+        }
+    }
+    url.to_owned()
+}
+
 fn err(var: &'static str, message: impl Into<String>) -> ConfigError {
     ConfigError {
         var,
@@ -246,13 +259,24 @@ impl Config {
             }
         };
         let graph_api_url = r.string("META_GRAPH_API_URL", "https://graph.facebook.com");
+        let parsed = reqwest::Url::parse(&graph_api_url);
         if !(graph_api_url.starts_with("https://") || graph_api_url.starts_with("http://"))
-            || reqwest::Url::parse(&graph_api_url).is_err()
+            || parsed.is_err()
         {
             return Err(err(
                 "META_GRAPH_API_URL",
                 format!(
-                    "needs an http(s) URL such as https://graph.facebook.com (got {graph_api_url:?})"
+                    "needs an http(s) URL such as https://graph.facebook.com (got {:?})",
+                    redact_url(&graph_api_url)
+                ),
+            ));
+        }
+        if parsed.is_ok_and(|u| !u.username().is_empty() || u.password().is_some()) {
+            return Err(err(
+                "META_GRAPH_API_URL",
+                format!(
+                    "must not carry a user name or password; Meta is authenticated with WHATSAPP_API_KEY (got {:?})",
+                    redact_url(&graph_api_url)
                 ),
             ));
         }
@@ -536,4 +560,23 @@ fn is_graph_version(v: &str) -> bool {
                 && major.bytes().all(|b| b.is_ascii_digit())
                 && minor.bytes().all(|b| b.is_ascii_digit())
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redact_url;
+
+    #[test]
+    fn userinfo_never_shows() {
+        assert_eq!(redact_url("ftp://u:pw@x"), "ftp://[redacted]@x");
+        assert_eq!(
+            redact_url("https://user:p%40ss@graph.example/v1?a=b@c"),
+            "https://[redacted]@graph.example/v1?a=b@c"
+        );
+        assert_eq!(
+            redact_url("https://graph.facebook.com/a@b"),
+            "https://graph.facebook.com/a@b"
+        );
+        assert_eq!(redact_url("not a url"), "not a url");
+    }
 }

@@ -14,8 +14,8 @@ pub const ERROR_DOMAIN: &str = "kabar";
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum Error {
     /// One or more request fields are invalid; nothing was sent or stored.
-    #[error("invalid request: {}", describe(.0))]
-    InvalidArgument(Vec<FieldViolation>),
+    #[error("invalid request: {0}")]
+    InvalidArgument(Violations),
     /// Meta refused the message.
     #[error("{0}")]
     Meta(MetaFailure),
@@ -49,19 +49,136 @@ pub enum Error {
     /// The same idempotency key is being processed by another call right now.
     #[error("a call with this idempotency_key is still in progress")]
     IdempotencyInFlight,
+    /// The idempotency key was used before for a different request.
+    #[error(
+        "this idempotency_key was already used for a different request (another recipient, template, language, parameters or reference); use a new key for a new message"
+    )]
+    IdempotencyKeyReused,
 }
 
-fn describe(violations: &[FieldViolation]) -> String {
-    violations
-        .iter()
-        .map(|v| format!("{}: {}", v.field, v.description))
-        .collect::<Vec<_>>()
-        .join("; ")
+/// At most this many field violations are reported; the rest are only counted, so that an answer
+/// stays small however much bad input a request carries.
+pub const MAX_VIOLATIONS: usize = 10;
+/// At most this many characters of a caller's own text are echoed in an error.
+pub const MAX_ECHO_CHARS: usize = 64;
+/// Longest field path and description kept in one violation.
+const MAX_FIELD_CHARS: usize = 96;
+const MAX_DESCRIPTION_CHARS: usize = 320;
+/// Longest `grpc-message`: the details carry the rest.
+pub const MAX_MESSAGE_BYTES: usize = 512;
+
+/// The field violations of one request: the first [`MAX_VIOLATIONS`], each cut to a bounded
+/// length, and how many more there were.
+#[derive(Debug, Clone, Default)]
+pub struct Violations {
+    shown: Vec<FieldViolation>,
+    omitted: usize,
+}
+
+impl Violations {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn push(&mut self, field: impl Into<String>, description: impl Into<String>) {
+        if self.shown.len() >= MAX_VIOLATIONS {
+            self.omitted += 1;
+            return;
+        }
+        self.shown.push(FieldViolation::new(
+            cut(&field.into(), MAX_FIELD_CHARS),
+            cut(&description.into(), MAX_DESCRIPTION_CHARS),
+        ));
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.shown.is_empty()
+    }
+
+    /// Every violation, counted ones included.
+    pub fn len(&self) -> usize {
+        self.shown.len() + self.omitted
+    }
+
+    /// The reported violations (at most [`MAX_VIOLATIONS`]).
+    pub fn shown(&self) -> &[FieldViolation] {
+        &self.shown
+    }
+}
+
+impl std::fmt::Display for Violations {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (i, v) in self.shown.iter().enumerate() {
+            if i > 0 {
+                f.write_str("; ")?;
+            }
+            write!(f, "{}: {}", v.field, v.description)?;
+        }
+        if self.omitted > 0 {
+            write!(f, "; and {} more", self.omitted)?;
+        }
+        Ok(())
+    }
+}
+
+/// A caller's text as it may appear in an error or a log line: at most [`MAX_ECHO_CHARS`]
+/// characters, control and separator characters escaped, quoted.
+pub fn echo(text: &str) -> String {
+    format!("\"{}\"", sanitize(text))
+}
+
+/// A caller's text cut to [`MAX_ECHO_CHARS`] characters, with quotes, backslashes, control and
+/// separator characters escaped, so that it cannot break a log line or an error text.
+pub fn sanitize(text: &str) -> String {
+    let mut out = String::with_capacity(text.len().min(MAX_ECHO_CHARS * 2));
+    for (i, c) in text.chars().enumerate() {
+        if i == MAX_ECHO_CHARS {
+            out.push_str("...");
+            break;
+        }
+        match c {
+            '"' | '\\' => {
+                out.push('\\');
+                out.push(c);
+            }
+            c if c.is_control() || is_separator(c) => out.extend(c.escape_unicode()),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// Line and paragraph separators, which some log readers and terminals treat as line breaks.
+pub fn is_separator(c: char) -> bool {
+    matches!(c, '\u{2028}' | '\u{2029}' | '\u{0085}')
+}
+
+/// `text` cut to at most `max` characters (an ellipsis marks the cut).
+fn cut(text: &str, max: usize) -> String {
+    match text.char_indices().nth(max) {
+        None => text.to_owned(),
+        Some((at, _)) => format!("{}...", &text[..at]),
+    }
+}
+
+/// `text` cut to at most `max` bytes on a character boundary.
+fn cut_bytes(mut text: String, max: usize) -> String {
+    if text.len() > max {
+        let mut at = max.saturating_sub(3);
+        while !text.is_char_boundary(at) {
+            at -= 1;
+        }
+        text.truncate(at);
+        text.push_str("...");
+    }
+    text
 }
 
 impl Error {
     pub fn field(field: impl Into<String>, description: impl Into<String>) -> Self {
-        Error::InvalidArgument(vec![FieldViolation::new(field, description)])
+        let mut v = Violations::new();
+        v.push(field, description);
+        Error::InvalidArgument(v)
     }
 
     /// Whether a message may have reached the customer although the call failed: such a call
@@ -77,7 +194,8 @@ impl Error {
             | Error::CountryNotAllowed(_)
             | Error::Limited { .. }
             | Error::StoreUnavailable(_)
-            | Error::IdempotencyInFlight => false,
+            | Error::IdempotencyInFlight
+            | Error::IdempotencyKeyReused => false,
         }
     }
 
@@ -96,6 +214,7 @@ impl Error {
             Error::StoreUnavailable(_) => Code::Unavailable,
             Error::DeadlineExceeded { .. } => Code::DeadlineExceeded,
             Error::IdempotencyInFlight => Code::Aborted,
+            Error::IdempotencyKeyReused => Code::FailedPrecondition,
         }
     }
 }
@@ -138,10 +257,10 @@ impl From<SendError> for Error {
 impl From<Error> for Status {
     fn from(e: Error) -> Status {
         let code = e.code();
-        let message = e.to_string();
+        let message = cut_bytes(e.to_string(), MAX_MESSAGE_BYTES);
         let details = match &e {
             Error::InvalidArgument(violations) => {
-                ErrorDetails::with_bad_request(violations.clone())
+                ErrorDetails::with_bad_request(violations.shown.clone())
             }
             Error::Meta(f) => {
                 let mut metadata = vec![
@@ -193,7 +312,52 @@ impl From<Error> for Status {
                 d.set_retry_info(Some(Duration::from_secs(1)));
                 d
             }
+            Error::IdempotencyKeyReused => info("IDEMPOTENCY_KEY_REUSED", &[]),
         };
         Status::with_error_details(code, message, details)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn violations_past_the_cap_are_counted_not_kept() {
+        let mut v = Violations::new();
+        for i in 0..5_000 {
+            v.push(format!("params[{i}]"), "x".repeat(10_000));
+        }
+        assert_eq!(v.shown().len(), MAX_VIOLATIONS);
+        assert_eq!(v.len(), 5_000);
+        assert!(
+            v.shown()
+                .iter()
+                .all(|f| f.description.chars().count() <= 323)
+        );
+        assert!(v.to_string().ends_with("; and 4990 more"));
+    }
+
+    #[test]
+    fn echo_escapes_and_cuts() {
+        assert_eq!(echo("inv\n\u{1b}[31m"), "\"inv\\u{a}\\u{1b}[31m\"");
+        assert_eq!(echo("a\u{2028}b"), "\"a\\u{2028}b\"");
+        let long = echo(&"é".repeat(1000));
+        assert_eq!(long.chars().count(), MAX_ECHO_CHARS + 5);
+        assert!(long.ends_with("...\""));
+    }
+
+    #[test]
+    fn grpc_message_is_bounded() {
+        let mut v = Violations::new();
+        for i in 0..10 {
+            v.push(
+                format!("params[{}]", "ü".repeat(500)),
+                format!("bad {i} {}", "x".repeat(500)),
+            );
+        }
+        let status: Status = Error::InvalidArgument(v).into();
+        assert!(status.message().len() <= MAX_MESSAGE_BYTES);
+        assert!(status.details().len() < 6_000, "{}", status.details().len());
     }
 }

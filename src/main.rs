@@ -143,6 +143,7 @@ async fn send_test(
             params: &named,
             positional_params: &[],
             language: &language,
+            reference: "",
         })
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     match notifier.send(&message, None).await {

@@ -43,9 +43,47 @@ struct MethodMetrics {
 #[derive(Default)]
 pub struct Metrics {
     methods: [MethodMetrics; 3],
+    /// Calls whose work has started and not finished (the work outlives a caller that left).
+    in_flight: AtomicU64,
+    idle: tokio::sync::Notify,
+}
+
+/// One call in progress; dropping it ends the call.
+pub struct CallGuard(std::sync::Arc<Metrics>);
+
+impl Drop for CallGuard {
+    fn drop(&mut self) {
+        if self.0.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.idle.notify_waiters();
+        }
+    }
 }
 
 impl Metrics {
+    /// Counts a call as in flight until the guard is dropped.
+    pub fn call_started(self: &std::sync::Arc<Self>) -> CallGuard {
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
+        CallGuard(self.clone())
+    }
+
+    /// Calls in flight now.
+    pub fn in_flight(&self) -> u64 {
+        self.in_flight.load(Ordering::Acquire)
+    }
+
+    /// Waits until no call is in flight.
+    pub async fn idle(&self) {
+        loop {
+            let notified = self.idle.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.in_flight() == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+
     pub fn record(&self, method: Method, code: Code, elapsed: Duration) {
         let m = &self.methods[method as usize];
         let code_index = (code as usize).min(CODES - 1);

@@ -3,10 +3,8 @@
 
 use std::{collections::HashMap, time::Instant};
 
-use tonic_types::FieldViolation;
-
 use crate::{
-    error::Error,
+    error::{Error, Violations, echo, sanitize},
     phone,
     templates::{self, Category, TemplateRegistry},
     whatsapp::{Driver, OutboundTemplate, Sent},
@@ -19,6 +17,25 @@ pub struct NotificationRequest<'a> {
     pub params: &'a HashMap<String, String>,
     pub positional_params: &'a [String],
     pub language: &'a str,
+    /// The caller's own id (an invoice number); logged and, later, stored with the message.
+    pub reference: &'a str,
+}
+
+/// Longest `reference`, in characters.
+pub const MAX_REFERENCE_CHARS: usize = 256;
+
+/// Checks a caller's `reference`: short, and free of characters that could forge a log line.
+pub fn check_reference(reference: &str) -> Result<(), String> {
+    if reference.chars().count() > MAX_REFERENCE_CHARS {
+        return Err(format!("must be at most {MAX_REFERENCE_CHARS} characters"));
+    }
+    if reference
+        .chars()
+        .any(|c| c.is_control() || crate::error::is_separator(c))
+    {
+        return Err("must not contain control characters or line breaks".to_owned());
+    }
+    Ok(())
 }
 
 pub struct Notifier {
@@ -40,41 +57,72 @@ impl Notifier {
         &self.templates
     }
 
+    /// The registry keys SendTemplate accepts: every template but the AUTHENTICATION ones.
+    fn sendable_keys(&self) -> Vec<&str> {
+        self.templates
+            .keys()
+            .into_iter()
+            .filter(|k| {
+                self.templates
+                    .get(k)
+                    .is_some_and(|t| t.category != Category::Authentication)
+            })
+            .collect()
+    }
+
     /// Checks the whole request and reports every problem at once, each naming its field.
     pub fn prepare(&self, request: &NotificationRequest<'_>) -> Result<OutboundTemplate, Error> {
-        let mut violations = Vec::new();
+        let mut violations = Violations::new();
         let phone = match phone::normalize(request.phone) {
             Ok(p) => Some(p),
             Err(e) => {
-                violations.push(FieldViolation::new("phone", e.to_string()));
+                violations.push("phone", e.to_string());
                 None
             }
         };
         if !request.language.is_empty() && !templates::is_language_code(request.language) {
-            violations.push(FieldViolation::new(
+            violations.push(
                 "language",
                 "must be a Meta language code such as id or en_US",
-            ));
+            );
+        }
+        if let Err(problem) = check_reference(request.reference) {
+            violations.push("reference", problem);
         }
         let template = if request.template.is_empty() {
-            violations.push(FieldViolation::new(
+            violations.push(
                 "template",
-                format!("is required; one of: {}", self.templates.keys().join(", ")),
-            ));
+                format!("is required; one of: {}", self.sendable_keys().join(", ")),
+            );
             None
         } else {
-            let found = self.templates.get(request.template);
-            if found.is_none() {
-                violations.push(FieldViolation::new(
-                    "template",
-                    format!(
-                        "unknown template {:?}; known: {}",
-                        request.template,
-                        self.templates.keys().join(", ")
-                    ),
-                ));
+            match self.templates.get(request.template) {
+                None => {
+                    violations.push(
+                        "template",
+                        format!(
+                            "unknown template {}; known: {}",
+                            echo(request.template),
+                            self.sendable_keys().join(", ")
+                        ),
+                    );
+                    None
+                }
+                Some(t) if t.category == Category::Authentication => {
+                    // The OTP limits (country allow-list, cooldown, hourly and daily caps) apply
+                    // only in SendOtp: a login code template sent from here would skip them all.
+                    violations.push(
+                        "template",
+                        format!(
+                            "{} is an AUTHENTICATION template: login codes are sent only through \
+                             OtpService.SendOtp, which applies the OTP limits",
+                            t.key
+                        ),
+                    );
+                    None
+                }
+                Some(t) => Some(t),
             }
-            found
         };
 
         let mut values: Vec<String> = Vec::new();
@@ -82,13 +130,13 @@ impl Notifier {
             // Only error texts use the list: build it when one is written.
             let expected = || t.params.join(", ");
             if !request.params.is_empty() && !request.positional_params.is_empty() {
-                violations.push(FieldViolation::new(
+                violations.push(
                     "positional_params",
                     "use params (by name) or positional_params, not both",
-                ));
+                );
             } else if !request.positional_params.is_empty() {
                 if request.positional_params.len() != t.params.len() {
-                    violations.push(FieldViolation::new(
+                    violations.push(
                         "positional_params",
                         format!(
                             "template {} takes {} parameters ({}), got {}",
@@ -97,28 +145,24 @@ impl Notifier {
                             expected(),
                             request.positional_params.len()
                         ),
-                    ));
+                    );
                 }
                 for (i, value) in request.positional_params.iter().enumerate() {
                     if let Err(problem) = templates::check_param_text(value) {
-                        violations.push(FieldViolation::new(
-                            format!("positional_params[{i}]"),
-                            problem,
-                        ));
+                        violations.push(format!("positional_params[{i}]"), problem);
                     }
                 }
                 values = request.positional_params.to_vec();
             } else {
                 for name in &t.params {
                     match request.params.get(name) {
-                        None => violations.push(FieldViolation::new(
+                        None => violations.push(
                             format!("params[{name}]"),
                             format!("is required by template {} ({})", t.key, expected()),
-                        )),
+                        ),
                         Some(value) => {
                             if let Err(problem) = templates::check_param_text(value) {
-                                violations
-                                    .push(FieldViolation::new(format!("params[{name}]"), problem));
+                                violations.push(format!("params[{name}]"), problem);
                             }
                             values.push(value.clone());
                         }
@@ -131,53 +175,37 @@ impl Notifier {
                     .collect();
                 unknown.sort();
                 for name in unknown {
-                    violations.push(FieldViolation::new(
-                        format!("params[{name}]"),
+                    violations.push(
+                        format!("params[{}]", sanitize(name)),
                         format!("is not a parameter of template {} ({})", t.key, expected()),
-                    ));
+                    );
                 }
             }
             let total: usize = values.iter().map(|v| v.chars().count()).sum();
             if total > templates::MAX_BODY_CHARS {
-                violations.push(FieldViolation::new(
+                violations.push(
                     "params",
                     format!(
                         "the parameters total {total} characters; Meta's whole message body is at most {}",
                         templates::MAX_BODY_CHARS
                     ),
-                ));
-            }
-            if t.category == Category::Authentication
-                && values
-                    .first()
-                    .is_some_and(|c| c.chars().count() > templates::MAX_OTP_CODE_CHARS)
-            {
-                violations.push(FieldViolation::new(
-                    "params",
-                    format!(
-                        "an authentication code is at most {} characters",
-                        templates::MAX_OTP_CODE_CHARS
-                    ),
-                ));
+                );
             }
         }
 
         match (phone, template) {
-            (Some(to), Some(t)) if violations.is_empty() => {
-                let authentication = t.category == Category::Authentication;
-                Ok(OutboundTemplate {
-                    to,
-                    template: t.name.clone(),
-                    language: if request.language.is_empty() {
-                        t.language.clone()
-                    } else {
-                        request.language.to_owned()
-                    },
-                    button_param: authentication.then(|| values[0].clone()),
-                    body_params: values,
-                    sensitive: authentication,
-                })
-            }
+            (Some(to), Some(t)) if violations.is_empty() => Ok(OutboundTemplate {
+                to,
+                template: t.name.clone(),
+                language: if request.language.is_empty() {
+                    t.language.clone()
+                } else {
+                    request.language.to_owned()
+                },
+                body_params: values,
+                button_param: None,
+                sensitive: false,
+            }),
             _ => Err(Error::InvalidArgument(violations)),
         }
     }

@@ -245,16 +245,25 @@ pub fn check_param_text(text: &str) -> Result<(), String> {
     if text.trim().is_empty() {
         return Err("must not be empty".to_owned());
     }
-    if text.contains(['\n', '\r']) {
+    if text.contains([
+        '\n', '\r', '\u{0b}', '\u{0c}', '\u{85}', '\u{2028}', '\u{2029}',
+    ]) {
         return Err("must not contain a line break (Meta error 132018)".to_owned());
     }
     if text.contains('\t') {
         return Err("must not contain a tab (Meta error 132018)".to_owned());
     }
-    if text.contains("     ") {
-        return Err(
-            "must not contain more than 4 consecutive spaces (Meta error 132018)".to_owned(),
-        );
+    if text.chars().any(char::is_control) {
+        return Err("must not contain control characters".to_owned());
+    }
+    let mut run = 0;
+    for c in text.chars() {
+        run = if c.is_whitespace() { run + 1 } else { 0 };
+        if run > 4 {
+            return Err(
+                "must not contain more than 4 consecutive spaces (Meta error 132018)".to_owned(),
+            );
+        }
     }
     let chars = text.chars().count();
     if chars > MAX_PARAM_CHARS {
@@ -280,5 +289,48 @@ pub fn sample_value(param: &str) -> &'static str {
         "telepon_cs" => "0800-000-0000",
         "kode_otp" => "123456",
         _ => "-",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::check_param_text;
+
+    #[test]
+    fn ordinary_text_passes() {
+        assert_eq!(check_param_text("Rp 150.000"), Ok(()));
+        assert_eq!(check_param_text("Budi    Santoso"), Ok(()));
+    }
+
+    #[test]
+    fn every_line_break_and_control_character_is_refused() {
+        for bad in [
+            "a\nb",
+            "a\rb",
+            "a\u{0b}b",
+            "a\u{0c}b",
+            "a\u{85}b",
+            "a\u{2028}b",
+            "a\u{2029}b",
+            "a\tb",
+            "a\u{0}b",
+            "a\u{1b}[31m",
+            "a\u{7f}",
+        ] {
+            assert!(check_param_text(bad).is_err(), "{bad:?} passed");
+        }
+    }
+
+    #[test]
+    fn whitespace_runs_count_every_unicode_space() {
+        assert!(check_param_text("a     b").is_err());
+        assert!(check_param_text("a\u{a0}\u{a0}\u{2003} \u{3000}b").is_err());
+        assert!(check_param_text("a\u{a0}\u{a0}\u{2003} b").is_ok());
+    }
+
+    #[test]
+    fn blank_and_overlong_values_are_refused() {
+        assert!(check_param_text(" \u{a0} ").is_err());
+        assert!(check_param_text(&"x".repeat(super::MAX_PARAM_CHARS + 1)).is_err());
     }
 }

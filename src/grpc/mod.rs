@@ -18,6 +18,7 @@ use crate::{
         self, SendOtpRequest, SendOtpResponse, SendTemplateRequest, SendTemplateResponse,
         VerifyOtpRequest, VerifyOtpResponse, verify_otp_response::Result as VerifyResult,
     },
+    whatsapp::OutboundTemplate,
 };
 
 /// How long an idempotency key remembers its answer.
@@ -46,7 +47,9 @@ pub fn deadline(metadata: &MetadataMap, start: Instant) -> Option<Instant> {
     start.checked_add(timeout - margin)
 }
 
-/// Counts the call and writes its one log line.
+/// Counts the call and writes its one log line. `detail` describes a success. Only kabar's own
+/// words and values it has checked reach the line: the error text escapes and cuts whatever of
+/// the caller's input it echoes.
 fn log_call(metrics: &Metrics, method: Method, start: Instant, outcome: Result<&str, &Error>) {
     let elapsed = start.elapsed();
     metrics.record(
@@ -71,6 +74,31 @@ fn log_call(metrics: &Metrics, method: Method, start: Instant, outcome: Result<&
             }
         }
     }
+}
+
+/// Runs a call's domain work as its own task, and counts and logs it there: a caller that
+/// disconnects or times out must neither cut the work off halfway (an idempotency key left
+/// locked, an OTP cooldown never lifted) nor make it vanish from the log and the metrics.
+async fn detached<T: Send + 'static>(
+    metrics: &Arc<Metrics>,
+    method: Method,
+    start: Instant,
+    work: impl Future<Output = Result<T, Error>> + Send + 'static,
+    log_ok: impl FnOnce(&Metrics, &T) + Send + 'static,
+) -> Result<T, Status> {
+    let call = metrics.call_started();
+    let metrics = metrics.clone();
+    tokio::spawn(async move {
+        let result = work.await;
+        match &result {
+            Ok(value) => log_ok(&metrics, value),
+            Err(e) => log_call(&metrics, method, start, Err(e)),
+        }
+        drop(call);
+        result.map_err(Status::from)
+    })
+    .await
+    .map_err(|_| Status::internal("the call's task failed"))?
 }
 
 pub struct NotificationGrpc {
@@ -104,16 +132,6 @@ impl NotificationGrpc {
     }
 }
 
-/// Runs a call's domain work as its own task: a caller that disconnects or times out must not
-/// cut it off halfway (an idempotency key left locked, an OTP cooldown never lifted).
-async fn detached<T: Send + 'static>(
-    work: impl Future<Output = T> + Send + 'static,
-) -> Result<T, Status> {
-    tokio::spawn(work)
-        .await
-        .map_err(|_| Status::internal("the call's task failed"))
-}
-
 impl NotificationCore {
     async fn send_template(
         &self,
@@ -126,6 +144,7 @@ impl NotificationCore {
             params: &request.params,
             positional_params: &request.positional_params,
             language: &request.language,
+            reference: &request.reference,
         })?;
         if request.idempotency_key.is_empty() {
             let sent = self.notifier.send(&message, deadline).await?;
@@ -143,12 +162,13 @@ impl NotificationCore {
             ));
         }
         let store_key = store::idempotency_key(key);
+        let digest = request_digest(&request.template, &message, &request.reference);
         let mut random = [0u8; 16];
         getrandom::fill(&mut random).expect("the OS random number generator is available");
         let token = hex::encode(random);
         match self
             .store
-            .idempotency_begin(&store_key, &token, self.idempotency_lock)
+            .idempotency_begin(&store_key, &digest, &token, self.idempotency_lock)
             .await
             .map_err(|e| Error::StoreUnavailable(e.0))?
         {
@@ -158,6 +178,7 @@ impl NotificationCore {
                 });
             }
             store::Idempotency::InFlight => return Err(Error::IdempotencyInFlight),
+            store::Idempotency::Reused => return Err(Error::IdempotencyKeyReused),
             store::Idempotency::Started => {}
         }
         match self.notifier.send(&message, deadline).await {
@@ -171,6 +192,7 @@ impl NotificationCore {
                     .store
                     .idempotency_finish(
                         &store_key,
+                        &digest,
                         &token,
                         &response.encode_to_vec(),
                         IDEMPOTENCY_KEEP,
@@ -192,13 +214,38 @@ impl NotificationCore {
             }
             Err(e) => {
                 // Nothing was sent: the caller may retry with the same key.
-                if let Err(e) = self.store.idempotency_abort(&store_key, &token).await {
+                if let Err(e) = self
+                    .store
+                    .idempotency_abort(&store_key, &digest, &token)
+                    .await
+                {
                     tracing::warn!(error = %e, "could not release an idempotency key");
                 }
                 Err(e)
             }
         }
     }
+}
+
+/// What makes two SendTemplate calls the same request, as 64 hex characters: the registry key,
+/// the normalised recipient, the language, every parameter value in order, and the reference.
+/// Each part is length-prefixed, so that no two different requests share a digest by shifting
+/// text from one part to the next.
+fn request_digest(template_key: &str, message: &OutboundTemplate, reference: &str) -> String {
+    use sha2::{Digest, Sha256};
+    let mut hash = Sha256::new();
+    let mut part = |bytes: &[u8]| {
+        hash.update((bytes.len() as u64).to_be_bytes());
+        hash.update(bytes);
+    };
+    part(template_key.as_bytes());
+    part(message.to.e164().as_bytes());
+    part(message.language.as_bytes());
+    part(reference.as_bytes());
+    for value in &message.body_params {
+        part(value.as_bytes());
+    }
+    hex::encode(hash.finalize())
 }
 
 #[tonic::async_trait]
@@ -211,32 +258,32 @@ impl pb::notification_service_server::NotificationService for NotificationGrpc {
         let deadline = deadline(request.metadata(), start);
         let request = request.into_inner();
         let core = self.core.clone();
-        let (result, request) = detached(async move {
-            let result = core.send_template(&request, deadline).await;
-            (result, request)
-        })
-        .await?;
-        match result {
-            Ok(response) => {
+        let template = request.template.clone();
+        let reference = request.reference.clone();
+        let response = detached(
+            &self.metrics,
+            Method::SendTemplate,
+            start,
+            async move { core.send_template(&request, deadline).await },
+            move |metrics, response: &SendTemplateResponse| {
                 let elapsed = start.elapsed();
-                self.metrics.record(Method::SendTemplate, Code::Ok, elapsed);
+                metrics.record(Method::SendTemplate, Code::Ok, elapsed);
+                // The template is a registry key and the reference passed its checks (no
+                // control characters, bounded length): both are safe to log as they are.
                 tracing::info!(
                     method = "SendTemplate",
                     code = "OK",
                     elapsed_ms = elapsed.as_secs_f64() * 1000.0,
-                    template = %request.template,
+                    template = %template,
                     to = %response.phone,
-                    reference = %request.reference,
+                    reference = %reference,
                     message_id = %response.message_id,
                     "call done"
                 );
-                Ok(Response::new(response))
-            }
-            Err(e) => {
-                log_call(&self.metrics, Method::SendTemplate, start, Err(&e));
-                Err(e.into())
-            }
-        }
+            },
+        )
+        .await?;
+        Ok(Response::new(response))
     }
 }
 
@@ -265,23 +312,19 @@ impl pb::otp_service_server::OtpService for OtpGrpc {
         let deadline = deadline(request.metadata(), start);
         let r = request.into_inner();
         let otp = self.otp.clone();
-        let result =
-            detached(async move { otp.send(&r.phone, &r.purpose, &r.client_ip, deadline).await })
-                .await?;
-        match result {
-            Ok(sent) => {
-                log_call(&self.metrics, Method::SendOtp, start, Ok("code sent"));
-                Ok(Response::new(SendOtpResponse {
-                    expires_in_seconds: seconds(sent.expires_in),
-                    resend_after_seconds: seconds(sent.resend_after),
-                    message_id: sent.message_id,
-                }))
-            }
-            Err(e) => {
-                log_call(&self.metrics, Method::SendOtp, start, Err(&e));
-                Err(e.into())
-            }
-        }
+        let sent = detached(
+            &self.metrics,
+            Method::SendOtp,
+            start,
+            async move { otp.send(&r.phone, &r.purpose, &r.client_ip, deadline).await },
+            move |metrics, _| log_call(metrics, Method::SendOtp, start, Ok("code sent")),
+        )
+        .await?;
+        Ok(Response::new(SendOtpResponse {
+            expires_in_seconds: seconds(sent.expires_in),
+            resend_after_seconds: seconds(sent.resend_after),
+            message_id: sent.message_id,
+        }))
     }
 
     async fn verify_otp(
@@ -290,28 +333,40 @@ impl pb::otp_service_server::OtpService for OtpGrpc {
     ) -> Result<Response<VerifyOtpResponse>, Status> {
         let start = Instant::now();
         let r = request.into_inner();
-        match self.otp.verify(&r.phone, &r.purpose, &r.code).await {
-            Ok(verdict) => {
-                let (result, attempts_remaining, word) = match verdict {
-                    Verdict::Verified => (VerifyResult::Verified, 0, "verified"),
-                    Verdict::Invalid { attempts_left } => {
-                        (VerifyResult::InvalidCode, attempts_left, "invalid code")
-                    }
-                    Verdict::Expired => (VerifyResult::Expired, 0, "expired"),
-                    Verdict::TooManyAttempts => {
-                        (VerifyResult::TooManyAttempts, 0, "too many attempts")
-                    }
-                };
-                log_call(&self.metrics, Method::VerifyOtp, start, Ok(word));
-                Ok(Response::new(VerifyOtpResponse {
-                    result: result as i32,
-                    attempts_remaining,
-                }))
-            }
-            Err(e) => {
-                log_call(&self.metrics, Method::VerifyOtp, start, Err(&e));
-                Err(e.into())
-            }
-        }
+        let otp = self.otp.clone();
+        let verdict = detached(
+            &self.metrics,
+            Method::VerifyOtp,
+            start,
+            async move { otp.verify(&r.phone, &r.purpose, &r.code).await },
+            move |metrics, verdict: &Verdict| {
+                log_call(
+                    metrics,
+                    Method::VerifyOtp,
+                    start,
+                    Ok(verdict_word(*verdict)),
+                )
+            },
+        )
+        .await?;
+        let (result, attempts_remaining) = match verdict {
+            Verdict::Verified => (VerifyResult::Verified, 0),
+            Verdict::Invalid { attempts_left } => (VerifyResult::InvalidCode, attempts_left),
+            Verdict::Expired => (VerifyResult::Expired, 0),
+            Verdict::TooManyAttempts => (VerifyResult::TooManyAttempts, 0),
+        };
+        Ok(Response::new(VerifyOtpResponse {
+            result: result as i32,
+            attempts_remaining,
+        }))
+    }
+}
+
+fn verdict_word(verdict: Verdict) -> &'static str {
+    match verdict {
+        Verdict::Verified => "verified",
+        Verdict::Invalid { .. } => "invalid code",
+        Verdict::Expired => "expired",
+        Verdict::TooManyAttempts => "too many attempts",
     }
 }

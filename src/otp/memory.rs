@@ -20,8 +20,16 @@ enum Value {
         hash: CodeHash,
         attempts_left: u32,
     },
-    InProgress(String),
-    Answer(Vec<u8>),
+    /// A call in progress: the request's digest and the owner's token.
+    InProgress {
+        digest: String,
+        token: String,
+    },
+    /// A finished call: the request's digest and its stored answer.
+    Answer {
+        digest: String,
+        bytes: Vec<u8>,
+    },
 }
 
 struct Entry {
@@ -120,6 +128,10 @@ impl MemoryStore {
             *resend_at = 0;
             if uncount {
                 *count = count.saturating_sub(1);
+                if *count == 0 {
+                    // Nothing was sent in this window: keep nothing for it.
+                    map.remove(key);
+                }
             }
         }
         Ok(())
@@ -217,13 +229,18 @@ impl MemoryStore {
     pub async fn idempotency_begin(
         &self,
         key: &str,
+        digest: &str,
         token: &str,
         lock: Duration,
     ) -> Result<Idempotency, StoreError> {
         let mut map = self.lock();
         match Self::live(&mut map, key) {
             Some(Entry {
-                value: Value::Answer(bytes),
+                value: Value::Answer { digest: d, .. } | Value::InProgress { digest: d, .. },
+                ..
+            }) if d != digest => Ok(Idempotency::Reused),
+            Some(Entry {
+                value: Value::Answer { bytes, .. },
                 ..
             }) => Ok(Idempotency::Done(bytes.clone())),
             Some(_) => Ok(Idempotency::InFlight),
@@ -231,7 +248,10 @@ impl MemoryStore {
                 map.insert(
                     key.to_owned(),
                     Entry {
-                        value: Value::InProgress(token.to_owned()),
+                        value: Value::InProgress {
+                            digest: digest.to_owned(),
+                            token: token.to_owned(),
+                        },
                         expires_at_ms: now_ms() + lock.as_millis() as u64,
                     },
                 );
@@ -243,13 +263,14 @@ impl MemoryStore {
     fn owned_by(map: &mut HashMap<String, Entry>, key: &str, token: &str) -> bool {
         matches!(
             Self::live(map, key),
-            Some(Entry { value: Value::InProgress(owner), .. }) if owner == token
+            Some(Entry { value: Value::InProgress { token: owner, .. }, .. }) if owner == token
         )
     }
 
     pub async fn idempotency_finish(
         &self,
         key: &str,
+        digest: &str,
         token: &str,
         answer: &[u8],
         keep: Duration,
@@ -259,7 +280,10 @@ impl MemoryStore {
             map.insert(
                 key.to_owned(),
                 Entry {
-                    value: Value::Answer(answer.to_vec()),
+                    value: Value::Answer {
+                        digest: digest.to_owned(),
+                        bytes: answer.to_vec(),
+                    },
                     expires_at_ms: now_ms() + keep.as_millis() as u64,
                 },
             );
@@ -267,7 +291,12 @@ impl MemoryStore {
         Ok(())
     }
 
-    pub async fn idempotency_abort(&self, key: &str, token: &str) -> Result<(), StoreError> {
+    pub async fn idempotency_abort(
+        &self,
+        key: &str,
+        _digest: &str,
+        token: &str,
+    ) -> Result<(), StoreError> {
         let mut map = self.lock();
         if Self::owned_by(&mut map, key, token) {
             map.remove(key);

@@ -24,7 +24,6 @@ use std::{
 use hmac::{Hmac, Mac};
 use secrecy::{ExposeSecret, SecretBox, SecretString};
 use sha2::Sha256;
-use tonic_types::FieldViolation;
 
 pub use memory::MemoryStore;
 pub use redis_store::RedisStore;
@@ -33,7 +32,7 @@ pub use store::{CodeHash, Gate, Store, StoreError, Verdict};
 
 use crate::{
     config::OtpConfig,
-    error::Error,
+    error::{Error, Violations},
     phone::{self, Phone},
     templates::Template,
     whatsapp::{Driver, OutboundTemplate},
@@ -120,7 +119,7 @@ impl OtpService {
         client_ip: &str,
         deadline: Option<Instant>,
     ) -> Result<OtpSent, Error> {
-        let mut violations = Vec::new();
+        let mut violations = Violations::new();
         let phone = check(&mut violations, "phone", phone::normalize(phone));
         let purpose = check(&mut violations, "purpose", parse_purpose(purpose));
         let client_ip = check(&mut violations, "client_ip", parse_client_ip(client_ip));
@@ -305,15 +304,15 @@ impl OtpService {
 
     /// `VerifyOtp`: one atomic check in the store.
     pub async fn verify(&self, phone: &str, purpose: &str, code: &str) -> Result<Verdict, Error> {
-        let mut violations = Vec::new();
+        let mut violations = Violations::new();
         let phone = check(&mut violations, "phone", phone::normalize(phone));
         let purpose = check(&mut violations, "purpose", parse_purpose(purpose));
         let code_ok = code.len() == self.code_length && code.bytes().all(|b| b.is_ascii_digit());
         if !code_ok {
-            violations.push(FieldViolation::new(
+            violations.push(
                 "code",
                 format!("must be exactly {} digits", self.code_length),
-            ));
+            );
         }
         let (Some(phone), Some(purpose), true) = (phone, purpose, code_ok) else {
             return Err(Error::InvalidArgument(violations));
@@ -337,14 +336,14 @@ impl OtpService {
 }
 
 fn check<T, E: std::fmt::Display>(
-    violations: &mut Vec<FieldViolation>,
+    violations: &mut Violations,
     field: &str,
     result: Result<T, E>,
 ) -> Option<T> {
     match result {
         Ok(v) => Some(v),
         Err(e) => {
-            violations.push(FieldViolation::new(field, e.to_string()));
+            violations.push(field, e.to_string());
             None
         }
     }
@@ -386,7 +385,15 @@ fn parse_client_ip(ip: &str) -> Result<Option<String>, String> {
     if ip.is_empty() {
         return Ok(None);
     }
-    match ip.parse::<IpAddr>().map(|ip| ip.to_canonical()) {
+    // IPv4-mapped (::ffff:a.b.c.d) and the deprecated IPv4-compatible (::a.b.c.d) forms are the
+    // IPv4 client itself: both fold into its IPv4 bucket.
+    let parsed = ip.parse::<IpAddr>().map(|ip| match ip {
+        IpAddr::V6(v6) if !v6.is_loopback() && !v6.is_unspecified() => {
+            v6.to_ipv4().map_or(ip, IpAddr::V4)
+        }
+        other => other,
+    });
+    match parsed {
         Ok(IpAddr::V4(v4)) => Ok(Some(v4.to_string())),
         Ok(IpAddr::V6(v6)) => {
             let s = v6.segments();
@@ -413,4 +420,31 @@ pub fn generate_code(length: usize) -> SecretString {
         }
     }
     SecretString::from(code)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_client_ip;
+
+    #[test]
+    fn every_spelling_of_an_ipv4_client_shares_its_bucket() {
+        for spelling in ["1.2.3.4", "::ffff:1.2.3.4", "::1.2.3.4", "::ffff:102:304"] {
+            assert_eq!(
+                parse_client_ip(spelling),
+                Ok(Some("1.2.3.4".to_owned())),
+                "{spelling}"
+            );
+        }
+    }
+
+    #[test]
+    fn ipv6_clients_count_by_their_64() {
+        assert_eq!(
+            parse_client_ip("2001:db8:1:2:aaaa::1"),
+            Ok(Some("2001:db8:1:2::/64".to_owned()))
+        );
+        assert_eq!(parse_client_ip("::1"), Ok(Some("0:0:0:0::/64".to_owned())));
+        assert_eq!(parse_client_ip(""), Ok(None));
+        assert!(parse_client_ip("1.2.3.4\n").is_err());
+    }
 }

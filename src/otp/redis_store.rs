@@ -31,13 +31,17 @@ return {0, r}
 "#;
 
 /// Undoes what GATE did for a send that did not happen: lifts its cooldown and, when asked,
-/// takes the send back off the count. ARGV[1] identifies the send (its resend-at time).
+/// takes the send back off the count (deleting the key when nothing is left to count). ARGV[1] identifies the send (its resend-at time).
 const RELEASE: &str = r#"
 if redis.call('HGET', KEYS[1], 'r') ~= ARGV[1] then return 0 end
 redis.call('HSET', KEYS[1], 'r', '0')
 if ARGV[2] == '1' then
   local n = tonumber(redis.call('HGET', KEYS[1], 'n')) or 0
-  if n > 0 then redis.call('HSET', KEYS[1], 'n', n - 1) end
+  if n <= 1 then
+    redis.call('DEL', KEYS[1])
+  else
+    redis.call('HSET', KEYS[1], 'n', n - 1)
+  end
 end
 return 1
 "#;
@@ -75,24 +79,29 @@ end
 return 0
 "#;
 
-/// 'p' and the owner's token mark a call in progress; a finished answer is stored as 'd'
-/// followed by its bytes. Only the owner of the lock may finish or abort it: a call that outlived
-/// its lock must not free or overwrite the next owner's.
+/// A call in progress is stored as 'p', the request's digest (64 hex characters) and the owner's
+/// token; a finished one as 'd', the digest and the answer's bytes. Only the owner of the lock may
+/// finish or abort it: a call that outlived its lock must not free or overwrite the next owner's.
+/// The same key with another digest is a different request reusing the key: {3}.
 const IDEMPOTENCY_BEGIN: &str = r#"
-if redis.call('SET', KEYS[1], 'p' .. ARGV[2], 'NX', 'PX', ARGV[1]) then return {0} end
 local v = redis.call('GET', KEYS[1])
-if (not v) or string.sub(v, 1, 1) == 'p' then return {1} end
-return {2, string.sub(v, 2)}
+if not v then
+  redis.call('SET', KEYS[1], 'p' .. ARGV[2] .. ARGV[3], 'PX', ARGV[1])
+  return {0}
+end
+if string.sub(v, 2, 65) ~= ARGV[2] then return {3} end
+if string.sub(v, 1, 1) == 'p' then return {1} end
+return {2, string.sub(v, 66)}
 "#;
 
 const IDEMPOTENCY_FINISH: &str = r#"
-if redis.call('GET', KEYS[1]) ~= 'p' .. ARGV[1] then return 0 end
-redis.call('SET', KEYS[1], 'd' .. ARGV[2], 'PX', ARGV[3])
+if redis.call('GET', KEYS[1]) ~= 'p' .. ARGV[1] .. ARGV[2] then return 0 end
+redis.call('SET', KEYS[1], 'd' .. ARGV[1] .. ARGV[3], 'PX', ARGV[4])
 return 1
 "#;
 
 const IDEMPOTENCY_ABORT: &str = r#"
-if redis.call('GET', KEYS[1]) == 'p' .. ARGV[1] then redis.call('DEL', KEYS[1]) end
+if redis.call('GET', KEYS[1]) == 'p' .. ARGV[1] .. ARGV[2] then redis.call('DEL', KEYS[1]) end
 return 0
 "#;
 
@@ -281,6 +290,7 @@ impl RedisStore {
     pub async fn idempotency_begin(
         &self,
         key: &str,
+        digest: &str,
         token: &str,
         lock: Duration,
     ) -> Result<Idempotency, StoreError> {
@@ -291,22 +301,28 @@ impl RedisStore {
                     .idempotency_begin
                     .key(key)
                     .arg(lock.as_millis() as u64)
+                    .arg(digest)
                     .arg(token)
                     .invoke_async(&mut con),
             )
             .await?;
-        Ok(match answer.as_slice() {
-            [redis::Value::Int(0)] => Idempotency::Started,
+        match answer.as_slice() {
+            [redis::Value::Int(0)] => Ok(Idempotency::Started),
+            [redis::Value::Int(1)] => Ok(Idempotency::InFlight),
             [redis::Value::Int(2), redis::Value::BulkString(bytes)] => {
-                Idempotency::Done(bytes.clone())
+                Ok(Idempotency::Done(bytes.clone()))
             }
-            _ => Idempotency::InFlight,
-        })
+            [redis::Value::Int(3)] => Ok(Idempotency::Reused),
+            other => Err(StoreError(format!(
+                "unexpected answer from the idempotency script: {other:?}"
+            ))),
+        }
     }
 
     pub async fn idempotency_finish(
         &self,
         key: &str,
+        digest: &str,
         token: &str,
         answer: &[u8],
         keep: Duration,
@@ -317,6 +333,7 @@ impl RedisStore {
                 self.scripts
                     .idempotency_finish
                     .key(key)
+                    .arg(digest)
                     .arg(token)
                     .arg(answer)
                     .arg(keep.as_millis() as u64)
@@ -326,13 +343,19 @@ impl RedisStore {
         Ok(())
     }
 
-    pub async fn idempotency_abort(&self, key: &str, token: &str) -> Result<(), StoreError> {
+    pub async fn idempotency_abort(
+        &self,
+        key: &str,
+        digest: &str,
+        token: &str,
+    ) -> Result<(), StoreError> {
         let mut con = self.connection.clone();
         let _: i64 = self
             .bounded(
                 self.scripts
                     .idempotency_abort
                     .key(key)
+                    .arg(digest)
                     .arg(token)
                     .invoke_async(&mut con),
             )

@@ -66,6 +66,8 @@ pub enum Idempotency {
     InFlight,
     /// A call with this key finished; here is its stored answer.
     Done(Vec<u8>),
+    /// The key was taken by a different request (another digest).
+    Reused,
 }
 
 #[derive(Debug, Clone, thiserror::Error)]
@@ -144,30 +146,38 @@ impl Store {
         dispatch!(self, s => s.verify(key, hash).await)
     }
 
-    /// Takes the key for a call (identified by `token`) unless it is taken or answered.
+    /// Takes the key for a call (identified by `token`) of the request with `digest` (64 hex
+    /// characters), unless it is taken or answered, or was taken by another request.
     pub async fn idempotency_begin(
         &self,
         key: &str,
+        digest: &str,
         token: &str,
         lock: Duration,
     ) -> Result<Idempotency, StoreError> {
-        dispatch!(self, s => s.idempotency_begin(key, token, lock).await)
+        dispatch!(self, s => s.idempotency_begin(key, digest, token, lock).await)
     }
 
     /// Stores the answer, if `token` still owns the key.
     pub async fn idempotency_finish(
         &self,
         key: &str,
+        digest: &str,
         token: &str,
         answer: &[u8],
         keep: Duration,
     ) -> Result<(), StoreError> {
-        dispatch!(self, s => s.idempotency_finish(key, token, answer, keep).await)
+        dispatch!(self, s => s.idempotency_finish(key, digest, token, answer, keep).await)
     }
 
     /// Frees the key, if `token` still owns it.
-    pub async fn idempotency_abort(&self, key: &str, token: &str) -> Result<(), StoreError> {
-        dispatch!(self, s => s.idempotency_abort(key, token).await)
+    pub async fn idempotency_abort(
+        &self,
+        key: &str,
+        digest: &str,
+        token: &str,
+    ) -> Result<(), StoreError> {
+        dispatch!(self, s => s.idempotency_abort(key, digest, token).await)
     }
 
     /// Whether the store answers now.

@@ -171,10 +171,7 @@ impl MetaClient {
             let error = match outcome {
                 Ok(response) => {
                     let status = response.status().as_u16();
-                    let bytes = match response.bytes().await {
-                        Ok(b) => b,
-                        Err(e) => return Err(transport_error(&e, deadline)),
-                    };
+                    let bytes = read_bounded(response, deadline).await?;
                     if (200..300).contains(&status) {
                         return parse_success(&bytes);
                     }
@@ -209,6 +206,33 @@ fn bytes_of(message: &OutboundTemplate) -> bytes::Bytes {
         .into()
 }
 
+/// Meta's answers are a few KB; anything longer is not an answer kabar can trust.
+pub const MAX_ANSWER_BYTES: usize = 64 * 1024;
+
+/// Reads an answer's body, at most [`MAX_ANSWER_BYTES`]. A longer (or endless) body is an
+/// unreadable answer: the request reached Meta, so the message may have gone out.
+async fn read_bounded(
+    mut response: reqwest::Response,
+    deadline: Option<Instant>,
+) -> Result<Vec<u8>, SendError> {
+    let mut body = Vec::new();
+    loop {
+        match response.chunk().await {
+            Ok(None) => return Ok(body),
+            Ok(Some(chunk)) => {
+                if body.len() + chunk.len() > MAX_ANSWER_BYTES {
+                    return Err(SendError::Uncertain(format!(
+                        "Meta's answer is longer than {} KiB; it was not read",
+                        MAX_ANSWER_BYTES / 1024
+                    )));
+                }
+                body.extend_from_slice(&chunk);
+            }
+            Err(e) => return Err(transport_error(&e, deadline)),
+        }
+    }
+}
+
 fn parse_success(bytes: &[u8]) -> Result<Sent, SendError> {
     let body: SuccessBody = serde_json::from_slice(bytes).map_err(|e| {
         SendError::Uncertain(format!("Meta answered 200 with an unexpected body: {e}"))
@@ -218,6 +242,7 @@ fn parse_success(bytes: &[u8]) -> Result<Sent, SendError> {
         .into_iter()
         .next()
         .map(|m| m.id)
+        .filter(|id| !id.trim().is_empty())
         .ok_or_else(|| SendError::Uncertain("Meta answered 200 without a message id".into()))?;
     let wa_id = body
         .contacts

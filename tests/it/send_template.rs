@@ -170,27 +170,28 @@ params = ["nama", "paket"]
     let _ = std::fs::remove_dir_all(dir);
 }
 
+/// The AUTHENTICATION template goes out only through SendOtp, which applies the OTP limits
+/// (country allow-list, cooldown, hourly and daily caps): SendTemplate refuses it.
 #[tokio::test]
-async fn otp_template_through_send_template_carries_the_copy_code_button() {
+async fn authentication_template_is_refused_by_send_template() {
     let meta = FakeMeta::start().await;
     let app = TestApp::start(meta_vars(&meta)).await;
-    app.notifications()
-        .send_template(SendTemplateRequest {
-            phone: "081234567890".into(),
-            template: "otp_code".into(),
-            positional_params: vec!["482913".into()],
-            ..Default::default()
-        })
-        .await
-        .expect("sent");
-    assert_eq!(
-        meta.received()[0].body["template"]["components"],
-        json!([
-            {"type": "body", "parameters": [{"type": "text", "text": "482913"}]},
-            {"type": "button", "sub_type": "url", "index": "0",
-             "parameters": [{"type": "text", "text": "482913"}]}
-        ])
-    );
+    for _ in 0..3 {
+        let status = app
+            .notifications()
+            .send_template(SendTemplateRequest {
+                phone: "+79161234567".into(),
+                template: "otp_code".into(),
+                positional_params: vec!["482913".into()],
+                ..Default::default()
+            })
+            .await
+            .expect_err("refused");
+        assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+        assert_eq!(violated_fields(&status), vec!["template"]);
+        assert!(status.message().contains("SendOtp"), "{}", status.message());
+    }
+    assert_eq!(meta.count(), 0, "nothing reaches Meta");
 }
 
 /// Each bad request, and the fields its INVALID_ARGUMENT must name.
