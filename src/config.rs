@@ -17,6 +17,17 @@ pub struct ConfigError {
     pub message: String,
 }
 
+/// File descriptors kept free of gRPC connections: the HTTP port's connections, Redis, the
+/// connections to Meta, logs and the listeners themselves.
+pub const FD_RESERVE: usize = 128;
+
+/// The soft limit on open files of this process (Linux: `/proc/self/limits`), if known.
+fn open_files_limit() -> Option<usize> {
+    let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
+    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
+    line.split_whitespace().nth(3)?.parse().ok()
+}
+
 /// A URL as it may be shown: any `user:password@` replaced, so that a configuration error or a
 /// log line never prints a credential.
 pub fn redact_url(url: &str) -> String {
@@ -71,6 +82,12 @@ pub struct Config {
     /// How long health reports NOT_SERVING, while calls are still accepted, before the servers
     /// stop accepting: time for load balancers and Kubernetes to move traffic away.
     pub shutdown_delay: Duration,
+    /// Open connections on the gRPC port at most (`KABAR_MAX_CONNECTIONS`), already lowered to
+    /// fit the process's file descriptor limit.
+    pub max_connections: usize,
+    /// How long a client may take to complete a connection's handshake, an HTTP request's
+    /// headers, or one gRPC request message (`KABAR_SLOW_CLIENT_TIMEOUT_SECONDS`).
+    pub slow_client_timeout: Duration,
     /// Warnings to log once logging is up (development defaults in use).
     pub warnings: Vec<String>,
 }
@@ -393,6 +410,22 @@ impl Config {
         let shutdown_delay =
             Duration::from_secs(r.number("KABAR_SHUTDOWN_DELAY_SECONDS", 0, 0..=60)?);
 
+        let wanted_connections = r.number("KABAR_MAX_CONNECTIONS", 1000, 1..=1_000_000)? as usize;
+        let max_connections = match open_files_limit() {
+            Some(limit) if wanted_connections + FD_RESERVE > limit => {
+                let fitted = limit.saturating_sub(FD_RESERVE).max(1);
+                warnings.push(format!(
+                    "KABAR_MAX_CONNECTIONS={wanted_connections} does not fit the open files limit \
+                     of {limit} (ulimit -n; LimitNOFILE= in systemd): at most {fitted} gRPC \
+                     connections are accepted. Raise the limit to allow more."
+                ));
+                fitted
+            }
+            _ => wanted_connections,
+        };
+        let slow_client_timeout =
+            Duration::from_secs(r.number("KABAR_SLOW_CLIENT_TIMEOUT_SECONDS", 10, 1..=300)?);
+
         if redis_url.is_none() {
             warnings.push(
                 "REDIS_URL is not set: OTP codes and rate limits live in this process only and \
@@ -420,6 +453,8 @@ impl Config {
             otp,
             shutdown_grace,
             shutdown_delay,
+            max_connections,
+            slow_client_timeout,
             warnings,
         };
         // The token goes into a header: a character a header cannot carry fails here, at start-up.

@@ -9,6 +9,7 @@ pub mod config;
 pub mod error;
 pub mod grpc;
 pub mod http;
+pub mod listen;
 pub mod metrics;
 pub mod notify;
 pub mod otp;
@@ -183,13 +184,41 @@ pub async fn run(
         });
     }
 
+    let grpc_admission = listen::Admission::new(
+        "grpc",
+        listen::Limits {
+            max_connections: config.max_connections,
+            max_pending: (config.max_connections / 4).max(16),
+            handshake_timeout: config.slow_client_timeout,
+            handshake: listen::Handshake::BytesRead(listen::HTTP2_PREFACE_LEN),
+        },
+        drain.clone(),
+    );
+    let http_admission = listen::Admission::new(
+        "http",
+        listen::Limits {
+            max_connections: http::MAX_CONNECTIONS,
+            max_pending: http::MAX_CONNECTIONS / 2,
+            handshake_timeout: config.slow_client_timeout,
+            handshake: listen::Handshake::FirstWrite,
+        },
+        drain.clone(),
+    );
+
     let grpc_server = tonic::transport::Server::builder()
         .tcp_nodelay(true)
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
-        .add_service(health_service)
-        .add_service(reflection_v1)
-        .add_service(reflection_v1alpha)
+        .max_concurrent_streams(grpc::limits::MAX_CONCURRENT_STREAMS)
+        .initial_stream_window_size(grpc::limits::STREAM_WINDOW)
+        .initial_connection_window_size(grpc::limits::CONNECTION_WINDOW)
+        .http2_max_header_list_size(grpc::limits::MAX_HEADER_LIST_BYTES)
+        .layer(grpc::limits::RequestBodyDeadline(
+            config.slow_client_timeout,
+        ))
+        .add_service(health_service.max_decoding_message_size(grpc::limits::MAX_MESSAGE_BYTES))
+        .add_service(reflection_v1.max_decoding_message_size(grpc::limits::MAX_MESSAGE_BYTES))
+        .add_service(reflection_v1alpha.max_decoding_message_size(grpc::limits::MAX_MESSAGE_BYTES))
         .add_service(
             pb::notification_service_server::NotificationServiceServer::new(
                 grpc::NotificationGrpc::new(
@@ -198,18 +227,25 @@ pub async fn run(
                     driver.longest_send(),
                     metrics.clone(),
                 ),
-            ),
+            )
+            .max_decoding_message_size(grpc::limits::MAX_MESSAGE_BYTES),
         )
-        .add_service(pb::otp_service_server::OtpServiceServer::new(
-            grpc::OtpGrpc::new(otp, metrics),
-        ))
+        .add_service(
+            pb::otp_service_server::OtpServiceServer::new(grpc::OtpGrpc::new(otp, metrics.clone()))
+                .max_decoding_message_size(grpc::limits::MAX_MESSAGE_BYTES),
+        )
         .serve_with_incoming_shutdown(
-            tonic::transport::server::TcpIncoming::from(listeners.grpc).with_nodelay(Some(true)),
+            listen::incoming(listeners.grpc, grpc_admission),
             drain.clone().cancelled_owned(),
         );
 
-    let http_server = axum::serve(listeners.http, http::router(http_state.clone()))
-        .with_graceful_shutdown(drain.clone().cancelled_owned());
+    let http_server = http::serve(
+        listeners.http,
+        http_admission,
+        http::router(http_state.clone()),
+        config.slow_client_timeout,
+        drain.clone(),
+    );
 
     tracing::info!(
         grpc = %grpc_addr,
@@ -220,9 +256,8 @@ pub async fn run(
     );
 
     let servers = async {
-        let (grpc, http) = tokio::join!(grpc_server, http_server);
+        let (grpc, ()) = tokio::join!(grpc_server, http_server);
         grpc.context("gRPC server failed")?;
-        http.context("HTTP server failed")?;
         anyhow::Ok(())
     };
     tokio::pin!(servers);
@@ -233,7 +268,17 @@ pub async fn run(
             drain.cancelled().await;
             tokio::time::sleep(grace).await;
         } => {
-            tracing::warn!(grace_seconds = grace.as_secs(), "calls still in flight after the shutdown grace period; stopping anyway");
+            match metrics.in_flight() {
+                0 => tracing::warn!(
+                    grace_seconds = grace.as_secs(),
+                    "no call in flight, but clients kept connections open past the shutdown grace period; stopping anyway"
+                ),
+                calls => tracing::warn!(
+                    grace_seconds = grace.as_secs(),
+                    calls,
+                    "calls still in flight after the shutdown grace period; stopping anyway"
+                ),
+            }
             Ok(())
         }
     };

@@ -1,6 +1,8 @@
 //! The gRPC edge: decode the request, call the domain, encode the answer. One log line per call
 //! with its outcome and duration. No store or Meta details live here.
 
+pub mod limits;
+
 use std::{
     sync::Arc,
     time::{Duration, Instant},

@@ -8,6 +8,52 @@ use std::sync::{
 
 use axum::{Json, Router, extract::State, http::StatusCode, routing::get};
 use serde_json::json;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::listen::Admission;
+
+/// Open connections on the HTTP port at most: probes and a metrics scraper need a handful.
+pub const MAX_CONNECTIONS: usize = 64;
+/// Largest request head (request line and headers) read.
+const MAX_HEAD_BYTES: usize = 16 * 1024;
+
+/// Serves `router` over HTTP/1.1 until `drain` is cancelled. Each connection answers one request
+/// (no keep-alive): an idle connection cannot hold a slot, and a request whose headers do not
+/// arrive within the slow-client timeout is closed (hyper's header-read timeout).
+pub async fn serve(
+    listener: TcpListener,
+    admission: Arc<Admission>,
+    router: Router,
+    header_timeout: std::time::Duration,
+    drain: CancellationToken,
+) {
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(header_timeout)
+        .keep_alive(false)
+        .max_buf_size(MAX_HEAD_BYTES);
+    loop {
+        let (conn, _) = tokio::select! {
+            accepted = admission.accept(&listener) => accepted,
+            () = drain.cancelled() => return,
+        };
+        let service = hyper_util::service::TowerToHyperService::new(router.clone());
+        let connection = builder.serve_connection(hyper_util::rt::TokioIo::new(conn), service);
+        let drain = drain.clone();
+        tokio::spawn(async move {
+            tokio::pin!(connection);
+            tokio::select! {
+                _ = connection.as_mut() => {}
+                () = drain.cancelled() => {
+                    connection.as_mut().graceful_shutdown();
+                    let _ = connection.await;
+                }
+            }
+        });
+    }
+}
 
 /// What the HTTP endpoints report: readiness (kept current by the health monitor and shutdown)
 /// and the metrics.

@@ -1,0 +1,113 @@
+//! Limits on what one call may hold on the gRPC port, as a tower layer under every service:
+//! a request message must arrive whole within a deadline, so that a client that sends all but
+//! the last bytes of a message and stops cannot hold its buffer.
+//!
+//! The other per-connection bounds are HTTP/2 settings and message sizes, set where the server is
+//! built (see [`crate::run`]): concurrent streams, flow-control windows, header list size and the
+//! largest decoded message.
+
+use std::{
+    pin::Pin,
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use tokio::time::Sleep;
+use tonic::Status;
+
+/// Streams one HTTP/2 connection may open at once (SETTINGS_MAX_CONCURRENT_STREAMS); more are
+/// refused by the client's own HTTP/2 layer. Enough for a load generator's 256 calls in flight
+/// on one connection.
+pub const MAX_CONCURRENT_STREAMS: u32 = 256;
+/// The largest request message decoded. kabar's requests are a few KB (a whole template body is
+/// at most 1,024 characters); a larger one is refused before it is buffered.
+pub const MAX_MESSAGE_BYTES: usize = 64 * 1024;
+/// HTTP/2 flow-control windows: what a client may send before kabar reads it.
+pub const STREAM_WINDOW: u32 = 256 * 1024;
+pub const CONNECTION_WINDOW: u32 = 1024 * 1024;
+/// Request headers (gRPC metadata) at most.
+pub const MAX_HEADER_LIST_BYTES: u32 = 16 * 1024;
+
+/// Wraps every request body in [`DeadlineBody`].
+#[derive(Debug, Clone, Copy)]
+pub struct RequestBodyDeadline(pub Duration);
+
+impl<S> tower::Layer<S> for RequestBodyDeadline {
+    type Service = WithBodyDeadline<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        WithBodyDeadline {
+            inner,
+            within: self.0,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct WithBodyDeadline<S> {
+    inner: S,
+    within: Duration,
+}
+
+impl<S> tower::Service<http::Request<tonic::body::Body>> for WithBodyDeadline<S>
+where
+    S: tower::Service<http::Request<tonic::body::Body>>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<tonic::body::Body>) -> Self::Future {
+        let within = self.within;
+        self.inner.call(request.map(|body| {
+            tonic::body::Body::new(DeadlineBody {
+                inner: body,
+                deadline: Box::pin(tokio::time::sleep(within)),
+                within,
+            })
+        }))
+    }
+}
+
+/// A request body that fails once `within` has passed since its headers arrived, unless it has
+/// ended by then.
+pub struct DeadlineBody {
+    inner: tonic::body::Body,
+    deadline: Pin<Box<Sleep>>,
+    within: Duration,
+}
+
+impl Body for DeadlineBody {
+    type Data = Bytes;
+    type Error = Status;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        if let Poll::Ready(frame) = Pin::new(&mut self.inner).poll_frame(cx) {
+            return Poll::Ready(frame);
+        }
+        match self.deadline.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Some(Err(Status::deadline_exceeded(format!(
+                "the request message did not arrive whole within {} s",
+                self.within.as_secs()
+            ))))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
