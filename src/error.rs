@@ -175,6 +175,11 @@ fn cut_bytes(mut text: String, max: usize) -> String {
 }
 
 impl Error {
+    /// The error in words, at most [`MAX_MESSAGE_BYTES`]: the `grpc-message` and the log line.
+    pub fn summary(&self) -> String {
+        cut_bytes(self.to_string(), MAX_MESSAGE_BYTES)
+    }
+
     pub fn field(field: impl Into<String>, description: impl Into<String>) -> Self {
         let mut v = Violations::new();
         v.push(field, description);
@@ -257,7 +262,7 @@ impl From<SendError> for Error {
 impl From<Error> for Status {
     fn from(e: Error) -> Status {
         let code = e.code();
-        let message = cut_bytes(e.to_string(), MAX_MESSAGE_BYTES);
+        let message = e.summary();
         let details = match &e {
             Error::InvalidArgument(violations) => {
                 ErrorDetails::with_bad_request(violations.shown.clone())

@@ -138,6 +138,13 @@ impl Metrics {
                 METHODS[i]
             );
         }
+        let _ = writeln!(
+            out,
+            "# HELP kabar_grpc_calls_in_flight Calls whose work has started and not finished.\n\
+             # TYPE kabar_grpc_calls_in_flight gauge\n\
+             kabar_grpc_calls_in_flight {}",
+            self.in_flight()
+        );
         out.push_str("# HELP kabar_otp_store_up Whether the OTP store (Redis) answers.\n");
         out.push_str("# TYPE kabar_otp_store_up gauge\n");
         let _ = writeln!(out, "kabar_otp_store_up {}", u8::from(store_reachable));

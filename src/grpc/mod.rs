@@ -68,10 +68,10 @@ fn log_call(metrics: &Metrics, method: Method, start: Instant, outcome: Result<&
             let code_name = format!("{code:?}");
             match code {
                 Code::InvalidArgument | Code::ResourceExhausted | Code::FailedPrecondition => {
-                    tracing::info!(method, code = %code_name, elapsed_ms, error = %e, "call refused")
+                    tracing::info!(method, code = %code_name, elapsed_ms, error = %e.summary(), "call refused")
                 }
                 _ => {
-                    tracing::warn!(method, code = %code_name, elapsed_ms, error = %e, "call failed")
+                    tracing::warn!(method, code = %code_name, elapsed_ms, error = %e.summary(), "call failed")
                 }
             }
         }

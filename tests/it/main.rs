@@ -20,6 +20,7 @@ macro_rules! on_both_stores {
 }
 
 mod config;
+mod hardening;
 mod meta_errors;
 mod otp;
 mod phone;

@@ -148,7 +148,19 @@ pub struct Reply {
     pub delay: Duration,
 }
 
+/// The body of [`Reply::endless`]: the stand-in answers 200 and never ends the body.
+const ENDLESS: &str = "<endless body>";
+
 impl Reply {
+    /// A 200 whose body never ends (spaces, forever), as a broken proxy might send.
+    pub fn endless() -> Self {
+        Reply {
+            status: 200,
+            body: serde_json::Value::String(ENDLESS.to_owned()),
+            delay: Duration::ZERO,
+        }
+    }
+
     pub fn error(status: u16, code: i64, details: &str) -> Self {
         Reply {
             status,
@@ -264,6 +276,17 @@ async fn meta_handler(
     if !reply.delay.is_zero() {
         tokio::time::sleep(reply.delay).await;
     }
+    if reply.body == ENDLESS {
+        let spaces = Bytes::from_static(&[b' '; 8192]);
+        let stream =
+            futures_util::stream::repeat_with(move || Ok::<_, std::io::Error>(spaces.clone()));
+        return (
+            StatusCode::OK,
+            [("content-type", "application/json")],
+            axum::body::Body::from_stream(stream),
+        )
+            .into_response();
+    }
     let body = if reply.status == 200 && reply.body.is_null() {
         let to = parsed["to"].as_str().unwrap_or_default().to_owned();
         serde_json::json!({
@@ -279,6 +302,7 @@ async fn meta_handler(
         [("content-type", "application/json")],
         body.to_string(),
     )
+        .into_response()
 }
 
 /// The whole kabar app, in-process, with gRPC clients connected to it.
