@@ -19,6 +19,7 @@ macro_rules! on_both_stores {
     )*};
 }
 
+mod attack;
 mod config;
 mod hardening;
 mod meta_errors;

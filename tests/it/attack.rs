@@ -1,0 +1,491 @@
+//! Attacks on the real binary, one at a time, measured by its own memory (`/proc/PID/status`) and
+//! by whether a fresh connection still gets health SERVING within 1 s during and after. Each runs
+//! `kabar serve` as a subprocess so that its memory and its open files limit are its own.
+
+use std::{
+    io::{BufRead, BufReader, Read},
+    net::{SocketAddr, TcpListener as StdListener, TcpStream as StdStream},
+    process::{Child, Command, Stdio},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use kabar::pb::SendTemplateRequest;
+use prost::Message;
+use tonic::transport::Channel;
+use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+
+use crate::{send_template::invoice_request, support::SERVING};
+
+/// The budgets of the README's operations section.
+const PEAK_RSS_BUDGET_KIB: u64 = 128 * 1024;
+const SETTLE_BUDGET_KIB: u64 = 10 * 1024;
+
+fn free_addr() -> SocketAddr {
+    let listener = StdListener::bind("127.0.0.1:0").expect("bind");
+    listener.local_addr().expect("addr")
+}
+
+/// `kabar serve` as a subprocess, its stderr collected.
+struct Kabar {
+    child: Child,
+    grpc: SocketAddr,
+    http: SocketAddr,
+    log: Arc<Mutex<String>>,
+}
+
+impl Kabar {
+    /// Starts kabar with `vars` (and an open files limit, when given) and waits for SERVING.
+    async fn start(vars: &[(&str, &str)], open_files: Option<u32>) -> Kabar {
+        let binary = env!("CARGO_BIN_EXE_kabar");
+        let mut command = match open_files {
+            Some(n) => {
+                let mut c = Command::new("sh");
+                c.arg("-c")
+                    .arg(format!("ulimit -n {n} && exec \"$0\" serve"))
+                    .arg(binary);
+                c
+            }
+            None => {
+                let mut c = Command::new(binary);
+                c.arg("serve");
+                c
+            }
+        };
+        let grpc = free_addr();
+        let http = free_addr();
+        command
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("KABAR_GRPC_ADDR", grpc.to_string())
+            .env("KABAR_HTTP_ADDR", http.to_string())
+            .env("KABAR_SHUTDOWN_GRACE_SECONDS", "20")
+            .envs(vars.iter().copied())
+            .current_dir(std::env::temp_dir())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let mut child = command.spawn().expect("kabar starts");
+        let log = Arc::new(Mutex::new(String::new()));
+        let stderr = child.stderr.take().expect("stderr");
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                let mut log = sink.lock().unwrap();
+                log.push_str(&line);
+                log.push('\n');
+            }
+        });
+        let mut kabar = Kabar {
+            child,
+            grpc,
+            http,
+            log,
+        };
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = kabar.child.try_wait() {
+                std::thread::sleep(Duration::from_millis(100));
+                panic!("kabar exited ({status}):\n{}", kabar.log());
+            }
+            if kabar.health_within(Duration::from_secs(1)).await {
+                return kabar;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("kabar did not serve:\n{}", kabar.log());
+    }
+
+    fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    fn status_kib(&self, field: &str) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .expect("kabar is running");
+        status
+            .lines()
+            .find(|l| l.starts_with(field))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|n| n.parse().ok())
+            .expect("field present")
+    }
+
+    fn rss_kib(&self) -> u64 {
+        self.status_kib("VmRSS:")
+    }
+
+    fn peak_rss_kib(&self) -> u64 {
+        self.status_kib("VmHWM:")
+    }
+
+    /// Whether a fresh connection gets health SERVING within `within`.
+    async fn health_within(&self, within: Duration) -> bool {
+        let check = async {
+            let channel = Channel::from_shared(format!("http://{}", self.grpc))
+                .unwrap()
+                .connect()
+                .await
+                .ok()?;
+            let status = HealthClient::new(channel)
+                .check(HealthCheckRequest::default())
+                .await
+                .ok()?
+                .into_inner()
+                .status;
+            Some(status == SERVING)
+        };
+        matches!(tokio::time::timeout(within, check).await, Ok(Some(true)))
+    }
+
+    async fn assert_healthy(&self, when: &str) {
+        assert!(
+            self.health_within(Duration::from_secs(1)).await,
+            "{when}: a fresh connection got no health SERVING within 1 s\n{}",
+            self.log()
+        );
+    }
+
+    /// Whether `GET /healthz` on a fresh connection answers within `within`.
+    fn http_healthz_within(&self, within: Duration) -> bool {
+        let Ok(mut stream) = StdStream::connect_timeout(&self.http, within) else {
+            return false;
+        };
+        let _ = stream.set_read_timeout(Some(within));
+        use std::io::Write;
+        if stream
+            .write_all(b"GET /healthz HTTP/1.1\r\nHost: kabar\r\n\r\n")
+            .is_err()
+        {
+            return false;
+        }
+        let mut answer = Vec::new();
+        let _ = stream.read_to_end(&mut answer);
+        answer.starts_with(b"HTTP/1.1 200")
+    }
+
+    /// SIGTERM, then the exit code and how long the exit took.
+    fn terminate(&mut self) -> (Option<i32>, Duration) {
+        let started = Instant::now();
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait") {
+                return (status.code(), started.elapsed());
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "kabar did not exit"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Kabar {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Sockets that connect and never send a byte, more than the open files limit allows: fresh
+/// clients still get through, the idle ones are closed after the slow-client timeout, caps are
+/// logged, and shutdown does not wait for them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_sockets_cannot_exhaust_file_descriptors() {
+    let mut kabar = Kabar::start(&[("KABAR_SLOW_CLIENT_TIMEOUT_SECONDS", "2")], Some(256)).await;
+    let baseline = kabar.rss_kib();
+    let mut idle = Vec::new();
+    for i in 0..400 {
+        let target = if i % 4 == 0 { kabar.http } else { kabar.grpc };
+        idle.push(StdStream::connect(target).expect("the kernel accepts the connection"));
+    }
+    kabar.assert_healthy("with 400 idle sockets").await;
+    assert!(
+        kabar.http_healthz_within(Duration::from_secs(1)),
+        "HTTP /healthz with 400 idle sockets"
+    );
+    for _ in 0..200 {
+        idle.push(StdStream::connect(kabar.grpc).expect("connect"));
+    }
+    kabar.assert_healthy("with 600 idle sockets").await;
+
+    // Every idle socket is closed by kabar within the timeout (evicted ones sooner).
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    for (i, socket) in idle.iter_mut().enumerate() {
+        socket
+            .set_read_timeout(Some(Duration::from_secs(2)))
+            .unwrap();
+        let mut byte = [0u8; 64];
+        match socket.read(&mut byte) {
+            Ok(0) | Err(_) => {}
+            Ok(n) => {
+                // The HTTP/2 server preface (SETTINGS) may arrive first; then the close.
+                assert!(n > 0);
+                let mut rest = Vec::new();
+                let _ = socket.read_to_end(&mut rest);
+            }
+        }
+        assert!(
+            socket.read(&mut byte).map(|n| n == 0).unwrap_or(true),
+            "idle socket {i} still open"
+        );
+    }
+    kabar.assert_healthy("after the idle sockets").await;
+    let log = kabar.log();
+    assert!(
+        log.contains("does not fit the open files limit"),
+        "the lowered cap is announced:\n{log}"
+    );
+    assert!(
+        log.contains("connection limit reached") || log.contains("handshaking at once"),
+        "a hit cap is logged:\n{log}"
+    );
+    assert!(kabar.peak_rss_kib() < PEAK_RSS_BUDGET_KIB);
+    assert!(kabar.rss_kib() < baseline + SETTLE_BUDGET_KIB);
+
+    // Shutdown with idle sockets open does not wait for the grace period (20 s here).
+    let mut more = Vec::new();
+    for _ in 0..50 {
+        more.push(StdStream::connect(kabar.grpc).expect("connect"));
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (code, took) = kabar.terminate();
+    assert_eq!(code, Some(0), "{}", kabar.log());
+    assert!(took < Duration::from_secs(3), "shutdown took {took:?}");
+    assert!(
+        !kabar.log().contains("calls still in flight"),
+        "{}",
+        kabar.log()
+    );
+}
+
+fn grpc_request(path: &str) -> http::Request<()> {
+    http::Request::builder()
+        .method("POST")
+        .uri(format!("http://kabar{path}"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(())
+        .unwrap()
+}
+
+/// The gRPC status of a stream's answer: from a trailers-only answer's headers, or the trailers.
+async fn grpc_status(response: h2::client::ResponseFuture) -> Option<String> {
+    let response = response.await.ok()?;
+    if let Some(status) = response.headers().get("grpc-status") {
+        return Some(status.to_str().ok()?.to_owned());
+    }
+    let mut body = response.into_body();
+    while let Some(chunk) = body.data().await {
+        let chunk = chunk.ok()?;
+        let _ = body.flow_control().release_capacity(chunk.len());
+    }
+    let trailers = body.trailers().await.ok()??;
+    Some(trailers.get("grpc-status")?.to_str().ok()?.to_owned())
+}
+
+/// Messages that stop arriving and streams that never send a body are dropped after the slow
+/// client timeout; a message announcing more than the limit is refused at once; the connection
+/// advertises a bounded number of streams. Memory stays within the budget throughout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn half_sent_messages_and_stream_floods_are_bounded() {
+    let kabar = Kabar::start(&[("KABAR_SLOW_CLIENT_TIMEOUT_SECONDS", "2")], None).await;
+    let baseline = kabar.rss_kib();
+    let tcp = tokio::net::TcpStream::connect(kabar.grpc).await.unwrap();
+    let (mut client, connection) = h2::client::handshake(tcp).await.expect("h2 handshake");
+    let connection = tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    client = client.ready().await.expect("ready");
+
+    let path = "/kabar.v1.NotificationService/SendTemplate";
+    let started = Instant::now();
+    let mut answers = Vec::new();
+    // 40 messages of 60,000 bytes, each missing its last 16 bytes.
+    for _ in 0..40 {
+        client = client.ready().await.expect("ready");
+        let (response, mut body) = client.send_request(grpc_request(path), false).unwrap();
+        let mut frame = vec![0u8, 0, 0, 0xea, 0x60];
+        frame.extend(std::iter::repeat_n(0u8, 60_000 - 16));
+        body.send_data(Bytes::from(frame), false).unwrap();
+        answers.push((response, body));
+    }
+    // 200 streams that send headers and nothing else.
+    for _ in 0..200 {
+        client = client.ready().await.expect("ready");
+        let (response, body) = client.send_request(grpc_request(path), false).unwrap();
+        answers.push((response, body));
+    }
+    kabar.assert_healthy("with 240 stalled streams").await;
+    let mut statuses = Vec::new();
+    for (response, _body) in answers {
+        statuses.push(
+            tokio::time::timeout(Duration::from_secs(10), grpc_status(response))
+                .await
+                .expect("every stalled stream is answered"),
+        );
+    }
+    let took = started.elapsed();
+    assert!(
+        statuses.iter().all(|s| s.as_deref() == Some("4")),
+        "DEADLINE_EXCEEDED for each: {statuses:?}"
+    );
+    assert!(took >= Duration::from_millis(1_900), "{took:?}");
+
+    // A message announcing 4 MiB is refused without waiting for it.
+    client = client.ready().await.expect("ready");
+    let (response, mut body) = client.send_request(grpc_request(path), false).unwrap();
+    body.send_data(Bytes::from_static(&[0, 0, 0x40, 0, 0, 1, 2, 3]), false)
+        .unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(1), grpc_status(response))
+        .await
+        .expect("answered at once");
+    assert!(
+        matches!(status.as_deref(), Some("8" | "11")),
+        "RESOURCE_EXHAUSTED or OUT_OF_RANGE: {status:?}"
+    );
+    drop(client);
+    connection.abort();
+
+    // The advertised stream limit.
+    let tcp = tokio::net::TcpStream::connect(kabar.grpc).await.unwrap();
+    let (client, mut connection) = h2::client::handshake(tcp).await.unwrap();
+    let settle = Instant::now() + Duration::from_secs(2);
+    while connection.max_concurrent_send_streams() == usize::MAX && Instant::now() < settle {
+        let _ = tokio::time::timeout(Duration::from_millis(20), &mut connection).await;
+    }
+    assert_eq!(connection.max_concurrent_send_streams(), 256);
+    drop(client);
+
+    kabar.assert_healthy("after the stalled streams").await;
+    assert!(kabar.peak_rss_kib() < PEAK_RSS_BUDGET_KIB);
+    let settled = kabar.rss_kib();
+    assert!(
+        settled < baseline + SETTLE_BUDGET_KIB,
+        "RSS {settled} KiB after, {baseline} KiB before"
+    );
+}
+
+/// Meta answering a 30 MB body, or a body that never ends: each send is UNKNOWN without reading
+/// past the bound, and memory stays within the budget.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn huge_and_endless_answers_from_meta_are_not_read() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let meta_addr = listener.local_addr().unwrap();
+    let huge = Bytes::from(vec![b' '; 30 * 1024 * 1024]);
+    let app = axum::Router::new().route(
+        "/{*path}",
+        axum::routing::post(move |uri: axum::http::Uri| {
+            let huge = huge.clone();
+            async move {
+                if uri.path().contains("/2002/") {
+                    let chunk = Bytes::from_static(&[b' '; 8192]);
+                    axum::body::Body::from_stream(futures_util::stream::repeat_with(move || {
+                        Ok::<_, std::io::Error>(chunk.clone())
+                    }))
+                } else {
+                    axum::body::Body::from(huge)
+                }
+            }
+        }),
+    );
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    for (phone_number_id, what) in [("1001", "a 30 MB answer"), ("2002", "an endless answer")] {
+        let url = format!("http://{meta_addr}");
+        let kabar = Kabar::start(
+            &[
+                ("WHATSAPP_DRIVER", "meta"),
+                ("WHATSAPP_API_KEY", "EAAtest"),
+                ("META_WA_PHONE_NUMBER_ID", phone_number_id),
+                ("META_GRAPH_API_URL", &url),
+                ("KABAR_META_TIMEOUT_MS", "20000"),
+            ],
+            None,
+        )
+        .await;
+        let baseline = kabar.rss_kib();
+        let channel = Channel::from_shared(format!("http://{}", kabar.grpc))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let started = Instant::now();
+        let mut calls = Vec::new();
+        for _ in 0..20 {
+            let mut client = kabar::pb::notification_service_client::NotificationServiceClient::new(
+                channel.clone(),
+            );
+            calls.push(tokio::spawn(async move {
+                client.send_template(invoice_request()).await
+            }));
+        }
+        for call in calls {
+            let status = call.await.unwrap().expect_err("unknown outcome");
+            assert_eq!(status.code(), tonic::Code::Unknown, "{what}: {status:?}");
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "{what}: answered without waiting for the body's end"
+        );
+        kabar.assert_healthy(what).await;
+        let peak = kabar.peak_rss_kib();
+        assert!(peak < PEAK_RSS_BUDGET_KIB, "{what}: peak {peak} KiB");
+        assert!(
+            kabar.rss_kib() < baseline + SETTLE_BUDGET_KIB,
+            "{what}: {} KiB after, {baseline} KiB before",
+            kabar.rss_kib()
+        );
+    }
+}
+
+/// The request the amplification finding used, 0.7 MB of unknown parameter names: refused by
+/// size before it is decoded, and a message just under the limit gives a small answer and a
+/// short log line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_and_many_violation_requests_keep_answers_and_logs_small() {
+    let kabar = Kabar::start(&[], None).await;
+    let channel = Channel::from_shared(format!("http://{}", kabar.grpc))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut client =
+        kabar::pb::notification_service_client::NotificationServiceClient::new(channel);
+    let mut big = invoice_request();
+    for i in 0..50_000 {
+        big.params.insert(format!("p{i:07}"), String::new());
+    }
+    assert!(big.encoded_len() > 600_000);
+    let status = client.send_template(big).await.expect_err("refused");
+    assert!(
+        matches!(
+            status.code(),
+            tonic::Code::OutOfRange | tonic::Code::ResourceExhausted
+        ),
+        "{status:?}"
+    );
+    let mut many = invoice_request();
+    for i in 0..3_000 {
+        many.params
+            .insert(format!("p{i:07}\n forged"), String::new());
+    }
+    assert!(many.encoded_len() < 64 * 1024);
+    let status = client.send_template(many).await.expect_err("refused");
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    assert!(status.message().len() <= 512);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let log = kabar.log();
+    let longest = log.lines().map(str::len).max().unwrap_or(0);
+    assert!(longest < 2_048, "a log line of {longest} bytes");
+    assert!(
+        !log.contains("\n forged"),
+        "a caller's line break reached the log"
+    );
+    assert!(kabar.peak_rss_kib() < PEAK_RSS_BUDGET_KIB);
+}
