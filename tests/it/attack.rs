@@ -11,7 +11,6 @@ use std::{
 };
 
 use bytes::Bytes;
-use kabar::pb::SendTemplateRequest;
 use prost::Message;
 use tonic::transport::Channel;
 use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
