@@ -26,3 +26,5 @@ mod phone;
 mod send_template;
 mod server;
 mod support;
+mod process;
+mod promises_ops;
