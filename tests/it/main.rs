@@ -28,3 +28,5 @@ mod server;
 mod support;
 mod process;
 mod promises_ops;
+mod promises_idempotency;
+mod promises_meta;
