@@ -30,3 +30,5 @@ mod process;
 mod promises_ops;
 mod promises_idempotency;
 mod promises_meta;
+mod promises_config;
+mod promises_otp;
