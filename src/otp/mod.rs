@@ -45,6 +45,13 @@ const DAY_MS: u64 = 24 * 3600 * 1000;
 
 pub const DEFAULT_PURPOSE: &str = "login";
 
+/// The daily cap's day of `now_ms` (Unix milliseconds): its number, counted in WIB (UTC+7), and
+/// the Unix milliseconds at which it ends, 00:00 WIB.
+pub fn wib_day(now_ms: u64) -> (u64, u64) {
+    let day = (now_ms + DAY_OFFSET_MS) / DAY_MS;
+    (day, (day + 1) * DAY_MS - DAY_OFFSET_MS)
+}
+
 pub struct OtpService {
     store: Store,
     driver: Driver,
@@ -209,8 +216,7 @@ impl OtpService {
         let code = match test_code {
             Some(code) => SecretString::from(code.expose_secret()),
             None => {
-                let day = (now + DAY_OFFSET_MS) / DAY_MS;
-                let next_day_ms = (day + 1) * DAY_MS - DAY_OFFSET_MS;
+                let (day, next_day_ms) = wib_day(now);
                 let allowed = self
                     .store
                     .count_daily(

@@ -452,3 +452,110 @@ pub fn retry_delay(status: &tonic::Status) -> Option<Duration> {
     use tonic_types::StatusExt;
     status.get_details_retry_info().and_then(|r| r.retry_delay)
 }
+
+/// A stand-in for Meta at the TCP level: it reads each whole HTTP request, then closes the
+/// connection without answering, as when a connection breaks after the request went out.
+pub struct BrokenMeta {
+    pub addr: SocketAddr,
+    requests: Arc<AtomicU64>,
+}
+
+impl BrokenMeta {
+    pub async fn start() -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let requests = Arc::new(AtomicU64::new(0));
+        let counter = requests.clone();
+        tokio::spawn(async move {
+            while let Ok((mut socket, _)) = listener.accept().await {
+                let counter = counter.clone();
+                tokio::spawn(async move {
+                    if read_http_request(&mut socket).await {
+                        counter.fetch_add(1, Ordering::SeqCst);
+                    }
+                    // Dropping the socket closes the connection with no answer.
+                });
+            }
+        });
+        BrokenMeta { addr, requests }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Whole requests received.
+    pub fn count(&self) -> u64 {
+        self.requests.load(Ordering::SeqCst)
+    }
+}
+
+/// Reads one HTTP/1.1 request (headers and a `content-length` body); `false` if the peer closed
+/// before it was complete.
+async fn read_http_request(socket: &mut tokio::net::TcpStream) -> bool {
+    use tokio::io::AsyncReadExt;
+    let mut buffer = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        if let Some(end) = buffer.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buffer[..end]).to_ascii_lowercase();
+            let length: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(0);
+            if buffer.len() >= end + 4 + length {
+                return true;
+            }
+        }
+        match socket.read(&mut chunk).await {
+            Ok(0) | Err(_) => return false,
+            Ok(n) => buffer.extend_from_slice(&chunk[..n]),
+        }
+    }
+}
+
+/// The text of `GET /metrics`.
+pub async fn metrics_text(http_addr: SocketAddr) -> String {
+    reqwest::get(format!("http://{http_addr}/metrics"))
+        .await
+        .expect("metrics answer")
+        .text()
+        .await
+        .expect("metrics body")
+}
+
+/// Status and JSON body of `GET /readyz`.
+pub async fn readyz(http_addr: SocketAddr) -> (u16, serde_json::Value) {
+    let response = reqwest::get(format!("http://{http_addr}/readyz"))
+        .await
+        .expect("readyz answers");
+    let status = response.status().as_u16();
+    (status, response.json().await.expect("readyz JSON"))
+}
+
+/// Polls `check` every 20 ms until it holds or `within` passes; whether it held.
+pub async fn eventually<F, Fut>(within: Duration, mut check: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + within;
+    loop {
+        if check().await {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Whether `status` says the caller's deadline passed: kabar's own DEADLINE_EXCEEDED, or the
+/// CANCELLED that the tonic client's own timer produces when kabar's answer (sent a few
+/// milliseconds before the deadline) arrives after it on a loaded machine.
+pub fn is_deadline_passed(status: &tonic::Status) -> bool {
+    status.code() == tonic::Code::DeadlineExceeded
+        || (status.code() == tonic::Code::Cancelled && status.message().contains("Timeout expired"))
+}
