@@ -952,6 +952,12 @@ fn targets(run: &RunFigures) -> Vec<Target> {
             show: nanos,
             measured: plain(phone("other_ns"), nanos, |_| true),
         },
+        Target {
+            name: "phonenumber's general path, the same Indonesian number (micro-benchmark)",
+            goal: None,
+            show: nanos,
+            measured: plain(phone("general_path_ns"), nanos, |_| true),
+        },
     ]
 }
 
