@@ -85,6 +85,8 @@ pub struct Config {
     /// Open connections on the gRPC port at most (`KABAR_MAX_CONNECTIONS`), already lowered to
     /// fit the process's file descriptor limit.
     pub max_connections: usize,
+    /// Established gRPC connections per client address at most (`KABAR_MAX_CONNECTIONS_PER_IP`).
+    pub max_connections_per_ip: usize,
     /// How long a client may take to complete a connection's handshake, an HTTP request's
     /// headers, or one gRPC request message (`KABAR_SLOW_CLIENT_TIMEOUT_SECONDS`).
     pub slow_client_timeout: Duration,
@@ -423,6 +425,8 @@ impl Config {
             }
             _ => wanted_connections,
         };
+        let max_connections_per_ip =
+            r.number("KABAR_MAX_CONNECTIONS_PER_IP", 64, 1..=1_000_000)? as usize;
         let slow_client_timeout =
             Duration::from_secs(r.number("KABAR_SLOW_CLIENT_TIMEOUT_SECONDS", 10, 1..=300)?);
 
@@ -454,6 +458,7 @@ impl Config {
             shutdown_grace,
             shutdown_delay,
             max_connections,
+            max_connections_per_ip,
             slow_client_timeout,
             warnings,
         };

@@ -148,9 +148,38 @@ pub fn sanitize(text: &str) -> String {
     out
 }
 
-/// Line and paragraph separators, which some log readers and terminals treat as line breaks.
+/// Characters that must never reach a log line or a terminal as they are: line and paragraph
+/// separators (some log readers treat them as line breaks) and the bidirectional controls, which
+/// make a line display in another order than it is written (U+202E turns text around).
 pub fn is_separator(c: char) -> bool {
-    matches!(c, '\u{2028}' | '\u{2029}' | '\u{0085}')
+    matches!(
+        c,
+        '\u{2028}'
+            | '\u{2029}'
+            | '\u{0085}'
+            | '\u{061c}'
+            | '\u{200e}'
+            | '\u{200f}'
+            | '\u{202a}'..='\u{202e}'
+            | '\u{2066}'..='\u{2069}'
+    )
+}
+
+/// `text` with control, separator and bidirectional characters escaped (`\u{..}`): safe for a
+/// log line or a status message whatever its source (a caller, or Meta's answer).
+pub fn escape_unsafe(text: &str) -> String {
+    if !text.chars().any(|c| c.is_control() || is_separator(c)) {
+        return text.to_owned();
+    }
+    let mut out = String::with_capacity(text.len() + 16);
+    for c in text.chars() {
+        if c.is_control() || is_separator(c) {
+            out.extend(c.escape_unicode());
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 /// `text` cut to at most `max` characters (an ellipsis marks the cut).
@@ -176,8 +205,9 @@ fn cut_bytes(mut text: String, max: usize) -> String {
 
 impl Error {
     /// The error in words, at most [`MAX_MESSAGE_BYTES`]: the `grpc-message` and the log line.
+    /// Text from Meta's answer is escaped like a caller's.
     pub fn summary(&self) -> String {
-        cut_bytes(self.to_string(), MAX_MESSAGE_BYTES)
+        cut_bytes(escape_unsafe(&self.to_string()), MAX_MESSAGE_BYTES)
     }
 
     pub fn field(field: impl Into<String>, description: impl Into<String>) -> Self {
@@ -341,6 +371,15 @@ mod tests {
                 .all(|f| f.description.chars().count() <= 323)
         );
         assert!(v.to_string().ends_with("; and 4990 more"));
+    }
+
+    #[test]
+    fn meta_text_is_escaped_in_the_summary() {
+        let e = Error::MetaOutcomeUnknown("a\nforged line \u{1b}[2J \u{202e}evil".into());
+        let summary = e.summary();
+        assert!(!summary.contains('\n') && !summary.contains('\u{1b}'));
+        assert!(!summary.contains('\u{202e}'), "{summary}");
+        assert!(summary.contains("\\u{202e}"), "{summary}");
     }
 
     #[test]

@@ -64,6 +64,10 @@ impl Listeners {
     }
 }
 
+/// After shutdown has drained every call, how long answers get to reach their callers before
+/// connections still open are closed.
+const IDLE_EXIT_PAUSE: Duration = Duration::from_millis(500);
+
 /// How often the OTP store's reachability is checked for gRPC health.
 const STORE_PROBE_INTERVAL: Duration = Duration::from_secs(1);
 
@@ -189,6 +193,7 @@ pub async fn run(
         listen::Limits {
             max_connections: config.max_connections,
             max_pending: (config.max_connections / 4).max(16),
+            max_per_ip: config.max_connections_per_ip,
             handshake_timeout: config.slow_client_timeout,
             handshake: listen::Handshake::BytesRead(listen::HTTP2_PREFACE_LEN),
         },
@@ -199,6 +204,7 @@ pub async fn run(
         listen::Limits {
             max_connections: http::MAX_CONNECTIONS,
             max_pending: http::MAX_CONNECTIONS / 2,
+            max_per_ip: http::MAX_CONNECTIONS,
             handshake_timeout: config.slow_client_timeout,
             handshake: listen::Handshake::FirstWrite,
         },
@@ -264,6 +270,16 @@ pub async fn run(
     let grace = config.shutdown_grace;
     let result = tokio::select! {
         r = &mut servers => r,
+        () = async {
+            // Once no call is in flight, idle connections (clients that keep them open after the
+            // GOAWAY) no longer hold the exit; a short pause lets the last answers go out.
+            drain.cancelled().await;
+            metrics.idle().await;
+            tokio::time::sleep(IDLE_EXIT_PAUSE).await;
+        } => {
+            tracing::info!("no call in flight: closing the remaining connections");
+            Ok(())
+        }
         () = async {
             drain.cancelled().await;
             tokio::time::sleep(grace).await;

@@ -11,13 +11,16 @@
 //!   new ones wait in the kernel's backlog;
 //! - at most `max_pending` connections may be handshaking at once (the oldest is closed first),
 //!   so that idle sockets cannot crowd out the established clients;
+//! - at most `max_per_ip` established connections per client address (HTTP/2 only): one client
+//!   that completes handshakes and then idles, answering keepalive pings, cannot fill the cap
+//!   and lock everyone else out; a connection past it is closed right after its handshake;
 //! - on shutdown, connections still handshaking close at once;
 //! - every cap that is hit is logged (at most once every 10 s per listener).
 
 use std::{
-    collections::VecDeque,
+    collections::{HashMap, VecDeque},
     io,
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
     pin::Pin,
     sync::{
         Arc, Mutex,
@@ -51,6 +54,9 @@ pub const HTTP2_PREFACE_LEN: usize = 24;
 pub struct Limits {
     pub max_connections: usize,
     pub max_pending: usize,
+    /// Established connections per client address at most (counted once the handshake is
+    /// complete; `Handshake::BytesRead` only).
+    pub max_per_ip: usize,
     pub handshake_timeout: Duration,
     pub handshake: Handshake,
 }
@@ -65,6 +71,7 @@ pub struct Admission {
     slots: Arc<Semaphore>,
     pending: Mutex<VecDeque<Arc<PendingEntry>>>,
     pending_count: AtomicUsize,
+    established: Mutex<HashMap<IpAddr, usize>>,
     /// Cancelled on shutdown: connections still handshaking close at once.
     drain: CancellationToken,
     started: Instant,
@@ -84,6 +91,7 @@ impl Admission {
             slots: Arc::new(Semaphore::new(limits.max_connections.max(1))),
             pending: Mutex::new(VecDeque::new()),
             pending_count: AtomicUsize::new(0),
+            established: Mutex::new(HashMap::new()),
             drain,
             started: Instant::now(),
             last_warning_ms: AtomicU64::new(u64::MAX),
@@ -98,6 +106,29 @@ impl Admission {
     /// Connections open now that have not completed their handshake.
     pub fn pending(&self) -> usize {
         self.pending_count.load(Ordering::Acquire)
+    }
+
+    /// Counts an established connection from `ip`; `false` (nothing counted) past the cap.
+    fn establish(&self, ip: IpAddr) -> bool {
+        let mut established = self.established.lock().expect("per-address lock");
+        let count = established.entry(ip).or_insert(0);
+        if *count >= self.limits.max_per_ip {
+            drop(established);
+            self.warn("a client address reached its connection limit: closing its new connection");
+            return false;
+        }
+        *count += 1;
+        true
+    }
+
+    fn disestablish(&self, ip: IpAddr) {
+        let mut established = self.established.lock().expect("per-address lock");
+        if let Some(count) = established.get_mut(&ip) {
+            *count -= 1;
+            if *count == 0 {
+                established.remove(&ip);
+            }
+        }
     }
 
     fn warn(&self, what: &str) {
@@ -199,9 +230,15 @@ impl Admission {
             Handshake::BytesRead(n) => n,
             Handshake::FirstWrite => usize::MAX,
         };
+        let peer = stream
+            .peer_addr()
+            .map_or(IpAddr::from([0, 0, 0, 0]), |a| a.ip().to_canonical());
         Guarded {
             inner: stream,
             _slot: slot,
+            peer,
+            counted: false,
+            admission: None,
             handshake: Some(Box::new(PendingHandshake {
                 admission: self.clone(),
                 entry,
@@ -234,8 +271,22 @@ impl Drop for PendingHandshake {
 pub struct Guarded {
     inner: TcpStream,
     _slot: OwnedSemaphorePermit,
+    peer: IpAddr,
+    /// Counted under the per-address cap (until dropped).
+    counted: bool,
+    admission: Option<Arc<Admission>>,
     /// Present until the handshake completes.
     handshake: Option<Box<PendingHandshake>>,
+}
+
+impl Drop for Guarded {
+    fn drop(&mut self) {
+        if self.counted
+            && let Some(admission) = &self.admission
+        {
+            admission.disestablish(self.peer);
+        }
+    }
 }
 
 impl Guarded {
@@ -280,7 +331,16 @@ impl AsyncRead for Guarded {
         {
             h.bytes_left = h.bytes_left.saturating_sub(read);
             if h.bytes_left == 0 {
+                let admission = h.admission.clone();
                 this.handshake = None;
+                if !admission.establish(this.peer) {
+                    return Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::ConnectionRefused,
+                        "too many connections from this address",
+                    )));
+                }
+                this.counted = true;
+                this.admission = Some(admission);
             }
         }
         Poll::Ready(Ok(()))

@@ -206,6 +206,9 @@ fn bytes_of(message: &OutboundTemplate) -> bytes::Bytes {
         .into()
 }
 
+/// The longest message id or WhatsApp id accepted from Meta.
+const MAX_ID_BYTES: usize = 256;
+
 /// Meta's answers are a few KB; anything longer is not an answer kabar can trust.
 pub const MAX_ANSWER_BYTES: usize = 64 * 1024;
 
@@ -244,11 +247,18 @@ fn parse_success(bytes: &[u8]) -> Result<Sent, SendError> {
         .map(|m| m.id)
         .filter(|id| !id.trim().is_empty())
         .ok_or_else(|| SendError::Uncertain("Meta answered 200 without a message id".into()))?;
+    // A wamid is a few dozen printable ASCII characters; anything else is not Meta's answer.
+    if message_id.len() > MAX_ID_BYTES || !message_id.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(SendError::Uncertain(
+            "Meta answered 200 with a malformed message id".into(),
+        ));
+    }
     let wa_id = body
         .contacts
         .into_iter()
         .next()
         .map(|c| c.wa_id)
+        .filter(|w| w.len() <= MAX_ID_BYTES && w.bytes().all(|b| b.is_ascii_digit()))
         .unwrap_or_default();
     Ok(Sent { message_id, wa_id })
 }

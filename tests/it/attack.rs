@@ -488,3 +488,67 @@ async fn oversized_and_many_violation_requests_keep_answers_and_logs_small() {
     );
     assert!(kabar.peak_rss_kib() < PEAK_RSS_BUDGET_KIB);
 }
+
+/// One client address that completes handshakes and then idles (its HTTP/2 layer answering
+/// keepalive pings) holds at most KABAR_MAX_CONNECTIONS_PER_IP connections: other clients still
+/// get in, and shutdown does not wait for the idle connections.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_address_cannot_fill_the_connection_cap() {
+    let mut kabar = Kabar::start(
+        &[
+            ("KABAR_MAX_CONNECTIONS", "40"),
+            ("KABAR_MAX_CONNECTIONS_PER_IP", "10"),
+        ],
+        None,
+    )
+    .await;
+    let mut held = Vec::new();
+    for _ in 0..30 {
+        let tcp = tokio::net::TcpStream::connect(kabar.grpc).await.unwrap();
+        let (client, connection) = h2::client::handshake(tcp).await.expect("handshake");
+        held.push((client, tokio::spawn(connection)));
+    }
+    let deadline = Instant::now() + Duration::from_secs(3);
+    let closed = loop {
+        let closed = held.iter().filter(|(_, task)| task.is_finished()).count();
+        if closed >= 20 || Instant::now() > deadline {
+            break closed;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(
+        closed, 20,
+        "connections past 10 from one address are closed"
+    );
+    // Another address (127.0.0.2 is loopback too) gets a connection and health at once.
+    let other = async {
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", kabar.grpc))
+            .unwrap()
+            .local_address(Some("127.0.0.2".parse().unwrap()))
+            .connect()
+            .await
+            .ok()?;
+        HealthClient::new(channel)
+            .check(HealthCheckRequest::default())
+            .await
+            .ok()
+            .map(|r| r.into_inner().status)
+    };
+    assert_eq!(
+        tokio::time::timeout(Duration::from_secs(1), other)
+            .await
+            .ok()
+            .flatten(),
+        Some(SERVING)
+    );
+    assert!(
+        kabar.log().contains("reached its connection limit"),
+        "{}",
+        kabar.log()
+    );
+    // Ten idle connections stay open; shutdown closes them once no call is in flight.
+    let (code, took) = kabar.terminate();
+    assert_eq!(code, Some(0));
+    assert!(took < Duration::from_secs(3), "shutdown took {took:?}");
+    drop(held);
+}

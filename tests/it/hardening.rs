@@ -237,6 +237,28 @@ async fn a_200_with_an_empty_message_id_is_unknown() {
 }
 
 #[tokio::test]
+async fn a_malformed_message_id_is_unknown_not_passed_on() {
+    let meta = FakeMeta::start().await;
+    meta.push(Reply {
+        status: 200,
+        body: serde_json::json!({
+            "messaging_product": "whatsapp",
+            "contacts": [{"input": "+6281234567890", "wa_id": "6281234567890"}],
+            "messages": [{"id": "wamid.A\nforged log line \u{1b}[2J"}]
+        }),
+        delay: Duration::ZERO,
+    });
+    let app = TestApp::start(meta_vars(&meta)).await;
+    let status = app
+        .notifications()
+        .send_template(invoice_request())
+        .await
+        .expect_err("not a wamid");
+    assert_eq!(status.code(), Code::Unknown, "{status:?}");
+    assert!(!status.message().contains('\n'));
+}
+
+#[tokio::test]
 async fn reference_and_parameter_text_are_checked() {
     let meta = FakeMeta::start().await;
     let app = TestApp::start(meta_vars(&meta)).await;
@@ -263,6 +285,13 @@ async fn reference_and_parameter_text_are_checked() {
         (
             SendTemplateRequest {
                 reference: "INV-1\u{1b}[2J".into(),
+                ..invoice_request()
+            },
+            "reference",
+        ),
+        (
+            SendTemplateRequest {
+                reference: "INV-1\u{202e}lave".into(),
                 ..invoice_request()
             },
             "reference",
