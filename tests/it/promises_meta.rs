@@ -10,7 +10,8 @@ use tonic::Code;
 use crate::{
     send_template::invoice_request,
     support::{
-        BrokenMeta, FakeMeta, Reply, TestApp, error_info, eventually, meta_vars, retry_delay,
+        BrokenMeta, FakeMeta, Reply, TestApp, error_info, eventually, is_deadline_passed,
+        meta_vars, retry_delay,
     },
 };
 
@@ -388,4 +389,29 @@ async fn retries_stop_before_the_deadline_with_metas_last_error_at_once() {
         after_last < Duration::from_millis(300),
         "answered {after_last:?} after the last attempt: it waited instead"
     );
+}
+
+#[tokio::test]
+async fn kabar_answers_deadline_exceeded_itself_before_the_callers_timer() {
+    let meta = FakeMeta::start().await;
+    meta.set_delay(Duration::from_secs(2));
+    let app = TestApp::start(meta_vars(&meta)).await;
+    // kabar answers 20 ms before the caller's deadline; the tonic client's own timer answers
+    // CANCELLED at the deadline. On a loaded machine a single call may lose that race, so
+    // several calls are made and at least one must carry kabar's own DEADLINE_EXCEEDED.
+    let mut own_answers = 0;
+    for _ in 0..5 {
+        let mut request = tonic::Request::new(invoice_request());
+        request.set_timeout(Duration::from_millis(200));
+        let status = app
+            .notifications()
+            .send_template(request)
+            .await
+            .unwrap_err();
+        assert!(is_deadline_passed(&status), "{status:?}");
+        if status.code() == Code::DeadlineExceeded {
+            own_answers += 1;
+        }
+    }
+    assert!(own_answers >= 1, "kabar never answered the deadline itself");
 }
