@@ -7,7 +7,10 @@ use tonic::Code;
 
 use crate::{
     send_template::invoice_request,
-    support::{FakeMeta, Reply, TestApp, error_info, meta_vars, retry_delay},
+    support::{
+        FakeMeta, Reply, TestApp, error_info, eventually, is_deadline_passed, meta_vars,
+        retry_delay,
+    },
 };
 
 struct Case {
@@ -371,11 +374,13 @@ async fn retries_stop_at_the_callers_deadline() {
         .await
         .unwrap_err();
     let elapsed = start.elapsed();
+    // Meta's last error, or the deadline (kabar's own answer or, on a loaded machine, the
+    // client's timer firing first): never a third attempt.
     assert!(
-        matches!(status.code(), Code::Unavailable | Code::DeadlineExceeded),
+        status.code() == Code::Unavailable || is_deadline_passed(&status),
         "{status:?}"
     );
-    assert!(elapsed < Duration::from_millis(700), "took {elapsed:?}");
+    assert!(elapsed < Duration::from_millis(1000), "took {elapsed:?}");
     assert!(
         meta.count() < 3,
         "retried past the deadline: {} attempts",
@@ -396,7 +401,7 @@ async fn a_slow_meta_answer_past_the_deadline_is_deadline_exceeded_and_not_retri
         .send_template(request)
         .await
         .unwrap_err();
-    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+    assert!(is_deadline_passed(&status), "{status:?}");
     assert!(start.elapsed() < Duration::from_millis(1000));
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(
@@ -478,12 +483,13 @@ async fn outbound_sends_are_bounded_and_waiting_respects_the_deadline() {
             tokio::spawn(async move { client.send_template(invoice_request()).await })
         })
         .collect();
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Wait until two calls hold the two slots (the other two queue behind them).
+    assert!(eventually(Duration::from_secs(5), || async { meta.count() == 2 }).await);
     // Both slots are busy: a call with a short deadline waits, then gives up unsent.
     let mut short = tonic::Request::new(invoice_request());
     short.set_timeout(Duration::from_millis(150));
     let status = app.notifications().send_template(short).await.unwrap_err();
-    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+    assert!(is_deadline_passed(&status), "{status:?}");
     for call in calls {
         call.await.unwrap().expect("queued sends go out");
     }

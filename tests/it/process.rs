@@ -168,11 +168,14 @@ impl Kabar {
     /// Connects and waits until the whole server reports SERVING; the channel.
     pub async fn wait_serving(&mut self) -> Channel {
         let channel = self.channel(Duration::from_secs(15)).await;
-        let serving = crate::support::eventually(Duration::from_secs(15), || async {
-            self.health_status(&channel, "").await == Some(crate::support::SERVING)
-        })
-        .await;
-        assert!(serving, "kabar did not report SERVING");
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while self.health_status(&channel, "").await != Some(crate::support::SERVING) {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                panic!("kabar exited with {status}:\n{}", self.stderr().join("\n"));
+            }
+            assert!(Instant::now() < deadline, "kabar did not report SERVING");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         channel
     }
 

@@ -49,6 +49,7 @@ fn assert_in_flight(status: &tonic::Status) {
 
 on_both_stores!(
     a_concurrent_duplicate_is_aborted_while_the_first_is_in_flight,
+    the_send_finishes_and_settles_the_key_after_the_caller_has_gone,
     a_deadline_before_sending_frees_the_key,
     a_deadline_after_sending_keeps_the_key,
     an_invalid_request_never_takes_the_key,
@@ -312,4 +313,38 @@ async fn a_key_needs_redis_and_calls_without_one_do_not() {
         .await
         .expect("a call without a key does not touch Redis");
     assert_eq!(meta.count(), 1);
+}
+
+async fn the_send_finishes_and_settles_the_key_after_the_caller_has_gone(
+    redis: Option<&RedisServer>,
+) {
+    let (meta, app) = start(redis, &[]).await;
+    meta.push(slow_success(Duration::from_millis(500)));
+    let mut client = app.notifications();
+    let caller = tokio::spawn(async move { client.send_template(keyed("inv-gone")).await });
+    assert!(eventually(Duration::from_secs(5), || async { meta.count() == 1 }).await);
+    // The caller disconnects while the request is at Meta.
+    caller.abort();
+
+    // kabar still finishes the send and stores its answer under the key: a retry gets it
+    // (once the send has finished) and nothing is sent twice.
+    let mut client = app.notifications();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let replay = loop {
+        match client.send_template(keyed("inv-gone")).await {
+            Ok(answer) => break answer.into_inner(),
+            Err(status) => assert_in_flight(&status),
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the key is settled after the caller has gone"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(replay.message_id, "wamid.TEST00000001");
+    assert_eq!(meta.count(), 1);
+    client
+        .send_template(invoice_request())
+        .await
+        .expect("kabar still serves");
 }
