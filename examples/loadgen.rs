@@ -810,7 +810,7 @@ fn plain(
 const RSS_FIELDS: [(&str, &str); 3] = [
     (
         "kabar_peak_rss_kb",
-        "0 ms Meta: health, verify, send-otp, send-template",
+        "0 ms Meta, every scenario before the 200 ms ones",
     ),
     (
         "kabar_200ms_peak_rss_kb",

@@ -21,6 +21,7 @@ duration="${DURATION:-10}"
 warmup="${WARMUP:-2}"
 phones="${PHONES:-200000}"
 runs="${RUNS:-1}"
+[[ "$runs" =~ ^[1-9][0-9]*$ ]] || { echo "bench: RUNS must be a whole number from 1" >&2; exit 2; }
 if [[ "${1:-}" == "--smoke" ]]; then
     profile=dev
     phones=2000
