@@ -42,13 +42,18 @@ pub struct Kabar {
     stderr: Arc<Mutex<Vec<String>>>,
     reader: Option<std::thread::JoinHandle<()>>,
     exit: Option<ExitStatus>,
+    /// A working directory made for this child alone, removed with it.
+    own_dir: Option<PathBuf>,
 }
 
 impl Kabar {
     /// `kabar serve` in a fresh working directory with `vars`, on free ports unless `vars` sets
     /// `KABAR_GRPC_ADDR` or `KABAR_HTTP_ADDR`.
     pub fn serve(vars: &[(&str, &str)]) -> Kabar {
-        Kabar::serve_in(&work_dir("serve"), vars)
+        let dir = work_dir("serve");
+        let mut kabar = Kabar::serve_in(&dir, vars);
+        kabar.own_dir = Some(dir);
+        kabar
     }
 
     /// `kabar serve` in `dir` (where a `.env` may wait) with `vars`.
@@ -106,6 +111,7 @@ impl Kabar {
             stderr,
             reader: Some(reader),
             exit: None,
+            own_dir: None,
         }
     }
 
@@ -224,6 +230,9 @@ impl Drop for Kabar {
         if self.exit.is_none() {
             let _ = self.child.kill();
             let _ = self.child.wait();
+        }
+        if let Some(dir) = self.own_dir.take() {
+            let _ = std::fs::remove_dir_all(dir);
         }
     }
 }

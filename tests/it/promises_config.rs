@@ -135,4 +135,5 @@ async fn the_environment_wins_over_dotenv_and_blank_values_count_as_unset() {
     assert!(kabar.stop(Duration::from_secs(10)).await.success());
     let lines = kabar.json_lines();
     assert!(lines.iter().any(|l| l["method"] == "SendOtp"));
+    let _ = std::fs::remove_dir_all(dir);
 }
