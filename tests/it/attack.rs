@@ -3,10 +3,8 @@
 //! `kabar serve` as a subprocess so that its memory and its open files limit are its own.
 
 use std::{
-    io::{BufRead, BufReader, Read},
-    net::{SocketAddr, TcpListener as StdListener, TcpStream as StdStream},
-    process::{Child, Command, Stdio},
-    sync::{Arc, Mutex},
+    io::{Read, Write},
+    net::{SocketAddr, TcpStream as StdStream},
     time::{Duration, Instant},
 };
 
@@ -15,179 +13,80 @@ use prost::Message;
 use tonic::transport::Channel;
 use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
 
-use crate::{send_template::invoice_request, support::SERVING};
+use crate::{process::Kabar, send_template::invoice_request, support::SERVING};
 
 /// The budgets of the README's operations section.
 const PEAK_RSS_BUDGET_KIB: u64 = 128 * 1024;
 const SETTLE_BUDGET_KIB: u64 = 10 * 1024;
 
-fn free_addr() -> SocketAddr {
-    let listener = StdListener::bind("127.0.0.1:0").expect("bind");
-    listener.local_addr().expect("addr")
+/// Starts `kabar serve` (under an open files limit, when given) and waits for SERVING.
+async fn start(vars: &[(&str, &str)], open_files: Option<u32>) -> Kabar {
+    let mut kabar = Kabar::serve_limited(vars, open_files);
+    kabar.wait_serving().await;
+    kabar
 }
 
-/// `kabar serve` as a subprocess, its stderr collected.
-struct Kabar {
-    child: Child,
-    grpc: SocketAddr,
-    http: SocketAddr,
-    log: Arc<Mutex<String>>,
+fn log_of(kabar: &Kabar) -> String {
+    kabar.stderr().join("\n")
 }
 
-impl Kabar {
-    /// Starts kabar with `vars` (and an open files limit, when given) and waits for SERVING.
-    async fn start(vars: &[(&str, &str)], open_files: Option<u32>) -> Kabar {
-        let binary = env!("CARGO_BIN_EXE_kabar");
-        let mut command = match open_files {
-            Some(n) => {
-                let mut c = Command::new("sh");
-                c.arg("-c")
-                    .arg(format!("ulimit -n {n} && exec \"$0\" serve"))
-                    .arg(binary);
-                c
-            }
-            None => {
-                let mut c = Command::new(binary);
-                c.arg("serve");
-                c
-            }
-        };
-        let grpc = free_addr();
-        let http = free_addr();
-        command
-            .env_clear()
-            .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .env("KABAR_GRPC_ADDR", grpc.to_string())
-            .env("KABAR_HTTP_ADDR", http.to_string())
-            .env("KABAR_SHUTDOWN_GRACE_SECONDS", "20")
-            .envs(vars.iter().copied())
-            .current_dir(std::env::temp_dir())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        let mut child = command.spawn().expect("kabar starts");
-        let log = Arc::new(Mutex::new(String::new()));
-        let stderr = child.stderr.take().expect("stderr");
-        let sink = log.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                let mut log = sink.lock().unwrap();
-                log.push_str(&line);
-                log.push('\n');
-            }
-        });
-        let mut kabar = Kabar {
-            child,
-            grpc,
-            http,
-            log,
-        };
-        let deadline = Instant::now() + Duration::from_secs(15);
-        while Instant::now() < deadline {
-            if let Ok(Some(status)) = kabar.child.try_wait() {
-                std::thread::sleep(Duration::from_millis(100));
-                panic!("kabar exited ({status}):\n{}", kabar.log());
-            }
-            if kabar.health_within(Duration::from_secs(1)).await {
-                return kabar;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        panic!("kabar did not serve:\n{}", kabar.log());
-    }
-
-    fn log(&self) -> String {
-        self.log.lock().unwrap().clone()
-    }
-
-    fn status_kib(&self, field: &str) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
-            .expect("kabar is running");
-        status
-            .lines()
-            .find(|l| l.starts_with(field))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|n| n.parse().ok())
-            .expect("field present")
-    }
-
-    fn rss_kib(&self) -> u64 {
-        self.status_kib("VmRSS:")
-    }
-
-    fn peak_rss_kib(&self) -> u64 {
-        self.status_kib("VmHWM:")
-    }
-
-    /// Whether a fresh connection gets health SERVING within `within`.
-    async fn health_within(&self, within: Duration) -> bool {
-        let check = async {
-            let channel = Channel::from_shared(format!("http://{}", self.grpc))
-                .unwrap()
-                .connect()
-                .await
-                .ok()?;
-            let status = HealthClient::new(channel)
-                .check(HealthCheckRequest::default())
-                .await
-                .ok()?
-                .into_inner()
-                .status;
-            Some(status == SERVING)
-        };
-        matches!(tokio::time::timeout(within, check).await, Ok(Some(true)))
-    }
-
-    async fn assert_healthy(&self, when: &str) {
-        assert!(
-            self.health_within(Duration::from_secs(1)).await,
-            "{when}: a fresh connection got no health SERVING within 1 s\n{}",
-            self.log()
-        );
-    }
-
-    /// Whether `GET /healthz` on a fresh connection answers within `within`.
-    fn http_healthz_within(&self, within: Duration) -> bool {
-        let Ok(mut stream) = StdStream::connect_timeout(&self.http, within) else {
-            return false;
-        };
-        let _ = stream.set_read_timeout(Some(within));
-        use std::io::Write;
-        if stream
-            .write_all(b"GET /healthz HTTP/1.1\r\nHost: kabar\r\n\r\n")
-            .is_err()
-        {
-            return false;
-        }
-        let mut answer = Vec::new();
-        let _ = stream.read_to_end(&mut answer);
-        answer.starts_with(b"HTTP/1.1 200")
-    }
-
-    /// SIGTERM, then the exit code and how long the exit took.
-    fn terminate(&mut self) -> (Option<i32>, Duration) {
-        let started = Instant::now();
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status();
-        loop {
-            if let Some(status) = self.child.try_wait().expect("wait") {
-                return (status.code(), started.elapsed());
-            }
-            assert!(
-                started.elapsed() < Duration::from_secs(30),
-                "kabar did not exit"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
+fn rss_kib(kabar: &Kabar) -> u64 {
+    kabar.memory_kib("VmRSS:")
 }
 
-impl Drop for Kabar {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+fn peak_rss_kib(kabar: &Kabar) -> u64 {
+    kabar.memory_kib("VmHWM:")
+}
+
+/// Whether a fresh connection to `addr` gets health SERVING within `within`.
+async fn health_within(addr: SocketAddr, within: Duration) -> bool {
+    let check = async {
+        let channel = Channel::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .connect()
+            .await
+            .ok()?;
+        let status = HealthClient::new(channel)
+            .check(HealthCheckRequest::default())
+            .await
+            .ok()?
+            .into_inner()
+            .status;
+        Some(status == SERVING)
+    };
+    matches!(tokio::time::timeout(within, check).await, Ok(Some(true)))
+}
+
+async fn assert_healthy(kabar: &Kabar, when: &str) {
+    assert!(
+        health_within(kabar.grpc_addr, Duration::from_secs(1)).await,
+        "{when}: a fresh connection got no health SERVING within 1 s\n{}",
+        log_of(kabar)
+    );
+}
+
+/// Whether `GET /healthz` on a fresh connection answers 200 within `within`.
+fn http_healthz_within(addr: SocketAddr, within: Duration) -> bool {
+    let Ok(mut stream) = StdStream::connect_timeout(&addr, within) else {
+        return false;
+    };
+    let _ = stream.set_read_timeout(Some(within));
+    if stream
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: kabar\r\n\r\n")
+        .is_err()
+    {
+        return false;
     }
+    let mut answer = Vec::new();
+    let _ = stream.read_to_end(&mut answer);
+    answer.starts_with(b"HTTP/1.1 200")
+}
+
+/// SIGTERM, then the exit code and how long the exit took.
+async fn terminate(kabar: &mut Kabar) -> (Option<i32>, Duration) {
+    let started = Instant::now();
+    let status = kabar.stop(Duration::from_secs(30)).await;
+    (status.code(), started.elapsed())
 }
 
 /// Sockets that connect and never send a byte, more than the open files limit allows: fresh
@@ -195,22 +94,26 @@ impl Drop for Kabar {
 /// logged, and shutdown does not wait for them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_sockets_cannot_exhaust_file_descriptors() {
-    let mut kabar = Kabar::start(&[("KABAR_SLOW_CLIENT_TIMEOUT_SECONDS", "2")], Some(256)).await;
-    let baseline = kabar.rss_kib();
+    let mut kabar = start(&[("KABAR_SLOW_CLIENT_TIMEOUT_SECONDS", "2")], Some(256)).await;
+    let baseline = rss_kib(&kabar);
     let mut idle = Vec::new();
     for i in 0..400 {
-        let target = if i % 4 == 0 { kabar.http } else { kabar.grpc };
+        let target = if i % 4 == 0 {
+            kabar.http_addr
+        } else {
+            kabar.grpc_addr
+        };
         idle.push(StdStream::connect(target).expect("the kernel accepts the connection"));
     }
-    kabar.assert_healthy("with 400 idle sockets").await;
+    assert_healthy(&kabar, "with 400 idle sockets").await;
     assert!(
-        kabar.http_healthz_within(Duration::from_secs(1)),
+        http_healthz_within(kabar.http_addr, Duration::from_secs(1)),
         "HTTP /healthz with 400 idle sockets"
     );
     for _ in 0..200 {
-        idle.push(StdStream::connect(kabar.grpc).expect("connect"));
+        idle.push(StdStream::connect(kabar.grpc_addr).expect("connect"));
     }
-    kabar.assert_healthy("with 600 idle sockets").await;
+    assert_healthy(&kabar, "with 600 idle sockets").await;
 
     // Every idle socket is closed by kabar within the timeout (evicted ones sooner).
     tokio::time::sleep(Duration::from_millis(2_500)).await;
@@ -233,8 +136,8 @@ async fn idle_sockets_cannot_exhaust_file_descriptors() {
             "idle socket {i} still open"
         );
     }
-    kabar.assert_healthy("after the idle sockets").await;
-    let log = kabar.log();
+    assert_healthy(&kabar, "after the idle sockets").await;
+    let log = log_of(&kabar);
     assert!(
         log.contains("does not fit the open files limit"),
         "the lowered cap is announced:\n{log}"
@@ -243,22 +146,22 @@ async fn idle_sockets_cannot_exhaust_file_descriptors() {
         log.contains("connection limit reached") || log.contains("handshaking at once"),
         "a hit cap is logged:\n{log}"
     );
-    assert!(kabar.peak_rss_kib() < PEAK_RSS_BUDGET_KIB);
-    assert!(kabar.rss_kib() < baseline + SETTLE_BUDGET_KIB);
+    assert!(peak_rss_kib(&kabar) < PEAK_RSS_BUDGET_KIB);
+    assert!(rss_kib(&kabar) < baseline + SETTLE_BUDGET_KIB);
 
     // Shutdown with idle sockets open does not wait for the grace period (20 s here).
     let mut more = Vec::new();
     for _ in 0..50 {
-        more.push(StdStream::connect(kabar.grpc).expect("connect"));
+        more.push(StdStream::connect(kabar.grpc_addr).expect("connect"));
     }
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let (code, took) = kabar.terminate();
-    assert_eq!(code, Some(0), "{}", kabar.log());
+    let (code, took) = terminate(&mut kabar).await;
+    assert_eq!(code, Some(0), "{}", log_of(&kabar));
     assert!(took < Duration::from_secs(3), "shutdown took {took:?}");
     assert!(
-        !kabar.log().contains("calls still in flight"),
+        !log_of(&kabar).contains("calls still in flight"),
         "{}",
-        kabar.log()
+        log_of(&kabar)
     );
 }
 
@@ -292,9 +195,11 @@ async fn grpc_status(response: h2::client::ResponseFuture) -> Option<String> {
 /// advertises a bounded number of streams. Memory stays within the budget throughout.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn half_sent_messages_and_stream_floods_are_bounded() {
-    let kabar = Kabar::start(&[("KABAR_SLOW_CLIENT_TIMEOUT_SECONDS", "2")], None).await;
-    let baseline = kabar.rss_kib();
-    let tcp = tokio::net::TcpStream::connect(kabar.grpc).await.unwrap();
+    let kabar = start(&[("KABAR_SLOW_CLIENT_TIMEOUT_SECONDS", "2")], None).await;
+    let baseline = rss_kib(&kabar);
+    let tcp = tokio::net::TcpStream::connect(kabar.grpc_addr)
+        .await
+        .unwrap();
     let (mut client, connection) = h2::client::handshake(tcp).await.expect("h2 handshake");
     let connection = tokio::spawn(async move {
         let _ = connection.await;
@@ -319,7 +224,7 @@ async fn half_sent_messages_and_stream_floods_are_bounded() {
         let (response, body) = client.send_request(grpc_request(path), false).unwrap();
         answers.push((response, body));
     }
-    kabar.assert_healthy("with 240 stalled streams").await;
+    assert_healthy(&kabar, "with 240 stalled streams").await;
     let mut statuses = Vec::new();
     for (response, _body) in answers {
         statuses.push(
@@ -351,7 +256,9 @@ async fn half_sent_messages_and_stream_floods_are_bounded() {
     connection.abort();
 
     // The advertised stream limit.
-    let tcp = tokio::net::TcpStream::connect(kabar.grpc).await.unwrap();
+    let tcp = tokio::net::TcpStream::connect(kabar.grpc_addr)
+        .await
+        .unwrap();
     let (client, mut connection) = h2::client::handshake(tcp).await.unwrap();
     let settle = Instant::now() + Duration::from_secs(2);
     while connection.max_concurrent_send_streams() == usize::MAX && Instant::now() < settle {
@@ -360,9 +267,9 @@ async fn half_sent_messages_and_stream_floods_are_bounded() {
     assert_eq!(connection.max_concurrent_send_streams(), 256);
     drop(client);
 
-    kabar.assert_healthy("after the stalled streams").await;
-    assert!(kabar.peak_rss_kib() < PEAK_RSS_BUDGET_KIB);
-    let settled = kabar.rss_kib();
+    assert_healthy(&kabar, "after the stalled streams").await;
+    assert!(peak_rss_kib(&kabar) < PEAK_RSS_BUDGET_KIB);
+    let settled = rss_kib(&kabar);
     assert!(
         settled < baseline + SETTLE_BUDGET_KIB,
         "RSS {settled} KiB after, {baseline} KiB before"
@@ -397,7 +304,7 @@ async fn huge_and_endless_answers_from_meta_are_not_read() {
     });
     for (phone_number_id, what) in [("1001", "a 30 MB answer"), ("2002", "an endless answer")] {
         let url = format!("http://{meta_addr}");
-        let kabar = Kabar::start(
+        let kabar = start(
             &[
                 ("WHATSAPP_DRIVER", "meta"),
                 ("WHATSAPP_API_KEY", "EAAtest"),
@@ -408,8 +315,8 @@ async fn huge_and_endless_answers_from_meta_are_not_read() {
             None,
         )
         .await;
-        let baseline = kabar.rss_kib();
-        let channel = Channel::from_shared(format!("http://{}", kabar.grpc))
+        let baseline = rss_kib(&kabar);
+        let channel = Channel::from_shared(format!("http://{}", kabar.grpc_addr))
             .unwrap()
             .connect()
             .await
@@ -432,13 +339,13 @@ async fn huge_and_endless_answers_from_meta_are_not_read() {
             started.elapsed() < Duration::from_secs(10),
             "{what}: answered without waiting for the body's end"
         );
-        kabar.assert_healthy(what).await;
-        let peak = kabar.peak_rss_kib();
+        assert_healthy(&kabar, what).await;
+        let peak = peak_rss_kib(&kabar);
         assert!(peak < PEAK_RSS_BUDGET_KIB, "{what}: peak {peak} KiB");
         assert!(
-            kabar.rss_kib() < baseline + SETTLE_BUDGET_KIB,
+            rss_kib(&kabar) < baseline + SETTLE_BUDGET_KIB,
             "{what}: {} KiB after, {baseline} KiB before",
-            kabar.rss_kib()
+            rss_kib(&kabar)
         );
     }
 }
@@ -448,8 +355,8 @@ async fn huge_and_endless_answers_from_meta_are_not_read() {
 /// short log line.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oversized_and_many_violation_requests_keep_answers_and_logs_small() {
-    let kabar = Kabar::start(&[], None).await;
-    let channel = Channel::from_shared(format!("http://{}", kabar.grpc))
+    let kabar = start(&[], None).await;
+    let channel = Channel::from_shared(format!("http://{}", kabar.grpc_addr))
         .unwrap()
         .connect()
         .await
@@ -479,14 +386,14 @@ async fn oversized_and_many_violation_requests_keep_answers_and_logs_small() {
     assert_eq!(status.code(), tonic::Code::InvalidArgument);
     assert!(status.message().len() <= 512);
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let log = kabar.log();
+    let log = log_of(&kabar);
     let longest = log.lines().map(str::len).max().unwrap_or(0);
     assert!(longest < 2_048, "a log line of {longest} bytes");
     assert!(
         !log.contains("\n forged"),
         "a caller's line break reached the log"
     );
-    assert!(kabar.peak_rss_kib() < PEAK_RSS_BUDGET_KIB);
+    assert!(peak_rss_kib(&kabar) < PEAK_RSS_BUDGET_KIB);
 }
 
 /// One client address that completes handshakes and then idles (its HTTP/2 layer answering
@@ -494,7 +401,7 @@ async fn oversized_and_many_violation_requests_keep_answers_and_logs_small() {
 /// get in, and shutdown does not wait for the idle connections.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_address_cannot_fill_the_connection_cap() {
-    let mut kabar = Kabar::start(
+    let mut kabar = start(
         &[
             ("KABAR_MAX_CONNECTIONS", "40"),
             ("KABAR_MAX_CONNECTIONS_PER_IP", "10"),
@@ -504,7 +411,9 @@ async fn one_address_cannot_fill_the_connection_cap() {
     .await;
     let mut held = Vec::new();
     for _ in 0..30 {
-        let tcp = tokio::net::TcpStream::connect(kabar.grpc).await.unwrap();
+        let tcp = tokio::net::TcpStream::connect(kabar.grpc_addr)
+            .await
+            .unwrap();
         let (client, connection) = h2::client::handshake(tcp).await.expect("handshake");
         held.push((client, tokio::spawn(connection)));
     }
@@ -522,12 +431,13 @@ async fn one_address_cannot_fill_the_connection_cap() {
     );
     // Another address (127.0.0.2 is loopback too) gets a connection and health at once.
     let other = async {
-        let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", kabar.grpc))
-            .unwrap()
-            .local_address(Some("127.0.0.2".parse().unwrap()))
-            .connect()
-            .await
-            .ok()?;
+        let channel =
+            tonic::transport::Endpoint::from_shared(format!("http://{}", kabar.grpc_addr))
+                .unwrap()
+                .local_address(Some("127.0.0.2".parse().unwrap()))
+                .connect()
+                .await
+                .ok()?;
         HealthClient::new(channel)
             .check(HealthCheckRequest::default())
             .await
@@ -542,12 +452,12 @@ async fn one_address_cannot_fill_the_connection_cap() {
         Some(SERVING)
     );
     assert!(
-        kabar.log().contains("reached its connection limit"),
+        log_of(&kabar).contains("reached its connection limit"),
         "{}",
-        kabar.log()
+        log_of(&kabar)
     );
     // Ten idle connections stay open; shutdown closes them once no call is in flight.
-    let (code, took) = kabar.terminate();
+    let (code, took) = terminate(&mut kabar).await;
     assert_eq!(code, Some(0));
     assert!(took < Duration::from_secs(3), "shutdown took {took:?}");
     drop(held);

@@ -50,14 +50,18 @@ impl Kabar {
     /// `kabar serve` in a fresh working directory with `vars`, on free ports unless `vars` sets
     /// `KABAR_GRPC_ADDR` or `KABAR_HTTP_ADDR`.
     pub fn serve(vars: &[(&str, &str)]) -> Kabar {
+        Kabar::serve_limited(vars, None)
+    }
+
+    /// [`Kabar::serve`] under an open files limit (`ulimit -n`), when given.
+    pub fn serve_limited(vars: &[(&str, &str)], open_files: Option<u32>) -> Kabar {
         let dir = work_dir("serve");
-        let mut kabar = Kabar::serve_in(&dir, vars);
+        let mut kabar = Kabar::spawn_limited(&dir, Kabar::env_with_ports(vars), open_files);
         kabar.own_dir = Some(dir);
         kabar
     }
 
-    /// `kabar serve` in `dir` (where a `.env` may wait) with `vars`.
-    pub fn serve_in(dir: &Path, vars: &[(&str, &str)]) -> Kabar {
+    fn env_with_ports(vars: &[(&str, &str)]) -> BTreeMap<String, String> {
         let mut env: BTreeMap<String, String> = BTreeMap::new();
         env.insert(
             "KABAR_GRPC_ADDR".into(),
@@ -70,20 +74,39 @@ impl Kabar {
         for (k, v) in vars {
             env.insert((*k).to_owned(), (*v).to_owned());
         }
-        Kabar::spawn(dir, env)
+        env
     }
 
     /// `kabar serve` in `dir` with exactly `env` (plus `PATH`): a test of `.env` leaves the
     /// addresses to the file.
     pub fn spawn(dir: &Path, env: BTreeMap<String, String>) -> Kabar {
+        Kabar::spawn_limited(dir, env, None)
+    }
+
+    fn spawn_limited(dir: &Path, env: BTreeMap<String, String>, open_files: Option<u32>) -> Kabar {
         let addr = |name: &str| {
             env.get(name)
                 .and_then(|a| a.parse().ok())
                 .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0)))
         };
         let (grpc_addr, http_addr) = (addr("KABAR_GRPC_ADDR"), addr("KABAR_HTTP_ADDR"));
-        let mut child = Command::new(env!("CARGO_BIN_EXE_kabar"))
-            .arg("serve")
+        let binary = env!("CARGO_BIN_EXE_kabar");
+        let mut command = match open_files {
+            // The shell lowers the limit, then becomes kabar (same process id).
+            Some(n) => {
+                let mut c = Command::new("sh");
+                c.arg("-c")
+                    .arg(format!("ulimit -n {n} && exec \"$0\" serve"))
+                    .arg(binary);
+                c
+            }
+            None => {
+                let mut c = Command::new(binary);
+                c.arg("serve");
+                c
+            }
+        };
+        let mut child = command
             .env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
             .envs(&env)
@@ -117,6 +140,18 @@ impl Kabar {
 
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// A field of `/proc/PID/status` in KiB, such as `VmRSS:` (resident now) or `VmHWM:` (peak).
+    pub fn memory_kib(&self, field: &str) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
+            .expect("kabar is running");
+        status
+            .lines()
+            .find(|l| l.starts_with(field))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|n| n.parse().ok())
+            .expect("field present")
     }
 
     /// The stderr lines written so far (all of them once the process has exited).
