@@ -64,6 +64,8 @@ pub struct Config {
     pub grpc_addr: SocketAddr,
     pub http_addr: SocketAddr,
     pub log_format: LogFormat,
+    /// The log filter: `KABAR_LOG`, else `RUST_LOG`, else none (`info`).
+    pub log_filter: Option<String>,
     /// `WHATSAPP_ENABLED=false` refuses every send with FAILED_PRECONDITION instead of sending.
     pub whatsapp_enabled: bool,
     pub driver: DriverKind,
@@ -134,25 +136,39 @@ impl Source for HashMap<String, String> {
     }
 }
 
-/// The process environment, after loading `.env` from the working directory (variables already set
-/// in the environment win over the file).
-pub struct Environment;
+/// The process environment, then `.env` from the working directory: a variable set to a
+/// non-blank value in the environment wins over the file; one that is unset or blank takes the
+/// file's value.
+pub struct Environment {
+    dotenv: HashMap<String, String>,
+}
 
 impl Environment {
     pub fn load() -> Result<Self, ConfigError> {
         // Only the working directory's .env: searching parent directories could pick up an
         // unrelated file (e.g. /etc/.env for a service started in /etc/kabar).
-        match dotenvy::from_path(".env") {
-            Ok(_) => Ok(Environment),
-            Err(e) if e.not_found() => Ok(Environment),
-            Err(e) => Err(err(".env", format!("cannot read the .env file: {e}"))),
+        let mut dotenv = HashMap::new();
+        match dotenvy::from_path_iter(".env") {
+            Ok(items) => {
+                for item in items {
+                    let (name, value) =
+                        item.map_err(|e| err(".env", format!("cannot read the .env file: {e}")))?;
+                    dotenv.insert(name, value);
+                }
+            }
+            Err(e) if e.not_found() => {}
+            Err(e) => return Err(err(".env", format!("cannot read the .env file: {e}"))),
         }
+        Ok(Environment { dotenv })
     }
 }
 
 impl Source for Environment {
     fn get(&self, name: &str) -> Option<String> {
-        std::env::var(name).ok()
+        std::env::var(name)
+            .ok()
+            .filter(|v| !v.trim().is_empty())
+            .or_else(|| self.dotenv.get(name).cloned())
     }
 }
 
@@ -255,6 +271,7 @@ impl Config {
 
         let grpc_addr = r.addr("KABAR_GRPC_ADDR", "127.0.0.1:50051")?;
         let http_addr = r.addr("KABAR_HTTP_ADDR", "127.0.0.1:8080")?;
+        let log_filter = r.get("KABAR_LOG").or_else(|| r.get("RUST_LOG"));
         let log_format = match r.string("KABAR_LOG_FORMAT", "text").as_str() {
             "text" => LogFormat::Text,
             "json" => LogFormat::Json,
@@ -442,6 +459,7 @@ impl Config {
             grpc_addr,
             http_addr,
             log_format,
+            log_filter,
             whatsapp_enabled,
             driver,
             meta,

@@ -393,6 +393,10 @@ async fn oversized_and_many_violation_requests_keep_answers_and_logs_small() {
         !log.contains("\n forged"),
         "a caller's line break reached the log"
     );
+    assert!(
+        !log.contains('\u{1b}'),
+        "no escape sequence, not even colours, in a log that is not a terminal"
+    );
     assert!(peak_rss_kib(&kabar) < PEAK_RSS_BUDGET_KIB);
 }
 

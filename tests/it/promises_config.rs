@@ -85,6 +85,7 @@ async fn the_environment_wins_over_dotenv_and_blank_values_count_as_unset() {
             "KABAR_GRPC_ADDR=127.0.0.1:{file_grpc}\n\
              KABAR_HTTP_ADDR=127.0.0.1:{file_http}\n\
              KABAR_LOG_FORMAT=json\n\
+             KABAR_OTP_RESEND_SECONDS=7\n\
              # blank: the default code length, 6\n\
              KABAR_OTP_CODE_LENGTH=\n"
         ),
@@ -95,6 +96,8 @@ async fn the_environment_wins_over_dotenv_and_blank_values_count_as_unset() {
         ("KABAR_GRPC_ADDR", format!("127.0.0.1:{env_grpc}")),
         // Blank in the environment: the default TTL, 300 s.
         ("KABAR_OTP_TTL_SECONDS", "  ".to_owned()),
+        // Blank in the environment, set in the file: the file's value.
+        ("KABAR_OTP_RESEND_SECONDS", String::new()),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_owned(), v))
@@ -121,6 +124,10 @@ async fn the_environment_wins_over_dotenv_and_blank_values_count_as_unset() {
         .expect("sent with the log driver")
         .into_inner();
     assert_eq!(sent.expires_in_seconds, 300);
+    assert_eq!(
+        sent.resend_after_seconds, 7,
+        "a blank variable does not hide .env"
+    );
     let verified = otp
         .verify_otp(VerifyOtpRequest {
             phone: "0812-3456-7890".into(),
