@@ -12,7 +12,7 @@ use crate::config::LogFormat;
 pub fn init(format: LogFormat, filter: Option<&str>) {
     let filter = match filter {
         None => EnvFilter::new("info"),
-        Some(spec) => EnvFilter::try_new(&spec).unwrap_or_else(|e| {
+        Some(spec) => EnvFilter::try_new(spec).unwrap_or_else(|e| {
             eprintln!("kabar: KABAR_LOG {spec:?} is not a log filter ({e}); using info");
             EnvFilter::new("info")
         }),
