@@ -466,3 +466,64 @@ async fn one_address_cannot_fill_the_connection_cap() {
     assert!(took < Duration::from_secs(3), "shutdown took {took:?}");
     drop(held);
 }
+
+/// The HTTP port answers one request per connection, refuses a head over 16 KiB, and holds at
+/// most 64 connections however many clients start a request and stall.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_http_port_is_bounded() {
+    let kabar = start(&[("KABAR_SLOW_CLIENT_TIMEOUT_SECONDS", "3")], None).await;
+    let within = Duration::from_secs(2);
+
+    // One request per connection: kabar closes it after answering, keep-alive asked or not.
+    let mut stream = StdStream::connect(kabar.http_addr).unwrap();
+    stream.set_read_timeout(Some(within)).unwrap();
+    stream
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: kabar\r\nConnection: keep-alive\r\n\r\n")
+        .unwrap();
+    let mut answer = Vec::new();
+    stream
+        .read_to_end(&mut answer)
+        .expect("kabar closes the connection after its answer");
+    assert!(answer.starts_with(b"HTTP/1.1 200"));
+
+    // A head over 16 KiB.
+    let mut stream = StdStream::connect(kabar.http_addr).unwrap();
+    stream.set_read_timeout(Some(within)).unwrap();
+    let big = format!(
+        "GET /healthz HTTP/1.1\r\nHost: kabar\r\nX-Big: {}\r\n\r\n",
+        "a".repeat(20 * 1024)
+    );
+    let _ = stream.write_all(big.as_bytes());
+    let mut answer = Vec::new();
+    let _ = stream.read_to_end(&mut answer);
+    assert!(
+        answer.starts_with(b"HTTP/1.1 431"),
+        "{}",
+        String::from_utf8_lossy(&answer)
+    );
+
+    // 150 clients that start a request and stall: kabar holds at most 64 of them.
+    let fds = |kabar: &Kabar| {
+        std::fs::read_dir(format!("/proc/{}/fd", kabar.pid()))
+            .unwrap()
+            .count()
+    };
+    let before = fds(&kabar);
+    let mut stalled = Vec::new();
+    for _ in 0..150 {
+        let mut s = StdStream::connect(kabar.http_addr).unwrap();
+        let _ = s.write_all(b"GET /metrics HTTP/1.1\r\nHost: ka");
+        stalled.push(s);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let during = fds(&kabar);
+    assert!(
+        during <= before + 64,
+        "{during} descriptors open, {before} before"
+    );
+    assert!(
+        http_healthz_within(kabar.http_addr, Duration::from_secs(1)),
+        "a fresh request is still answered"
+    );
+    assert_healthy(&kabar, "with 150 stalled HTTP clients").await;
+}

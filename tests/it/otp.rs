@@ -130,6 +130,9 @@ both_stores!(
     malformed_codes_use_no_attempt,
     daily_cap_protects_the_bill,
     bad_requests_name_their_fields,
+    meta_unreachable_discards_the_code_and_lifts_the_cooldown,
+    the_daily_cap_counts_codes_meta_refused,
+    a_send_finishes_after_the_caller_has_gone,
 );
 
 async fn code_reaches_meta_in_the_authentication_template(backend: Backend) {
@@ -384,6 +387,9 @@ async fn allowed_countries(backend: Backend) {
     assert_eq!(status.code(), Code::FailedPrecondition);
     assert_eq!(error_info(&status).unwrap().0, "OTP_COUNTRY_NOT_ALLOWED");
     assert_eq!(env.meta.count(), 0);
+
+    let (_, metadata) = error_info(&status).unwrap();
+    assert_eq!(metadata.get("country_code").map(String::as_str), Some("60"));
 
     let env = Env::start(backend, &[("KABAR_OTP_ALLOWED_COUNTRIES", "62, 60")]).await;
     env.send("+60 12-345 6789", "login").await.unwrap();
@@ -724,4 +730,65 @@ async fn redis_outage_fails_fast_flips_health_and_recovers() {
         env.verify("081298765432", "login", &code).await.0,
         Verify::Verified
     );
+}
+
+async fn meta_unreachable_discards_the_code_and_lifts_the_cooldown(backend: Backend) {
+    // A port with nothing listening: nothing can reach Meta.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = closed.local_addr().unwrap();
+    drop(closed);
+    let url = format!("http://{addr}");
+    let env = Env::start(
+        backend,
+        &[
+            ("META_GRAPH_API_URL", url.as_str()),
+            ("KABAR_META_RETRY_BASE_MS", "1"),
+            ("KABAR_OTP_MAX_SENDS_PER_HOUR", "2"),
+        ],
+    )
+    .await;
+    let status = env.send(PHONE, "login").await.unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert_eq!(error_info(&status).unwrap().0, "META_UNREACHABLE");
+    // No cooldown: the next request is answered by the gate, not refused by it; and it counts.
+    let status = env.send(PHONE, "login").await.unwrap_err();
+    assert_eq!(error_info(&status).unwrap().0, "META_UNREACHABLE");
+    let status = env.send(PHONE, "login").await.unwrap_err();
+    assert_limited(&status, "OTP_HOURLY_LIMIT", 3590..=3600);
+}
+
+async fn the_daily_cap_counts_codes_meta_refused(backend: Backend) {
+    let env = Env::start(backend, &[("KABAR_OTP_DAILY_LIMIT", "1")]).await;
+    env.meta
+        .push(Reply::error(400, 131026, "Message undeliverable"));
+    let status = env.send("081200000001", "login").await.unwrap_err();
+    assert_eq!(status.code(), Code::FailedPrecondition);
+    let status = env.send("081200000002", "login").await.unwrap_err();
+    assert_limited(&status, "OTP_DAILY_LIMIT", 1..=86_400);
+    assert_eq!(env.meta.count(), 1);
+}
+
+async fn a_send_finishes_after_the_caller_has_gone(backend: Backend) {
+    let env = Env::start(backend, &[]).await;
+    env.meta.set_delay(Duration::from_millis(700));
+    let mut request = tonic::Request::new(SendOtpRequest {
+        phone: PHONE.into(),
+        ..Default::default()
+    });
+    request.set_timeout(Duration::from_millis(150));
+    let status = env.app.otp().send_otp(request).await.unwrap_err();
+    assert!(
+        matches!(status.code(), Code::DeadlineExceeded | Code::Cancelled),
+        "{status:?}"
+    );
+    // The send went on without the caller: the code arrives and works, and the cooldown stands.
+    assert!(
+        crate::support::eventually(Duration::from_secs(5), || async { env.meta.count() == 1 })
+            .await
+    );
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    let code = env.last_code();
+    let status = env.send(PHONE, "login").await.unwrap_err();
+    assert_limited(&status, "OTP_RESEND_COOLDOWN", 55..=60);
+    assert_eq!(env.verify(PHONE, "login", &code).await.0, Verify::Verified);
 }

@@ -348,3 +348,55 @@ async fn the_send_finishes_and_settles_the_key_after_the_caller_has_gone(
         .await
         .expect("kabar still serves");
 }
+
+/// A send that could not connect to Meta sent nothing: the key is freed and a retry with it
+/// sends once Meta is reachable.
+#[tokio::test]
+async fn meta_unreachable_frees_the_key() {
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = closed.local_addr().unwrap();
+    drop(closed);
+    let redis = RedisServer::start();
+    let mut vars = store_vars(Some(&redis));
+    vars.extend(crate::support::vars(&[
+        ("WHATSAPP_DRIVER", "meta"),
+        ("WHATSAPP_API_KEY", crate::support::TOKEN),
+        ("META_WA_PHONE_NUMBER_ID", crate::support::PHONE_NUMBER_ID),
+        ("KABAR_META_RETRY_BASE_MS", "1"),
+    ]));
+    vars.push(("META_GRAPH_API_URL".into(), format!("http://{addr}")));
+    let app = TestApp::start(vars).await;
+    let status = app
+        .notifications()
+        .send_template(keyed("inv-unreachable"))
+        .await
+        .unwrap_err();
+    assert_eq!(error_info(&status).unwrap().0, "META_UNREACHABLE");
+    let meta = FakeMeta::start_on(addr).await;
+    app.notifications()
+        .send_template(keyed("inv-unreachable"))
+        .await
+        .expect("the retry with the same key sends");
+    assert_eq!(meta.count(), 1);
+}
+
+/// A finished answer is remembered for 24 hours.
+#[tokio::test]
+async fn an_answer_is_remembered_for_24_hours() {
+    let redis = RedisServer::start();
+    let (_meta, app) = start(Some(&redis), &[]).await;
+    app.notifications()
+        .send_template(keyed("inv-24h"))
+        .await
+        .expect("sent");
+    let mut con = redis.connection().await;
+    let ttl_ms: i64 = redis::cmd("PTTL")
+        .arg("kabar:idem:{inv-24h}")
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    assert!(
+        (86_390_000..=86_400_000).contains(&ttl_ms),
+        "answer kept for {ttl_ms} ms"
+    );
+}

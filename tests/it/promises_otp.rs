@@ -401,3 +401,30 @@ async fn codes_never_reach_the_log() {
         assert!(leaks.is_empty(), "code {code} logged: {leaks:#?}");
     }
 }
+
+/// Reaching the daily cap is logged at ERROR, so that an alert on error lines catches an OTP
+/// pumping attack.
+#[tokio::test]
+async fn the_daily_cap_is_logged_at_error_when_reached() {
+    let mut kabar = Kabar::serve(&[("KABAR_LOG_FORMAT", "json"), ("KABAR_OTP_DAILY_LIMIT", "1")]);
+    let channel = kabar.wait_serving().await;
+    let mut client = kabar::pb::otp_service_client::OtpServiceClient::new(channel);
+    for (phone, ok) in [("081200000001", true), ("081200000002", false)] {
+        let result = client
+            .send_otp(SendOtpRequest {
+                phone: phone.into(),
+                ..Default::default()
+            })
+            .await;
+        assert_eq!(result.is_ok(), ok, "{result:?}");
+    }
+    assert!(kabar.stop(Duration::from_secs(10)).await.success());
+    let lines = kabar.json_lines();
+    assert!(
+        lines.iter().any(|l| l["level"] == "ERROR"
+            && l["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("OTP DAILY LIMIT REACHED"))),
+        "{lines:#?}"
+    );
+}

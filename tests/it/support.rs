@@ -205,11 +205,16 @@ pub const TOKEN: &str = "EAAtestTOKENnot-a-real-one";
 
 impl FakeMeta {
     pub async fn start() -> Self {
+        FakeMeta::start_on(SocketAddr::from(([127, 0, 0, 1], 0))).await
+    }
+
+    /// The stand-in on `addr` (e.g. a port kabar was pointed at while nothing listened there).
+    pub async fn start_on(addr: SocketAddr) -> Self {
         let state = Arc::new(Mutex::new(MetaState::default()));
         let app = Router::new()
             .route("/{*path}", post(meta_handler))
             .with_state(state.clone());
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let listener = TcpListener::bind(addr).await.expect("bind");
         let addr = listener.local_addr().expect("addr");
         tokio::spawn(async move {
             let _ = axum::serve(listener, app).await;
