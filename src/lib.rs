@@ -6,7 +6,7 @@
 #![forbid(unsafe_code)]
 
 pub mod config;
-pub mod error;
+pub mod domain;
 pub mod grpc;
 pub mod http;
 pub mod listen;

@@ -154,7 +154,7 @@ async fn send_test(
             );
             Ok(())
         }
-        Err(kabar::error::Error::Meta(f)) => Err(anyhow::anyhow!(
+        Err(kabar::domain::error::Error::Meta(f)) => Err(anyhow::anyhow!(
             "Meta refused the message: code {} ({}), {}\nremedy: {}{}",
             f.meta_code,
             f.reason,

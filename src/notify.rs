@@ -4,7 +4,7 @@
 use std::{collections::HashMap, time::Instant};
 
 use crate::{
-    error::{Error, Violations, echo, sanitize},
+    domain::error::{Error, Violations, echo, sanitize},
     phone,
     templates::{self, Category, TemplateRegistry},
     whatsapp::{Driver, OutboundTemplate, Sent},
@@ -31,7 +31,7 @@ pub fn check_reference(reference: &str) -> Result<(), String> {
     }
     if reference
         .chars()
-        .any(|c| c.is_control() || crate::error::is_separator(c))
+        .any(|c| c.is_control() || crate::domain::error::is_separator(c))
     {
         return Err("must not contain control characters or line breaks".to_owned());
     }

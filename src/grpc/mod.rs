@@ -2,6 +2,7 @@
 //! with its outcome and duration. No store or Meta details live here.
 
 pub mod limits;
+pub mod status;
 
 use std::{
     sync::Arc,
@@ -12,7 +13,7 @@ use prost::Message;
 use tonic::{Code, Request, Response, Status, metadata::MetadataMap};
 
 use crate::{
-    error::Error,
+    domain::error::Error,
     metrics::{Method, Metrics},
     notify::{NotificationRequest, Notifier},
     otp::{OtpService, Verdict, store},
@@ -58,7 +59,7 @@ fn log_call(metrics: &Metrics, method: Method, start: Instant, outcome: Result<&
     let elapsed = start.elapsed();
     metrics.record(
         method,
-        outcome.map_or_else(Error::code, |_| Code::Ok),
+        outcome.map_or_else(status::code, |_| Code::Ok),
         elapsed,
     );
     let elapsed_ms = elapsed.as_secs_f64() * 1000.0;
@@ -66,7 +67,7 @@ fn log_call(metrics: &Metrics, method: Method, start: Instant, outcome: Result<&
     match outcome {
         Ok(detail) => tracing::info!(method, code = "OK", elapsed_ms, detail, "call done"),
         Err(e) => {
-            let code = e.code();
+            let code = status::code(e);
             let code_name = format!("{code:?}");
             match code {
                 Code::InvalidArgument | Code::ResourceExhausted | Code::FailedPrecondition => {

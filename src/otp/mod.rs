@@ -32,7 +32,10 @@ pub use store::{CodeHash, Gate, Store, StoreError, Verdict};
 
 use crate::{
     config::OtpConfig,
-    error::{Error, Violations},
+    domain::{
+        error::{Error, Violations},
+        reason::Reason,
+    },
     phone::{self, Phone},
     templates::Template,
     whatsapp::{Driver, OutboundTemplate},
@@ -158,7 +161,7 @@ impl OtpService {
             Gate::Allowed { resend_at_ms } => resend_at_ms,
             Gate::Cooldown(wait) => {
                 return Err(limited(
-                    "OTP_RESEND_COOLDOWN",
+                    Reason::OtpResendCooldown,
                     format!(
                         "a code was sent to this number less than {} s ago",
                         self.resend_after.as_secs()
@@ -168,7 +171,7 @@ impl OtpService {
             }
             Gate::CapReached(wait) => {
                 return Err(limited(
-                    "OTP_HOURLY_LIMIT",
+                    Reason::OtpHourlyLimit,
                     format!(
                         "at most {} codes per hour are sent to one number",
                         self.max_sends_per_hour
@@ -203,7 +206,7 @@ impl OtpService {
                 self.release(&limits_key, resend_at_ms, true).await;
                 tracing::warn!(client_ip = %ip, "OTP per-IP hourly cap reached");
                 return Err(limited(
-                    "OTP_IP_HOURLY_LIMIT",
+                    Reason::OtpIpHourlyLimit,
                     format!(
                         "too many codes requested from this IP address in the last hour (at most {})",
                         self.max_sends_per_ip_per_hour
@@ -236,7 +239,7 @@ impl OtpService {
                              may be pumping OTP messages to run up the WhatsApp bill."
                         );
                         return Err(limited(
-                            "OTP_DAILY_LIMIT",
+                            Reason::OtpDailyLimit,
                             "the service's daily OTP limit is reached".to_owned(),
                             Duration::from_millis(next_day_ms.saturating_sub(now)),
                         ));
@@ -355,7 +358,7 @@ fn check<T, E: std::fmt::Display>(
     }
 }
 
-fn limited(reason: &'static str, message: String, wait: Duration) -> Error {
+fn limited(reason: Reason, message: String, wait: Duration) -> Error {
     // Round up: "retry after 0 s" would invite an immediate, refused retry.
     let retry_after = Duration::from_secs(wait.as_millis().div_ceil(1000) as u64);
     Error::Limited {

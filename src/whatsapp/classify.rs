@@ -6,6 +6,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::domain::reason::Reason;
+
 /// How a Meta refusal reaches the caller. Each kind has exactly one gRPC code (see `error.rs`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum MetaErrorKind {
@@ -56,7 +58,7 @@ pub struct MetaErrorData {
 pub struct MetaFailure {
     pub kind: MetaErrorKind,
     /// Machine-readable reason for `google.rpc.ErrorInfo`, e.g. `META_TEMPLATE_NOT_APPROVED`.
-    pub reason: &'static str,
+    pub reason: Reason,
     /// Meta's `code` (or 0 when Meta sent no parseable body).
     pub meta_code: i64,
     pub http_status: u16,
@@ -100,7 +102,7 @@ pub fn classify(
         match code {
             0 | 190 if body.is_some() => (
                 Configuration,
-                "META_TOKEN_INVALID",
+                Reason::MetaTokenInvalid,
                 false,
                 None,
                 "the access token (WHATSAPP_API_KEY) is invalid or expired: generate a new \
@@ -109,7 +111,7 @@ pub fn classify(
             ),
             3 | 10 | 200..=299 => (
                 Configuration,
-                "META_PERMISSION_DENIED",
+                Reason::MetaPermissionDenied,
                 false,
                 None,
                 "the token lacks a permission: give the System User whatsapp_business_messaging \
@@ -118,14 +120,14 @@ pub fn classify(
             ),
             4 => (
                 RateLimited,
-                "META_APP_RATE_LIMIT",
+                Reason::MetaAppRateLimit,
                 true,
                 Some(Duration::from_secs(60)),
                 "the Meta app hit its Graph API call limit: slow down and retry later".to_owned(),
             ),
             80007 => (
                 RateLimited,
-                "META_ACCOUNT_RATE_LIMIT",
+                Reason::MetaAccountRateLimit,
                 true,
                 Some(Duration::from_secs(60)),
                 "the WhatsApp Business Account hit its rate limit: slow down and retry later"
@@ -133,7 +135,7 @@ pub fn classify(
             ),
             130429 => (
                 RateLimited,
-                "META_THROUGHPUT_EXCEEDED",
+                Reason::MetaThroughputExceeded,
                 true,
                 Some(Duration::from_secs(1)),
                 "the sending number exceeded its throughput (80 messages/s by default): \
@@ -142,7 +144,7 @@ pub fn classify(
             ),
             131056 => (
                 RateLimited,
-                "META_PAIR_RATE_LIMIT",
+                Reason::MetaPairRateLimit,
                 false,
                 Some(Duration::from_secs(6)),
                 "too many messages to this recipient in a short time: wait a few seconds \
@@ -151,7 +153,7 @@ pub fn classify(
             ),
             131048 => (
                 Configuration,
-                "META_SPAM_RATE_LIMIT",
+                Reason::MetaSpamRateLimit,
                 false,
                 None,
                 "Meta limited this number because of low message quality: check the quality \
@@ -160,7 +162,7 @@ pub fn classify(
             ),
             131049 => (
                 RateLimited,
-                "META_USER_MARKETING_LIMIT",
+                Reason::MetaUserMarketingLimit,
                 false,
                 Some(Duration::from_secs(24 * 3600)),
                 "Meta limits how many marketing messages one user receives: try again in 24 hours"
@@ -168,7 +170,7 @@ pub fn classify(
             ),
             100 => (
                 InvalidArgument,
-                "META_INVALID_PARAMETER",
+                Reason::MetaInvalidParameter,
                 false,
                 None,
                 "Meta refused a parameter of the request (often the phone number or the \
@@ -177,21 +179,21 @@ pub fn classify(
             ),
             131008 => (
                 InvalidArgument,
-                "META_PARAMETER_MISSING",
+                Reason::MetaParameterMissing,
                 false,
                 None,
                 "a required parameter is missing: check the template's parameters".to_owned(),
             ),
             131009 => (
                 InvalidArgument,
-                "META_PARAMETER_INVALID",
+                Reason::MetaParameterInvalid,
                 false,
                 None,
                 "a parameter value is invalid: check the details".to_owned(),
             ),
             132000 => (
                 InvalidArgument,
-                "META_TEMPLATE_PARAM_COUNT_MISMATCH",
+                Reason::MetaTemplateParamCountMismatch,
                 false,
                 None,
                 format!(
@@ -202,21 +204,21 @@ pub fn classify(
             ),
             132005 => (
                 InvalidArgument,
-                "META_TEMPLATE_TEXT_TOO_LONG",
+                Reason::MetaTemplateTextTooLong,
                 false,
                 None,
                 format!("the rendered text of template {tpl} is too long: shorten the parameters"),
             ),
             132007 => (
                 InvalidArgument,
-                "META_TEMPLATE_POLICY_VIOLATION",
+                Reason::MetaTemplatePolicyViolation,
                 false,
                 None,
                 format!("the content of template {tpl} violates WhatsApp policy"),
             ),
             132012 => (
                 InvalidArgument,
-                "META_TEMPLATE_PARAM_FORMAT",
+                Reason::MetaTemplateParamFormat,
                 false,
                 None,
                 format!(
@@ -226,7 +228,7 @@ pub fn classify(
             ),
             132018 => (
                 InvalidArgument,
-                "META_TEMPLATE_PARAM_INVALID_TEXT",
+                Reason::MetaTemplateParamInvalidText,
                 false,
                 None,
                 "a parameter contains a line break, a tab or more than 4 consecutive spaces"
@@ -234,7 +236,7 @@ pub fn classify(
             ),
             132001 => (
                 Configuration,
-                "META_TEMPLATE_NOT_APPROVED",
+                Reason::MetaTemplateNotApproved,
                 false,
                 None,
                 format!(
@@ -245,7 +247,7 @@ pub fn classify(
             ),
             132015 => (
                 Configuration,
-                "META_TEMPLATE_PAUSED",
+                Reason::MetaTemplatePaused,
                 false,
                 None,
                 format!(
@@ -255,7 +257,7 @@ pub fn classify(
             ),
             132016 => (
                 Configuration,
-                "META_TEMPLATE_DISABLED",
+                Reason::MetaTemplateDisabled,
                 false,
                 None,
                 format!(
@@ -265,7 +267,7 @@ pub fn classify(
             ),
             133010 => (
                 Configuration,
-                "META_PHONE_NOT_REGISTERED",
+                Reason::MetaPhoneNotRegistered,
                 false,
                 None,
                 "the business phone number (META_WA_PHONE_NUMBER_ID) is not registered with the \
@@ -274,7 +276,7 @@ pub fn classify(
             ),
             131047 => (
                 Configuration,
-                "META_REENGAGEMENT_REQUIRED",
+                Reason::MetaReengagementRequired,
                 false,
                 None,
                 "more than 24 hours since the customer last wrote: only an approved template \
@@ -283,7 +285,7 @@ pub fn classify(
             ),
             131026 => (
                 RecipientUndeliverable,
-                "META_RECIPIENT_UNDELIVERABLE",
+                Reason::MetaRecipientUndeliverable,
                 false,
                 None,
                 "the recipient cannot receive WhatsApp messages (no WhatsApp on this number, \
@@ -292,7 +294,7 @@ pub fn classify(
             ),
             368 => (
                 Configuration,
-                "META_ACCOUNT_BLOCKED",
+                Reason::MetaAccountBlocked,
                 false,
                 None,
                 "Meta temporarily blocked this account for policy violations: stop sending and \
@@ -301,21 +303,21 @@ pub fn classify(
             ),
             131000 => (
                 Unavailable,
-                "META_UNKNOWN_ERROR",
+                Reason::MetaUnknownError,
                 true,
                 Some(Duration::from_secs(5)),
                 "Meta failed with an unknown error: retry later".to_owned(),
             ),
             131016 => (
                 Unavailable,
-                "META_SERVICE_UNAVAILABLE",
+                Reason::MetaServiceUnavailable,
                 true,
                 Some(Duration::from_secs(5)),
                 "Meta's service is temporarily unavailable: retry later".to_owned(),
             ),
             131057 => (
                 Unavailable,
-                "META_ACCOUNT_MAINTENANCE",
+                Reason::MetaAccountMaintenance,
                 true,
                 Some(Duration::from_secs(60)),
                 "the business account is in maintenance (often a throughput upgrade): retry in \
@@ -324,21 +326,21 @@ pub fn classify(
             ),
             _ if http_status >= 500 => (
                 Unavailable,
-                "META_SERVER_ERROR",
+                Reason::MetaServerError,
                 true,
                 Some(Duration::from_secs(5)),
                 format!("Meta answered HTTP {http_status}: retry later"),
             ),
             _ if http_status == 429 => (
                 RateLimited,
-                "META_RATE_LIMIT",
+                Reason::MetaRateLimit,
                 false,
                 Some(Duration::from_secs(60)),
                 "Meta rate-limited the request: retry later".to_owned(),
             ),
             _ => (
                 Unclassified,
-                "META_ERROR",
+                Reason::MetaError,
                 false,
                 None,
                 format!(

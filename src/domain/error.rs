@@ -1,15 +1,19 @@
-//! The domain error and its one mapping to gRPC statuses. The `match` lists every variant and every
-//! Meta error kind: a new variant does not compile until someone decides its status code.
+//! The domain error: what went wrong, in kabar's words, free of any transport. The gRPC edge
+//! (`grpc/status.rs`) maps it to status codes and rich details; whether a message may have reached
+//! the customer is decided here, once.
 
 use std::time::Duration;
 
-use tonic::{Code, Status};
-use tonic_types::{ErrorDetails, FieldViolation, StatusExt};
+use super::reason::Reason;
+use crate::whatsapp::{MetaFailure, SendError};
 
-use crate::whatsapp::{MetaErrorKind, MetaFailure, SendError};
-
-/// `google.rpc.ErrorInfo.domain` of every error kabar produces.
-pub const ERROR_DOMAIN: &str = "kabar";
+/// One invalid field of a request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Violation {
+    /// The field's path, e.g. `params[nama]`.
+    pub field: String,
+    pub description: String,
+}
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum Error {
@@ -36,7 +40,7 @@ pub enum Error {
     /// A kabar-side limit: cooldown, hourly caps, daily cap.
     #[error("{message}")]
     Limited {
-        reason: &'static str,
+        reason: Reason,
         message: String,
         retry_after: Duration,
     },
@@ -71,7 +75,7 @@ pub const MAX_MESSAGE_BYTES: usize = 512;
 /// length, and how many more there were.
 #[derive(Debug, Clone, Default)]
 pub struct Violations {
-    shown: Vec<FieldViolation>,
+    shown: Vec<Violation>,
     omitted: usize,
 }
 
@@ -85,10 +89,10 @@ impl Violations {
             self.omitted += 1;
             return;
         }
-        self.shown.push(FieldViolation::new(
-            cut(&field.into(), MAX_FIELD_CHARS),
-            cut(&description.into(), MAX_DESCRIPTION_CHARS),
-        ));
+        self.shown.push(Violation {
+            field: cut(&field.into(), MAX_FIELD_CHARS),
+            description: cut(&description.into(), MAX_DESCRIPTION_CHARS),
+        });
     }
 
     pub fn is_empty(&self) -> bool {
@@ -101,7 +105,7 @@ impl Violations {
     }
 
     /// The reported violations (at most [`MAX_VIOLATIONS`]).
-    pub fn shown(&self) -> &[FieldViolation] {
+    pub fn shown(&self) -> &[Violation] {
         &self.shown
     }
 }
@@ -233,47 +237,6 @@ impl Error {
             | Error::IdempotencyKeyReused => false,
         }
     }
-
-    /// The gRPC code alone (for logs and metrics).
-    pub fn code(&self) -> Code {
-        match self {
-            Error::InvalidArgument(_) => Code::InvalidArgument,
-            Error::Meta(f) => meta_code(f.kind),
-            Error::MetaUnreachable(_) => Code::Unavailable,
-            // Not UNAVAILABLE: gRPC retry policies resend UNAVAILABLE calls on their own, and this
-            // message may already have been delivered.
-            Error::MetaOutcomeUnknown(_) => Code::Unknown,
-            Error::WhatsAppDisabled => Code::FailedPrecondition,
-            Error::CountryNotAllowed(_) => Code::FailedPrecondition,
-            Error::Limited { .. } => Code::ResourceExhausted,
-            Error::StoreUnavailable(_) => Code::Unavailable,
-            Error::DeadlineExceeded { .. } => Code::DeadlineExceeded,
-            Error::IdempotencyInFlight => Code::Aborted,
-            Error::IdempotencyKeyReused => Code::FailedPrecondition,
-        }
-    }
-}
-
-fn meta_code(kind: MetaErrorKind) -> Code {
-    match kind {
-        MetaErrorKind::InvalidArgument => Code::InvalidArgument,
-        MetaErrorKind::Configuration => Code::FailedPrecondition,
-        MetaErrorKind::RecipientUndeliverable => Code::FailedPrecondition,
-        MetaErrorKind::RateLimited => Code::ResourceExhausted,
-        MetaErrorKind::Unavailable => Code::Unavailable,
-        MetaErrorKind::Unclassified => Code::Unknown,
-    }
-}
-
-fn info(reason: &str, metadata: &[(&str, String)]) -> ErrorDetails {
-    ErrorDetails::with_error_info(
-        reason,
-        ERROR_DOMAIN,
-        metadata
-            .iter()
-            .map(|(k, v)| ((*k).to_owned(), v.clone()))
-            .collect::<std::collections::HashMap<_, _>>(),
-    )
 }
 
 impl From<SendError> for Error {
@@ -286,70 +249,6 @@ impl From<SendError> for Error {
                 maybe_delivered: sent,
             },
         }
-    }
-}
-
-impl From<Error> for Status {
-    fn from(e: Error) -> Status {
-        let code = e.code();
-        let message = e.summary();
-        let details = match &e {
-            Error::InvalidArgument(violations) => {
-                ErrorDetails::with_bad_request(violations.shown.clone())
-            }
-            Error::Meta(f) => {
-                let mut metadata = vec![
-                    ("meta_code", f.meta_code.to_string()),
-                    ("http_status", f.http_status.to_string()),
-                    ("details", f.details.clone()),
-                    ("remedy", f.remedy.clone()),
-                ];
-                if let Some(trace) = &f.fbtrace_id {
-                    metadata.push(("fbtrace_id", trace.clone()));
-                }
-                let mut d = info(f.reason, &metadata);
-                if let Some(wait) = f.retry_after {
-                    d.set_retry_info(Some(wait));
-                }
-                d
-            }
-            Error::MetaUnreachable(_) => {
-                let mut d = info("META_UNREACHABLE", &[]);
-                d.set_retry_info(Some(Duration::from_secs(5)));
-                d
-            }
-            Error::MetaOutcomeUnknown(_) => info("META_OUTCOME_UNKNOWN", &[]),
-            Error::WhatsAppDisabled => info("WHATSAPP_DISABLED", &[]),
-            Error::CountryNotAllowed(cc) => info(
-                "OTP_COUNTRY_NOT_ALLOWED",
-                &[("country_code", cc.to_string())],
-            ),
-            Error::Limited {
-                reason,
-                retry_after,
-                ..
-            } => {
-                let mut d = info(
-                    reason,
-                    &[("retry_after_seconds", retry_after.as_secs().to_string())],
-                );
-                d.set_retry_info(Some(*retry_after));
-                d
-            }
-            Error::StoreUnavailable(_) => {
-                let mut d = info("STORE_UNAVAILABLE", &[]);
-                d.set_retry_info(Some(Duration::from_secs(1)));
-                d
-            }
-            Error::DeadlineExceeded { .. } => ErrorDetails::new(),
-            Error::IdempotencyInFlight => {
-                let mut d = info("IDEMPOTENCY_KEY_IN_FLIGHT", &[]);
-                d.set_retry_info(Some(Duration::from_secs(1)));
-                d
-            }
-            Error::IdempotencyKeyReused => info("IDEMPOTENCY_KEY_REUSED", &[]),
-        };
-        Status::with_error_details(code, message, details)
     }
 }
 
@@ -389,19 +288,5 @@ mod tests {
         let long = echo(&"é".repeat(1000));
         assert_eq!(long.chars().count(), MAX_ECHO_CHARS + 5);
         assert!(long.ends_with("...\""));
-    }
-
-    #[test]
-    fn grpc_message_is_bounded() {
-        let mut v = Violations::new();
-        for i in 0..10 {
-            v.push(
-                format!("params[{}]", "ü".repeat(500)),
-                format!("bad {i} {}", "x".repeat(500)),
-            );
-        }
-        let status: Status = Error::InvalidArgument(v).into();
-        assert!(status.message().len() <= MAX_MESSAGE_BYTES);
-        assert!(status.details().len() < 6_000, "{}", status.details().len());
     }
 }
