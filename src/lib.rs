@@ -14,6 +14,7 @@ pub mod metrics;
 pub mod notify;
 pub mod otp;
 pub mod phone;
+pub mod store;
 pub mod telemetry;
 pub mod templates;
 pub mod whatsapp;
@@ -32,7 +33,8 @@ use tonic_health::{ServingStatus, server::HealthReporter};
 use crate::{
     config::Config,
     notify::Notifier,
-    otp::{MemoryStore, OtpService, RedisStore, Store},
+    otp::OtpService,
+    store::{MemoryStore, RedisStore, Store},
     whatsapp::Driver,
 };
 

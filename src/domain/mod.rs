@@ -2,4 +2,6 @@
 //! edges (`grpc`, `http`) decode, call in here and encode; stores and Meta sit behind it.
 
 pub mod error;
+pub mod ports;
 pub mod reason;
+pub mod status;

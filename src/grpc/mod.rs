@@ -16,11 +16,12 @@ use crate::{
     domain::error::Error,
     metrics::{Method, Metrics},
     notify::{NotificationRequest, Notifier},
-    otp::{OtpService, Verdict, store},
+    otp::OtpService,
     pb::{
         self, SendOtpRequest, SendOtpResponse, SendTemplateRequest, SendTemplateResponse,
         VerifyOtpRequest, VerifyOtpResponse, verify_otp_response::Result as VerifyResult,
     },
+    store::{self, Verdict},
     whatsapp::OutboundTemplate,
 };
 

@@ -10,10 +10,6 @@
 //! - every send passes the per-phone cooldown and hourly cap, the per-IP hourly cap, the country
 //!   allow-list and the global daily cap, because every message costs the ISP money.
 
-mod memory;
-mod redis_store;
-pub mod store;
-
 use std::{
     collections::HashMap,
     net::IpAddr,
@@ -25,10 +21,7 @@ use hmac::{Hmac, Mac};
 use secrecy::{ExposeSecret, SecretBox, SecretString};
 use sha2::Sha256;
 
-pub use memory::MemoryStore;
-pub use redis_store::RedisStore;
-use store::now_ms;
-pub use store::{CodeHash, Gate, Store, StoreError, Verdict};
+use crate::store::{self, CodeHash, Gate, Store, StoreError, Verdict, now_ms};
 
 use crate::{
     config::OtpConfig,

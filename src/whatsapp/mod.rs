@@ -5,6 +5,7 @@
 
 mod classify;
 mod meta;
+pub mod webhook;
 
 use std::time::Instant;
 

@@ -7,7 +7,9 @@ use std::{
     time::Duration,
 };
 
-use super::store::{CodeHash, Gate, Idempotency, StoreError, Verdict, now_ms};
+use super::{CodeHash, Gate, Idempotency, StoreError, Verdict, now_ms};
+
+pub(crate) mod messages;
 
 enum Value {
     Limits {
@@ -40,6 +42,7 @@ struct Entry {
 #[derive(Clone, Default)]
 pub struct MemoryStore {
     entries: Arc<Mutex<HashMap<String, Entry>>>,
+    messages: Arc<Mutex<messages::Messages>>,
 }
 
 impl MemoryStore {
@@ -64,6 +67,7 @@ impl MemoryStore {
     pub fn sweep(&self) {
         let now = now_ms();
         self.lock().retain(|_, e| e.expires_at_ms > now);
+        self.sweep_messages(now);
     }
 
     pub async fn gate(

@@ -4,9 +4,11 @@
 
 use std::{sync::Arc, time::Duration};
 
-use redis::{AsyncCommands, Script, aio::ConnectionManager};
+use ::redis::{AsyncCommands, Script, aio::ConnectionManager};
 
-use super::store::{CodeHash, Gate, HASH_LEN, Idempotency, StoreError, Verdict};
+mod messages;
+
+use super::{CodeHash, Gate, HASH_LEN, Idempotency, StoreError, Verdict};
 
 /// Counts a send in a fixed window that starts at its first send; refuses at the cap (the longer
 /// wait, so it is reported first) or inside the cooldown, without changing anything. Returns {0, resend_at} | {1, wait_ms} | {2, wait_ms}.
@@ -120,6 +122,7 @@ struct Scripts {
 pub struct RedisStore {
     connection: ConnectionManager,
     scripts: Arc<Scripts>,
+    message_scripts: Arc<messages::Scripts>,
     timeout: Duration,
 }
 
@@ -147,6 +150,7 @@ impl RedisStore {
                 idempotency_finish: Script::new(IDEMPOTENCY_FINISH),
                 idempotency_abort: Script::new(IDEMPOTENCY_ABORT),
             }),
+            message_scripts: Arc::new(messages::Scripts::new()),
             timeout,
         })
     }

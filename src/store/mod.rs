@@ -9,7 +9,11 @@
 
 use std::time::Duration;
 
-use super::{memory::MemoryStore, redis_store::RedisStore};
+pub mod memory;
+pub mod redis;
+
+pub use memory::MemoryStore;
+pub use redis::RedisStore;
 
 /// Key prefixes. Every key carries a `{hash tag}` so that all keys of one phone live in one Redis
 /// Cluster slot.
@@ -25,6 +29,12 @@ pub(crate) fn ip_key(ip: &str) -> String {
 pub(crate) fn daily_key(day: u64) -> String {
     format!("kabar:otp-daily:{{{day}}}")
 }
+/// One message record (a hash), by Meta's message id.
+pub(crate) fn record_key(message_id: &str) -> String {
+    format!("kabar:msg:{{{message_id}}}")
+}
+/// The event feed (a stream), shared by every replica.
+pub(crate) const EVENTS_KEY: &str = "kabar:events";
 pub(crate) fn idempotency_key(key: &str) -> String {
     format!("kabar:idem:{{{key}}}")
 }
@@ -58,21 +68,7 @@ pub enum Verdict {
     TooManyAttempts,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Idempotency {
-    /// This call owns the key now and must finish or abort it.
-    Started,
-    /// Another call holds the key and has not finished.
-    InFlight,
-    /// A call with this key finished; here is its stored answer.
-    Done(Vec<u8>),
-    /// The key was taken by a different request (another digest).
-    Reused,
-}
-
-#[derive(Debug, Clone, thiserror::Error)]
-#[error("{0}")]
-pub struct StoreError(pub String);
+pub use crate::domain::ports::{Idempotency, StoreError};
 
 /// Which backend, chosen by `REDIS_URL`.
 #[derive(Clone)]
@@ -187,5 +183,81 @@ impl Store {
 
     pub fn is_redis(&self) -> bool {
         matches!(self, Store::Redis(_))
+    }
+}
+
+#[async_trait::async_trait]
+impl crate::domain::ports::IdempotencyStore for Store {
+    async fn begin(
+        &self,
+        key: &str,
+        digest: &str,
+        token: &str,
+        lock: Duration,
+    ) -> Result<Idempotency, StoreError> {
+        self.idempotency_begin(key, digest, token, lock).await
+    }
+
+    async fn finish(
+        &self,
+        key: &str,
+        digest: &str,
+        token: &str,
+        answer: &[u8],
+        keep: Duration,
+    ) -> Result<(), StoreError> {
+        self.idempotency_finish(key, digest, token, answer, keep)
+            .await
+    }
+
+    async fn abort(&self, key: &str, digest: &str, token: &str) -> Result<(), StoreError> {
+        self.idempotency_abort(key, digest, token).await
+    }
+}
+
+#[async_trait::async_trait]
+impl crate::domain::ports::MessageStore for Store {
+    async fn put_record(
+        &self,
+        record: &crate::domain::status::MessageRecord,
+        retention: Duration,
+    ) -> Result<(), StoreError> {
+        dispatch!(self, s => s.put_record(record, retention).await)
+    }
+
+    async fn get_record(
+        &self,
+        message_id: &str,
+    ) -> Result<Option<crate::domain::status::MessageRecord>, StoreError> {
+        dispatch!(self, s => s.get_record(message_id).await)
+    }
+
+    async fn apply_status(
+        &self,
+        update: &crate::domain::status::StatusUpdate,
+        error_reason: &str,
+        retention: Duration,
+    ) -> Result<crate::domain::ports::Applied, StoreError> {
+        dispatch!(self, s => s.apply_status(update, error_reason, retention).await)
+    }
+
+    async fn append_event(
+        &self,
+        event: &crate::domain::status::Event,
+        retention: Duration,
+    ) -> Result<(), StoreError> {
+        dispatch!(self, s => s.append_event(event, retention).await)
+    }
+
+    async fn latest_cursor(&self) -> Result<String, StoreError> {
+        dispatch!(self, s => s.latest_cursor().await)
+    }
+
+    async fn events_after(
+        &self,
+        after: &crate::domain::status::After,
+        limit: usize,
+    ) -> Result<Vec<crate::domain::status::StoredEvent>, crate::domain::ports::FeedError> {
+        dispatch!(self, s => s.events_after(after, limit).await)
     }
 }

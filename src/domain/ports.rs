@@ -1,0 +1,112 @@
+//! What the domain needs from storage, one trait per concern. The Redis and in-process backends
+//! (`crate::store`) implement each with the same semantics, and the integration tests run the
+//! same cases against both.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+use super::status::{After, Event, MessageRecord, StatusUpdate, StoredEvent};
+
+/// The store could not be reached or answered something unusable.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{0}")]
+pub struct StoreError(pub String);
+
+/// The answer of [`IdempotencyStore::begin`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Idempotency {
+    /// This call owns the key now and must finish or abort it.
+    Started,
+    /// Another call holds the key and has not finished.
+    InFlight,
+    /// A call with this key finished; here is its stored answer.
+    Done(Vec<u8>),
+    /// The key was taken by a different request (another digest).
+    Reused,
+}
+
+/// Idempotency keys: one call at a time per key, its answer remembered.
+#[async_trait]
+pub trait IdempotencyStore: Send + Sync {
+    /// Takes `key` for a call (identified by `token`) of the request with `digest` (64 hex
+    /// characters), for at most `lock`, unless it is taken or answered, or was taken by another
+    /// request.
+    async fn begin(
+        &self,
+        key: &str,
+        digest: &str,
+        token: &str,
+        lock: Duration,
+    ) -> Result<Idempotency, StoreError>;
+
+    /// Stores the answer for `keep`, if `token` still owns the key.
+    async fn finish(
+        &self,
+        key: &str,
+        digest: &str,
+        token: &str,
+        answer: &[u8],
+        keep: Duration,
+    ) -> Result<(), StoreError>;
+
+    /// Frees the key, if `token` still owns it.
+    async fn abort(&self, key: &str, digest: &str, token: &str) -> Result<(), StoreError>;
+}
+
+/// What [`MessageStore::apply_status`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Applied {
+    /// No record: a message kabar did not send (or whose record expired).
+    Unknown,
+    /// A duplicate: nothing changed.
+    Unchanged,
+    /// The record changed and an event was appended.
+    Changed,
+}
+
+/// A feed cursor older than the oldest retained event: reading on would skip events silently.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum FeedError {
+    #[error("the cursor {0:?} is older than the oldest retained event")]
+    Expired(String),
+    #[error("{0:?} is not a cursor of this feed")]
+    Malformed(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Message records and the event feed. Records and events are kept for `retention`.
+#[async_trait]
+pub trait MessageStore: Send + Sync {
+    /// Stores a new record and appends its first event.
+    async fn put_record(
+        &self,
+        record: &MessageRecord,
+        retention: Duration,
+    ) -> Result<(), StoreError>;
+
+    async fn get_record(&self, message_id: &str) -> Result<Option<MessageRecord>, StoreError>;
+
+    /// Applies a status update to its record and, when it changed, appends the record as an
+    /// event, in one atomic step.
+    async fn apply_status(
+        &self,
+        update: &StatusUpdate,
+        error_reason: &str,
+        retention: Duration,
+    ) -> Result<Applied, StoreError>;
+
+    /// Appends an inbound message or an account event.
+    async fn append_event(&self, event: &Event, retention: Duration) -> Result<(), StoreError>;
+
+    /// The cursor of the newest event (for a reader starting now).
+    async fn latest_cursor(&self) -> Result<String, StoreError>;
+
+    /// Up to `limit` events after `after`, oldest first.
+    async fn events_after(
+        &self,
+        after: &After,
+        limit: usize,
+    ) -> Result<Vec<StoredEvent>, FeedError>;
+}

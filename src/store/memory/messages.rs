@@ -1,0 +1,164 @@
+//! Message records and the event feed in process memory, with the semantics of the Redis
+//! scripts in `store/redis/messages.rs`: records expire after the retention, the feed is trimmed
+//! to it, cursors are `milliseconds-sequence` like Redis stream ids.
+
+use std::{
+    collections::{HashMap, VecDeque},
+    sync::MutexGuard,
+    time::Duration,
+};
+
+use super::MemoryStore;
+use crate::{
+    domain::{
+        ports::{Applied, FeedError, StoreError},
+        status::{After, Event, MessageRecord, StatusUpdate, StoredEvent},
+    },
+    store::now_ms,
+};
+
+#[derive(Default)]
+pub(super) struct Messages {
+    records: HashMap<String, (MessageRecord, u64)>,
+    /// (id, event), ids increasing.
+    events: VecDeque<((u64, u64), Event)>,
+    last_id: (u64, u64),
+    /// The id of the newest event trimmed away: a cursor before it has missed events.
+    trimmed: (u64, u64),
+}
+
+/// `ms-seq`, as Redis writes stream ids.
+pub fn format_cursor(id: (u64, u64)) -> String {
+    format!("{}-{}", id.0, id.1)
+}
+
+pub fn parse_cursor(cursor: &str) -> Option<(u64, u64)> {
+    let (ms, seq) = cursor.split_once('-')?;
+    Some((ms.parse().ok()?, seq.parse().ok()?))
+}
+
+impl Messages {
+    fn append(&mut self, event: Event, now: u64, retention: Duration) {
+        let id = if now > self.last_id.0 {
+            (now, 0)
+        } else {
+            (self.last_id.0, self.last_id.1 + 1)
+        };
+        self.last_id = id;
+        self.events.push_back((id, event));
+        let oldest_kept = now.saturating_sub(retention.as_millis() as u64);
+        while self
+            .events
+            .front()
+            .is_some_and(|(id, _)| id.0 < oldest_kept)
+        {
+            if let Some((id, _)) = self.events.pop_front() {
+                self.trimmed = id;
+            }
+        }
+    }
+}
+
+impl MemoryStore {
+    fn messages(&self) -> MutexGuard<'_, Messages> {
+        self.messages
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    pub(super) fn sweep_messages(&self, now: u64) {
+        self.messages()
+            .records
+            .retain(|_, (_, expires)| *expires > now);
+    }
+
+    pub async fn put_record(
+        &self,
+        record: &MessageRecord,
+        retention: Duration,
+    ) -> Result<(), StoreError> {
+        let now = now_ms();
+        let mut m = self.messages();
+        m.records.insert(
+            record.message_id.clone(),
+            (record.clone(), now + retention.as_millis() as u64),
+        );
+        m.append(Event::Status(record.clone()), now, retention);
+        Ok(())
+    }
+
+    pub async fn get_record(&self, message_id: &str) -> Result<Option<MessageRecord>, StoreError> {
+        let now = now_ms();
+        Ok(self
+            .messages()
+            .records
+            .get(message_id)
+            .filter(|(_, expires)| *expires > now)
+            .map(|(r, _)| r.clone()))
+    }
+
+    pub async fn apply_status(
+        &self,
+        update: &StatusUpdate,
+        error_reason: &str,
+        retention: Duration,
+    ) -> Result<Applied, StoreError> {
+        let now = now_ms();
+        let mut m = self.messages();
+        let Some((record, expires)) = m.records.get_mut(&update.message_id) else {
+            return Ok(Applied::Unknown);
+        };
+        if *expires <= now {
+            return Ok(Applied::Unknown);
+        }
+        let mut update = update.clone();
+        if let Some(error) = &mut update.error {
+            error.reason = error_reason.to_owned();
+        }
+        if !record.apply(&update) {
+            return Ok(Applied::Unchanged);
+        }
+        let snapshot = record.clone();
+        m.append(Event::Status(snapshot), now, retention);
+        Ok(Applied::Changed)
+    }
+
+    pub async fn append_event(&self, event: &Event, retention: Duration) -> Result<(), StoreError> {
+        self.messages().append(event.clone(), now_ms(), retention);
+        Ok(())
+    }
+
+    pub async fn latest_cursor(&self) -> Result<String, StoreError> {
+        Ok(format_cursor(self.messages().last_id))
+    }
+
+    pub async fn events_after(
+        &self,
+        after: &After,
+        limit: usize,
+    ) -> Result<Vec<StoredEvent>, FeedError> {
+        let m = self.messages();
+        let start = match after {
+            After::Now => m.last_id,
+            After::Oldest => (0, 0),
+            After::Cursor(cursor) => {
+                let id =
+                    parse_cursor(cursor).ok_or_else(|| FeedError::Malformed(cursor.clone()))?;
+                // Reading on from before a trimmed event would skip it silently.
+                if id < m.trimmed {
+                    return Err(FeedError::Expired(cursor.clone()));
+                }
+                id
+            }
+        };
+        Ok(m.events
+            .iter()
+            .filter(|(id, _)| *id > start)
+            .take(limit)
+            .map(|(id, event)| StoredEvent {
+                cursor: format_cursor(*id),
+                event: event.clone(),
+            })
+            .collect())
+    }
+}
