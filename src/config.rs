@@ -89,6 +89,8 @@ pub struct Config {
     pub max_connections: usize,
     /// Established gRPC connections per client address at most (`KABAR_MAX_CONNECTIONS_PER_IP`).
     pub max_connections_per_ip: usize,
+    /// How long message records and events are kept (`KABAR_MESSAGE_RETENTION_DAYS`).
+    pub message_retention: Duration,
     /// How long a client may take to complete a connection's handshake, an HTTP request's
     /// headers, or one gRPC request message (`KABAR_SLOW_CLIENT_TIMEOUT_SECONDS`).
     pub slow_client_timeout: Duration,
@@ -442,6 +444,8 @@ impl Config {
             }
             _ => wanted_connections,
         };
+        let message_retention =
+            Duration::from_secs(r.number("KABAR_MESSAGE_RETENTION_DAYS", 30, 1..=365)? * 24 * 3600);
         let max_connections_per_ip =
             r.number("KABAR_MAX_CONNECTIONS_PER_IP", 64, 1..=1_000_000)? as usize;
         let slow_client_timeout =
@@ -477,6 +481,7 @@ impl Config {
             shutdown_delay,
             max_connections,
             max_connections_per_ip,
+            message_retention,
             slow_client_timeout,
             warnings,
         };

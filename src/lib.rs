@@ -32,6 +32,7 @@ use tonic_health::{ServingStatus, server::HealthReporter};
 
 use crate::{
     config::Config,
+    domain::outbox::Outbox,
     notify::Notifier,
     otp::OtpService,
     store::{MemoryStore, RedisStore, Store},
@@ -99,18 +100,20 @@ pub async fn run(
         .get(&config.otp.template)
         .cloned()
         .context("KABAR_OTP_TEMPLATE is not in the template registry")?;
+    let outbox = Arc::new(Outbox::new(
+        driver.clone(),
+        config.whatsapp_enabled,
+        Arc::new(store.clone()),
+        Arc::new(store.clone()),
+        config.message_retention,
+    ));
     let otp = Arc::new(OtpService::new(
         &config.otp,
         store.clone(),
-        driver.clone(),
-        config.whatsapp_enabled,
+        outbox.clone(),
         otp_template,
     ));
-    let notifier = Arc::new(Notifier::new(
-        config.templates.clone(),
-        driver.clone(),
-        config.whatsapp_enabled,
-    ));
+    let notifier = Arc::new(Notifier::new(config.templates.clone(), outbox.clone()));
 
     let metrics = Arc::new(metrics::Metrics::default());
     let http_state = Arc::new(http::HttpState {
@@ -229,12 +232,7 @@ pub async fn run(
         .add_service(reflection_v1alpha.max_decoding_message_size(grpc::limits::MAX_MESSAGE_BYTES))
         .add_service(
             pb::notification_service_server::NotificationServiceServer::new(
-                grpc::NotificationGrpc::new(
-                    notifier,
-                    store.clone(),
-                    driver.longest_send(),
-                    metrics.clone(),
-                ),
+                grpc::NotificationGrpc::new(notifier, metrics.clone()),
             )
             .max_decoding_message_size(grpc::limits::MAX_MESSAGE_BYTES),
         )

@@ -1,11 +1,13 @@
 //! `kabar serve` and `kabar send-test`: configuration, logging, then the library does the work.
 
-use std::process::ExitCode;
+use std::{process::ExitCode, sync::Arc};
 
 use clap::{Parser, Subcommand};
 use kabar::{
     config::Config,
+    domain::outbox::Outbox,
     notify::{NotificationRequest, Notifier},
+    store::{MemoryStore, Store},
     whatsapp::Driver,
 };
 use tokio_util::sync::CancellationToken;
@@ -121,7 +123,16 @@ async fn send_test(
     language: String,
 ) -> anyhow::Result<()> {
     let driver = Driver::from_config(&config).map_err(anyhow::Error::msg)?;
-    let notifier = Notifier::new(config.templates.clone(), driver, config.whatsapp_enabled);
+    // One message, no replicas: its record can live in this process and go with it.
+    let store = Arc::new(Store::Memory(MemoryStore::default()));
+    let outbox = Arc::new(Outbox::new(
+        driver,
+        config.whatsapp_enabled,
+        store.clone(),
+        store,
+        config.message_retention,
+    ));
+    let notifier = Notifier::new(config.templates.clone(), outbox);
     let mut named = std::collections::HashMap::new();
     for p in &params {
         let (name, value) = p
@@ -136,24 +147,29 @@ async fn send_test(
                 .or_insert_with(|| kabar::templates::sample_value(name).to_owned());
         }
     }
-    let message = notifier
-        .prepare(&NotificationRequest {
-            phone: &phone,
-            template: &template,
-            params: &named,
-            positional_params: &[],
-            language: &language,
-            reference: "",
-        })
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
-    match notifier.send(&message, None).await {
+    let sent = notifier
+        .send_template(
+            &NotificationRequest {
+                phone: &phone,
+                template: &template,
+                params: &named,
+                positional_params: &[],
+                language: &language,
+                reference: "",
+                idempotency_key: "",
+            },
+            None,
+        )
+        .await;
+    match sent {
         Ok(sent) => {
             println!(
                 "sent to {} ({}): message_id {}",
-                message.to, sent.wa_id, sent.message_id
+                sent.phone, sent.wa_id, sent.message_id
             );
             Ok(())
         }
+        Err(kabar::domain::error::Error::InvalidArgument(v)) => Err(anyhow::anyhow!("{v}")),
         Err(kabar::domain::error::Error::Meta(f)) => Err(anyhow::anyhow!(
             "Meta refused the message: code {} ({}), {}\nremedy: {}{}",
             f.meta_code,

@@ -1,13 +1,16 @@
 //! Billing notifications: a registry key and its parameters become one template message, checked
-//! completely before anything is sent, then delivered through the configured driver.
+//! completely before anything is sent, then sent through the send pipeline ([`Outbox`]).
 
-use std::{collections::HashMap, time::Instant};
+use std::{collections::HashMap, sync::Arc, time::Instant};
 
 use crate::{
-    domain::error::{Error, Violations, echo, sanitize},
+    domain::{
+        error::{Error, Violations, echo, sanitize},
+        outbox::{Accepted, Outbox, Outgoing},
+    },
     phone,
     templates::{self, Category, TemplateRegistry},
-    whatsapp::{Driver, OutboundTemplate, Sent},
+    whatsapp::OutboundTemplate,
 };
 
 /// What a caller asks to send, as received.
@@ -17,8 +20,10 @@ pub struct NotificationRequest<'a> {
     pub params: &'a HashMap<String, String>,
     pub positional_params: &'a [String],
     pub language: &'a str,
-    /// The caller's own id (an invoice number); logged and, later, stored with the message.
+    /// The caller's own id (an invoice number); logged and stored with the message.
     pub reference: &'a str,
+    /// Empty: none.
+    pub idempotency_key: &'a str,
 }
 
 /// Longest `reference`, in characters.
@@ -40,17 +45,22 @@ pub fn check_reference(reference: &str) -> Result<(), String> {
 
 pub struct Notifier {
     templates: TemplateRegistry,
-    driver: Driver,
-    enabled: bool,
+    outbox: Arc<Outbox>,
 }
 
 impl Notifier {
-    pub fn new(templates: TemplateRegistry, driver: Driver, enabled: bool) -> Self {
-        Notifier {
-            templates,
-            driver,
-            enabled,
-        }
+    pub fn new(templates: TemplateRegistry, outbox: Arc<Outbox>) -> Self {
+        Notifier { templates, outbox }
+    }
+
+    /// `SendTemplate`: checks the whole request, then sends it through the pipeline.
+    pub async fn send_template(
+        &self,
+        request: &NotificationRequest<'_>,
+        deadline: Option<Instant>,
+    ) -> Result<Accepted, Error> {
+        let outgoing = self.prepare(request)?;
+        self.outbox.send(&outgoing, deadline).await
     }
 
     pub fn templates(&self) -> &TemplateRegistry {
@@ -71,7 +81,7 @@ impl Notifier {
     }
 
     /// Checks the whole request and reports every problem at once, each naming its field.
-    pub fn prepare(&self, request: &NotificationRequest<'_>) -> Result<OutboundTemplate, Error> {
+    pub fn prepare(&self, request: &NotificationRequest<'_>) -> Result<Outgoing, Error> {
         let mut violations = Violations::new();
         let phone = match phone::normalize(request.phone) {
             Ok(p) => Some(p),
@@ -88,6 +98,13 @@ impl Notifier {
         }
         if let Err(problem) = check_reference(request.reference) {
             violations.push("reference", problem);
+        }
+        let key = request.idempotency_key;
+        if key.len() > 128 || !key.bytes().all(|b| b.is_ascii_graphic()) {
+            violations.push(
+                "idempotency_key",
+                "must be 1 to 128 printable ASCII characters without spaces",
+            );
         }
         let template = if request.template.is_empty() {
             violations.push(
@@ -194,30 +211,25 @@ impl Notifier {
         }
 
         match (phone, template) {
-            (Some(to), Some(t)) if violations.is_empty() => Ok(OutboundTemplate {
-                to,
-                template: t.name.clone(),
-                language: if request.language.is_empty() {
-                    t.language.clone()
-                } else {
-                    request.language.to_owned()
+            (Some(to), Some(t)) if violations.is_empty() => Ok(Outgoing {
+                message: OutboundTemplate {
+                    to,
+                    template: t.name.clone(),
+                    language: if request.language.is_empty() {
+                        t.language.clone()
+                    } else {
+                        request.language.to_owned()
+                    },
+                    body_params: values,
+                    button_param: None,
+                    sensitive: false,
                 },
-                body_params: values,
-                button_param: None,
-                sensitive: false,
+                template_key: t.key.clone(),
+                category: t.category,
+                reference: request.reference.to_owned(),
+                idempotency_key: (!key.is_empty()).then(|| key.to_owned()),
             }),
             _ => Err(Error::InvalidArgument(violations)),
         }
-    }
-
-    pub async fn send(
-        &self,
-        message: &OutboundTemplate,
-        deadline: Option<Instant>,
-    ) -> Result<Sent, Error> {
-        if !self.enabled {
-            return Err(Error::WhatsAppDisabled);
-        }
-        Ok(self.driver.send(message, deadline).await?)
     }
 }

@@ -2,6 +2,7 @@
 //! edges (`grpc`, `http`) decode, call in here and encode; stores and Meta sit behind it.
 
 pub mod error;
+pub mod outbox;
 pub mod ports;
 pub mod reason;
 pub mod status;

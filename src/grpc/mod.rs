@@ -9,11 +9,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use prost::Message;
 use tonic::{Code, Request, Response, Status, metadata::MetadataMap};
 
 use crate::{
-    domain::error::Error,
+    domain::{error::Error, outbox::Accepted},
     metrics::{Method, Metrics},
     notify::{NotificationRequest, Notifier},
     otp::OtpService,
@@ -21,12 +20,8 @@ use crate::{
         self, SendOtpRequest, SendOtpResponse, SendTemplateRequest, SendTemplateResponse,
         VerifyOtpRequest, VerifyOtpResponse, verify_otp_response::Result as VerifyResult,
     },
-    store::{self, Verdict},
-    whatsapp::OutboundTemplate,
+    store::Verdict,
 };
-
-/// How long an idempotency key remembers its answer.
-const IDEMPOTENCY_KEEP: Duration = Duration::from_secs(24 * 3600);
 
 /// The caller's deadline from the `grpc-timeout` header, if it sent one, less a small margin:
 /// kabar answers DEADLINE_EXCEEDED itself just before tonic's own timeout would cut the call off
@@ -108,150 +103,14 @@ async fn detached<T: Send + 'static>(
 }
 
 pub struct NotificationGrpc {
-    core: Arc<NotificationCore>,
+    notifier: Arc<Notifier>,
     metrics: Arc<Metrics>,
 }
 
-struct NotificationCore {
-    notifier: Arc<Notifier>,
-    store: store::Store,
-    /// How long a key stays locked by a call in progress: longer than the longest send.
-    idempotency_lock: Duration,
-}
-
 impl NotificationGrpc {
-    /// `longest_send`: the most a send may take with its retries and its wait for a slot.
-    pub fn new(
-        notifier: Arc<Notifier>,
-        store: store::Store,
-        longest_send: Duration,
-        metrics: Arc<Metrics>,
-    ) -> Self {
-        NotificationGrpc {
-            metrics,
-            core: Arc::new(NotificationCore {
-                notifier,
-                store,
-                idempotency_lock: longest_send + Duration::from_secs(30),
-            }),
-        }
+    pub fn new(notifier: Arc<Notifier>, metrics: Arc<Metrics>) -> Self {
+        NotificationGrpc { notifier, metrics }
     }
-}
-
-impl NotificationCore {
-    async fn send_template(
-        &self,
-        request: &SendTemplateRequest,
-        deadline: Option<Instant>,
-    ) -> Result<SendTemplateResponse, Error> {
-        let message = self.notifier.prepare(&NotificationRequest {
-            phone: &request.phone,
-            template: &request.template,
-            params: &request.params,
-            positional_params: &request.positional_params,
-            language: &request.language,
-            reference: &request.reference,
-        })?;
-        if request.idempotency_key.is_empty() {
-            let sent = self.notifier.send(&message, deadline).await?;
-            return Ok(SendTemplateResponse {
-                message_id: sent.message_id,
-                wa_id: sent.wa_id,
-                phone: message.to.e164().to_owned(),
-            });
-        }
-        let key = &request.idempotency_key;
-        if key.len() > 128 || !key.bytes().all(|b| b.is_ascii_graphic()) {
-            return Err(Error::field(
-                "idempotency_key",
-                "must be 1 to 128 printable ASCII characters without spaces",
-            ));
-        }
-        let store_key = store::idempotency_key(key);
-        let digest = request_digest(&request.template, &message, &request.reference);
-        let mut random = [0u8; 16];
-        getrandom::fill(&mut random).expect("the OS random number generator is available");
-        let token = hex::encode(random);
-        match self
-            .store
-            .idempotency_begin(&store_key, &digest, &token, self.idempotency_lock)
-            .await
-            .map_err(|e| Error::StoreUnavailable(e.0))?
-        {
-            store::Idempotency::Done(bytes) => {
-                return SendTemplateResponse::decode(bytes.as_slice()).map_err(|_| {
-                    Error::StoreUnavailable("stored idempotent answer is unreadable".into())
-                });
-            }
-            store::Idempotency::InFlight => return Err(Error::IdempotencyInFlight),
-            store::Idempotency::Reused => return Err(Error::IdempotencyKeyReused),
-            store::Idempotency::Started => {}
-        }
-        match self.notifier.send(&message, deadline).await {
-            Ok(sent) => {
-                let response = SendTemplateResponse {
-                    message_id: sent.message_id,
-                    wa_id: sent.wa_id,
-                    phone: message.to.e164().to_owned(),
-                };
-                if let Err(e) = self
-                    .store
-                    .idempotency_finish(
-                        &store_key,
-                        &digest,
-                        &token,
-                        &response.encode_to_vec(),
-                        IDEMPOTENCY_KEEP,
-                    )
-                    .await
-                {
-                    tracing::warn!(error = %e, "could not store the answer for an idempotency key");
-                }
-                Ok(response)
-            }
-            Err(e) if e.may_have_been_delivered() => {
-                // The message may have gone out: the key stays taken until its lock expires, so
-                // a retry with it cannot send a second copy right away.
-                tracing::warn!(
-                    "send with an idempotency key ended without a usable answer from Meta; \
-                     the key stays locked"
-                );
-                Err(e)
-            }
-            Err(e) => {
-                // Nothing was sent: the caller may retry with the same key.
-                if let Err(e) = self
-                    .store
-                    .idempotency_abort(&store_key, &digest, &token)
-                    .await
-                {
-                    tracing::warn!(error = %e, "could not release an idempotency key");
-                }
-                Err(e)
-            }
-        }
-    }
-}
-
-/// What makes two SendTemplate calls the same request, as 64 hex characters: the registry key,
-/// the normalised recipient, the language, every parameter value in order, and the reference.
-/// Each part is length-prefixed, so that no two different requests share a digest by shifting
-/// text from one part to the next.
-fn request_digest(template_key: &str, message: &OutboundTemplate, reference: &str) -> String {
-    use sha2::{Digest, Sha256};
-    let mut hash = Sha256::new();
-    let mut part = |bytes: &[u8]| {
-        hash.update((bytes.len() as u64).to_be_bytes());
-        hash.update(bytes);
-    };
-    part(template_key.as_bytes());
-    part(message.to.e164().as_bytes());
-    part(message.language.as_bytes());
-    part(reference.as_bytes());
-    for value in &message.body_params {
-        part(value.as_bytes());
-    }
-    hex::encode(hash.finalize())
 }
 
 #[tonic::async_trait]
@@ -263,15 +122,30 @@ impl pb::notification_service_server::NotificationService for NotificationGrpc {
         let start = Instant::now();
         let deadline = deadline(request.metadata(), start);
         let request = request.into_inner();
-        let core = self.core.clone();
+        let notifier = self.notifier.clone();
         let template = request.template.clone();
         let reference = request.reference.clone();
-        let response = detached(
+        let accepted = detached(
             &self.metrics,
             Method::SendTemplate,
             start,
-            async move { core.send_template(&request, deadline).await },
-            move |metrics, response: &SendTemplateResponse| {
+            async move {
+                notifier
+                    .send_template(
+                        &NotificationRequest {
+                            phone: &request.phone,
+                            template: &request.template,
+                            params: &request.params,
+                            positional_params: &request.positional_params,
+                            language: &request.language,
+                            reference: &request.reference,
+                            idempotency_key: &request.idempotency_key,
+                        },
+                        deadline,
+                    )
+                    .await
+            },
+            move |metrics, response: &Accepted| {
                 let elapsed = start.elapsed();
                 metrics.record(Method::SendTemplate, Code::Ok, elapsed);
                 // The template is a registry key and the reference passed its checks (no
@@ -289,7 +163,11 @@ impl pb::notification_service_server::NotificationService for NotificationGrpc {
             },
         )
         .await?;
-        Ok(Response::new(response))
+        Ok(Response::new(SendTemplateResponse {
+            message_id: accepted.message_id,
+            wa_id: accepted.wa_id,
+            phone: accepted.phone,
+        }))
     }
 }
 

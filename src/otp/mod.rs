@@ -27,11 +27,13 @@ use crate::{
     config::OtpConfig,
     domain::{
         error::{Error, Violations},
+        outbox::{Outbox, Outgoing},
         reason::Reason,
     },
     phone::{self, Phone},
+    templates::Category,
     templates::Template,
-    whatsapp::{Driver, OutboundTemplate},
+    whatsapp::OutboundTemplate,
 };
 
 const HOUR: Duration = Duration::from_secs(3600);
@@ -50,8 +52,7 @@ pub fn wib_day(now_ms: u64) -> (u64, u64) {
 
 pub struct OtpService {
     store: Store,
-    driver: Driver,
-    whatsapp_enabled: bool,
+    outbox: Arc<Outbox>,
     template: Arc<Template>,
     /// HMAC-SHA256 keyed with the OTP secret, the key schedule done once; cloned per code.
     keyed_mac: Hmac<Sha256>,
@@ -78,8 +79,7 @@ impl OtpService {
     pub fn new(
         config: &OtpConfig,
         store: Store,
-        driver: Driver,
-        whatsapp_enabled: bool,
+        outbox: Arc<Outbox>,
         template: Arc<Template>,
     ) -> Self {
         let key = match &config.secret {
@@ -94,8 +94,7 @@ impl OtpService {
             .expect("HMAC accepts keys of any length");
         OtpService {
             store,
-            driver,
-            whatsapp_enabled,
+            outbox,
             template,
             keyed_mac,
             ttl: config.ttl,
@@ -133,7 +132,7 @@ impl OtpService {
             return Err(Error::CountryNotAllowed(phone.country_code()));
         }
         let test_code = self.test_numbers.get(phone.digits());
-        if test_code.is_none() && !self.whatsapp_enabled {
+        if test_code.is_none() && !self.outbox.enabled() {
             return Err(Error::WhatsAppDisabled);
         }
         let now = now_ms();
@@ -274,14 +273,21 @@ impl OtpService {
             button_param: Some(code.expose_secret().to_owned()),
             sensitive: true,
         };
-        match self.driver.send(&message, deadline).await {
+        let outgoing = Outgoing {
+            message,
+            template_key: self.template.key.clone(),
+            category: Category::Authentication,
+            reference: String::new(),
+            idempotency_key: None,
+        };
+        match self.outbox.send(&outgoing, deadline).await {
             Ok(delivered) => Ok(OtpSent {
                 message_id: delivered.message_id,
                 ..sent
             }),
             Err(e) if e.may_have_been_delivered() => {
                 // The customer may have the code: it stays valid and the cooldown stands.
-                Err(e.into())
+                Err(e)
             }
             Err(e) => {
                 // The customer never saw this code: drop it and let them ask again at once.
@@ -290,7 +296,7 @@ impl OtpService {
                     tracing::warn!(error = %e, "could not discard an undelivered OTP code");
                 }
                 self.release(&limits_key, resend_at_ms, false).await;
-                Err(e.into())
+                Err(e)
             }
         }
     }
