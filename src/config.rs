@@ -63,6 +63,8 @@ pub enum DriverKind {
 pub struct Config {
     pub grpc_addr: SocketAddr,
     pub http_addr: SocketAddr,
+    /// Meta's webhook listener (`KABAR_WEBHOOK_ADDR`); served only with `META_APP_SECRET`.
+    pub webhook_addr: SocketAddr,
     pub log_format: LogFormat,
     /// The log filter: `KABAR_LOG`, else `RUST_LOG`, else none (`info`).
     pub log_filter: Option<String>,
@@ -273,6 +275,7 @@ impl Config {
 
         let grpc_addr = r.addr("KABAR_GRPC_ADDR", "127.0.0.1:50051")?;
         let http_addr = r.addr("KABAR_HTTP_ADDR", "127.0.0.1:8080")?;
+        let webhook_addr = r.addr("KABAR_WEBHOOK_ADDR", "127.0.0.1:8081")?;
         let log_filter = r.get("KABAR_LOG").or_else(|| r.get("RUST_LOG"));
         let log_format = match r.string("KABAR_LOG_FORMAT", "text").as_str() {
             "text" => LogFormat::Text,
@@ -462,6 +465,7 @@ impl Config {
         let config = Config {
             grpc_addr,
             http_addr,
+            webhook_addr,
             log_format,
             log_filter,
             whatsapp_enabled,

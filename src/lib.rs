@@ -32,7 +32,7 @@ use tonic_health::{ServingStatus, server::HealthReporter};
 
 use crate::{
     config::Config,
-    domain::outbox::Outbox,
+    domain::{delivery::Delivery, outbox::Outbox},
     notify::Notifier,
     otp::OtpService,
     store::{MemoryStore, RedisStore, Store},
@@ -53,6 +53,8 @@ pub const OTP_SERVICE: &str = "kabar.v1.OtpService";
 pub struct Listeners {
     pub grpc: TcpListener,
     pub http: TcpListener,
+    /// Meta's webhook; bound only when `META_APP_SECRET` is set.
+    pub webhook: Option<TcpListener>,
 }
 
 impl Listeners {
@@ -63,7 +65,23 @@ impl Listeners {
         let http = TcpListener::bind(config.http_addr)
             .await
             .with_context(|| format!("KABAR_HTTP_ADDR: cannot listen on {}", config.http_addr))?;
-        Ok(Listeners { grpc, http })
+        let webhook =
+            match &config.app_secret {
+                Some(_) => Some(TcpListener::bind(config.webhook_addr).await.with_context(
+                    || {
+                        format!(
+                            "KABAR_WEBHOOK_ADDR: cannot listen on {}",
+                            config.webhook_addr
+                        )
+                    },
+                )?),
+                None => None,
+            };
+        Ok(Listeners {
+            grpc,
+            http,
+            webhook,
+        })
     }
 }
 
@@ -114,6 +132,10 @@ pub async fn run(
         otp_template,
     ));
     let notifier = Arc::new(Notifier::new(config.templates.clone(), outbox.clone()));
+    let delivery = Arc::new(Delivery::new(
+        Arc::new(store.clone()),
+        config.message_retention,
+    ));
 
     let metrics = Arc::new(metrics::Metrics::default());
     let http_state = Arc::new(http::HttpState {
@@ -232,7 +254,12 @@ pub async fn run(
         .add_service(reflection_v1alpha.max_decoding_message_size(grpc::limits::MAX_MESSAGE_BYTES))
         .add_service(
             pb::notification_service_server::NotificationServiceServer::new(
-                grpc::NotificationGrpc::new(notifier, metrics.clone()),
+                grpc::NotificationGrpc::new(
+                    notifier,
+                    delivery.clone(),
+                    metrics.clone(),
+                    drain.clone(),
+                ),
             )
             .max_decoding_message_size(grpc::limits::MAX_MESSAGE_BYTES),
         )
@@ -261,8 +288,49 @@ pub async fn run(
         "kabar is serving"
     );
 
+    let webhook_server = async {
+        let (Some(listener), Some(app_secret)) = (listeners.webhook, config.app_secret.clone())
+        else {
+            return;
+        };
+        if let Ok(addr) = listener.local_addr() {
+            tracing::info!(webhook = %addr, path = http::webhook::PATH, "Meta's webhook is served");
+        }
+        let admission = listen::Admission::new(
+            "webhook",
+            listen::Limits {
+                max_connections: http::MAX_CONNECTIONS,
+                max_pending: http::MAX_CONNECTIONS / 2,
+                max_per_ip: http::MAX_CONNECTIONS,
+                handshake_timeout: config.slow_client_timeout,
+                handshake: listen::Handshake::FirstWrite,
+            },
+            drain.clone(),
+        );
+        let state = Arc::new(http::webhook::WebhookState {
+            app_secret,
+            verify_token: config.webhook_verify_token.clone(),
+            delivery: delivery.clone(),
+            metrics: metrics.clone(),
+        });
+        http::serve(
+            listener,
+            admission,
+            http::webhook::router(state, config.slow_client_timeout * 3),
+            config.slow_client_timeout,
+            drain.clone(),
+        )
+        .await;
+    };
+    if config.app_secret.is_none() {
+        tracing::warn!(
+            "META_APP_SECRET is not set: Meta's webhook is off (delivery statuses are not \
+             received), and unsigned posts are never accepted"
+        );
+    }
+
     let servers = async {
-        let (grpc, ()) = tokio::join!(grpc_server, http_server);
+        let (grpc, (), ()) = tokio::join!(grpc_server, http_server, webhook_server);
         grpc.context("gRPC server failed")?;
         anyhow::Ok(())
     };

@@ -16,9 +16,18 @@ pub enum Method {
     SendTemplate = 0,
     SendOtp = 1,
     VerifyOtp = 2,
+    GetMessageStatus = 3,
+    /// Counted when the feed opens (or is refused), not per event.
+    WatchMessageStatus = 4,
 }
 
-const METHODS: [&str; 3] = ["SendTemplate", "SendOtp", "VerifyOtp"];
+const METHODS: [&str; 5] = [
+    "SendTemplate",
+    "SendOtp",
+    "VerifyOtp",
+    "GetMessageStatus",
+    "WatchMessageStatus",
+];
 
 impl Method {
     pub fn name(self) -> &'static str {
@@ -42,11 +51,17 @@ struct MethodMetrics {
 
 #[derive(Default)]
 pub struct Metrics {
-    methods: [MethodMetrics; 3],
+    methods: [MethodMetrics; METHODS.len()],
     /// Calls whose work has started and not finished (the work outlives a caller that left).
     in_flight: AtomicU64,
     idle: tokio::sync::Notify,
+    /// Webhook and delivery counters by label: `(metric, label value) -> count`. The label
+    /// values come from small fixed sets, and Meta's error codes are capped in number.
+    labeled: std::sync::Mutex<std::collections::BTreeMap<(&'static str, String), u64>>,
 }
+
+/// Distinct Meta error codes counted at most (a hostile or broken sender cannot grow the page).
+const MAX_FAILURE_CODES: usize = 64;
 
 /// One call in progress; dropping it ends the call.
 pub struct CallGuard(std::sync::Arc<Metrics>);
@@ -60,6 +75,34 @@ impl Drop for CallGuard {
 }
 
 impl Metrics {
+    fn count(&self, metric: &'static str, label: String) {
+        let mut labeled = self
+            .labeled
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if metric == "kabar_message_failures_total"
+            && !labeled.contains_key(&(metric, label.clone()))
+            && labeled.keys().filter(|(m, _)| *m == metric).count() >= MAX_FAILURE_CODES
+        {
+            return;
+        }
+        *labeled.entry((metric, label)).or_insert(0) += 1;
+    }
+
+    /// A webhook delivery and what became of it (`stored`, `unauthorized`, `bad_request`,
+    /// `unavailable`).
+    pub fn webhook(&self, outcome: &'static str) {
+        self.count("kabar_webhook_deliveries_total", outcome.to_owned());
+    }
+
+    /// A status update from Meta, and its error code when it failed.
+    pub fn status(&self, state: &'static str, meta_code: Option<i64>) {
+        self.count("kabar_message_statuses_total", state.to_owned());
+        if let Some(code) = meta_code {
+            self.count("kabar_message_failures_total", code.to_string());
+        }
+    }
+
     /// Counts a call as in flight until the guard is dropped.
     pub fn call_started(self: &std::sync::Arc<Self>) -> CallGuard {
         self.in_flight.fetch_add(1, Ordering::AcqRel);
@@ -145,6 +188,34 @@ impl Metrics {
              kabar_grpc_calls_in_flight {}",
             self.in_flight()
         );
+        for (metric, label, help) in [
+            (
+                "kabar_webhook_deliveries_total",
+                "outcome",
+                "Webhook deliveries from Meta, by outcome.",
+            ),
+            (
+                "kabar_message_statuses_total",
+                "state",
+                "Status updates from Meta's webhook, by state.",
+            ),
+            (
+                "kabar_message_failures_total",
+                "meta_code",
+                "Failed statuses from Meta's webhook, by Meta error code.",
+            ),
+        ] {
+            let _ = writeln!(out, "# HELP {metric} {help}\n# TYPE {metric} counter");
+            let labeled = self
+                .labeled
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            for ((m, value), n) in labeled.iter() {
+                if *m == metric {
+                    let _ = writeln!(out, "{metric}{{{label}=\"{value}\"}} {n}");
+                }
+            }
+        }
         out.push_str("# HELP kabar_otp_store_up Whether the OTP store (Redis) answers.\n");
         out.push_str("# TYPE kabar_otp_store_up gauge\n");
         let _ = writeln!(out, "kabar_otp_store_up {}", u8::from(store_reachable));

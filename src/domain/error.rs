@@ -58,6 +58,14 @@ pub enum Error {
         "this idempotency_key was already used for a different request (another recipient, template, language, parameters or reference); use a new key for a new message"
     )]
     IdempotencyKeyReused,
+    /// No record of this message id (never sent by kabar, or older than the retention).
+    #[error("kabar has no record of message {0}")]
+    MessageNotFound(String),
+    /// A feed cursor from before the oldest retained event.
+    #[error(
+        "the cursor {0} is older than the oldest retained event: events were lost to this reader; read again from \"0\" and reconcile"
+    )]
+    CursorExpired(String),
 }
 
 /// At most this many field violations are reported; the rest are only counted, so that an answer
@@ -234,7 +242,9 @@ impl Error {
             | Error::Limited { .. }
             | Error::StoreUnavailable(_)
             | Error::IdempotencyInFlight
-            | Error::IdempotencyKeyReused => false,
+            | Error::IdempotencyKeyReused
+            | Error::MessageNotFound(_)
+            | Error::CursorExpired(_) => false,
         }
     }
 }

@@ -63,6 +63,8 @@ reasons! {
     StoreUnavailable => "STORE_UNAVAILABLE",
     IdempotencyKeyInFlight => "IDEMPOTENCY_KEY_IN_FLIGHT",
     IdempotencyKeyReused => "IDEMPOTENCY_KEY_REUSED",
+    MessageNotFound => "MESSAGE_NOT_FOUND",
+    CursorExpired => "CURSOR_EXPIRED",
 }
 
 impl std::fmt::Display for Reason {

@@ -2,6 +2,7 @@
 //! with its outcome and duration. No store or Meta details live here.
 
 pub mod limits;
+mod messages;
 pub mod status;
 
 use std::{
@@ -9,10 +10,11 @@ use std::{
     time::{Duration, Instant},
 };
 
+use tokio_util::sync::CancellationToken;
 use tonic::{Code, Request, Response, Status, metadata::MetadataMap};
 
 use crate::{
-    domain::{error::Error, outbox::Accepted},
+    domain::{delivery::Delivery, error::Error, outbox::Accepted},
     metrics::{Method, Metrics},
     notify::{NotificationRequest, Notifier},
     otp::OtpService,
@@ -104,17 +106,127 @@ async fn detached<T: Send + 'static>(
 
 pub struct NotificationGrpc {
     notifier: Arc<Notifier>,
+    delivery: Arc<Delivery>,
     metrics: Arc<Metrics>,
+    /// Cancelled when kabar stops accepting calls: open status feeds end, so that their
+    /// clients reconnect (to another replica) with their cursor.
+    drain: CancellationToken,
 }
 
 impl NotificationGrpc {
-    pub fn new(notifier: Arc<Notifier>, metrics: Arc<Metrics>) -> Self {
-        NotificationGrpc { notifier, metrics }
+    pub fn new(
+        notifier: Arc<Notifier>,
+        delivery: Arc<Delivery>,
+        metrics: Arc<Metrics>,
+        drain: CancellationToken,
+    ) -> Self {
+        NotificationGrpc {
+            notifier,
+            delivery,
+            metrics,
+            drain,
+        }
     }
 }
 
+/// How often an open status feed looks for new events.
+const FEED_POLL: Duration = Duration::from_millis(200);
+/// Events read from the store at a time.
+const FEED_BATCH: usize = 100;
+
+type EventStream =
+    std::pin::Pin<Box<dyn futures_util::Stream<Item = Result<pb::MessageEvent, Status>> + Send>>;
+
 #[tonic::async_trait]
 impl pb::notification_service_server::NotificationService for NotificationGrpc {
+    type WatchMessageStatusStream = EventStream;
+
+    async fn get_message_status(
+        &self,
+        request: Request<pb::GetMessageStatusRequest>,
+    ) -> Result<Response<pb::MessageStatus>, Status> {
+        let start = Instant::now();
+        let id = request.into_inner().message_id;
+        let delivery = self.delivery.clone();
+        let record = detached(
+            &self.metrics,
+            Method::GetMessageStatus,
+            start,
+            async move { delivery.get(&id).await },
+            move |metrics, _| log_call(metrics, Method::GetMessageStatus, start, Ok("found")),
+        )
+        .await?;
+        Ok(Response::new(messages::status(record)))
+    }
+
+    async fn watch_message_status(
+        &self,
+        request: Request<pb::WatchMessageStatusRequest>,
+    ) -> Result<Response<Self::WatchMessageStatusStream>, Status> {
+        let start = Instant::now();
+        let after = request.into_inner().after;
+        let delivery = self.delivery.clone();
+        let after = detached(
+            &self.metrics,
+            Method::WatchMessageStatus,
+            start,
+            async move { delivery.start(&after).await },
+            move |metrics, _| {
+                log_call(
+                    metrics,
+                    Method::WatchMessageStatus,
+                    start,
+                    Ok("feed opened"),
+                )
+            },
+        )
+        .await?;
+        let state = (
+            self.delivery.clone(),
+            after,
+            std::collections::VecDeque::new(),
+            self.drain.clone(),
+            false,
+        );
+        let stream = futures_util::stream::unfold(
+            state,
+            |(delivery, mut after, mut buffer, drain, ended)| async move {
+                if ended {
+                    return None;
+                }
+                loop {
+                    if let Some(event) = buffer.pop_front() {
+                        let event: crate::domain::status::StoredEvent = event;
+                        after = crate::domain::status::After::Cursor(event.cursor.clone());
+                        return Some((
+                            Ok(messages::event(event)),
+                            (delivery, after, buffer, drain, false),
+                        ));
+                    }
+                    if drain.is_cancelled() {
+                        return None;
+                    }
+                    match delivery.events(&after, FEED_BATCH).await {
+                        Ok(events) if events.is_empty() => {
+                            tokio::select! {
+                                () = tokio::time::sleep(FEED_POLL) => {}
+                                () = drain.cancelled() => return None,
+                            }
+                        }
+                        Ok(events) => buffer.extend(events),
+                        Err(e) => {
+                            return Some((
+                                Err(Status::from(e)),
+                                (delivery, after, buffer, drain, true),
+                            ));
+                        }
+                    }
+                }
+            },
+        );
+        Ok(Response::new(Box::pin(stream)))
+    }
+
     async fn send_template(
         &self,
         request: Request<SendTemplateRequest>,

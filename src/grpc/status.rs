@@ -32,6 +32,8 @@ pub fn code(e: &Error) -> Code {
         Error::DeadlineExceeded { .. } => Code::DeadlineExceeded,
         Error::IdempotencyInFlight => Code::Aborted,
         Error::IdempotencyKeyReused => Code::FailedPrecondition,
+        Error::MessageNotFound(_) => Code::NotFound,
+        Error::CursorExpired(_) => Code::OutOfRange,
     }
 }
 
@@ -120,6 +122,8 @@ impl From<Error> for Status {
                 d
             }
             Error::IdempotencyKeyReused => info(Reason::IdempotencyKeyReused, &[]),
+            Error::MessageNotFound(_) => info(Reason::MessageNotFound, &[]),
+            Error::CursorExpired(_) => info(Reason::CursorExpired, &[]),
         };
         Status::with_error_details(code, message, details)
     }

@@ -13,6 +13,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::listen::Admission;
 
+pub mod webhook;
+
 /// Open connections on the HTTP port at most: probes and a metrics scraper need a handful.
 pub const MAX_CONNECTIONS: usize = 64;
 /// Largest request head (request line and headers) read.

@@ -89,6 +89,28 @@ pub struct SendContext<'a> {
     pub language: &'a str,
 }
 
+/// The reason of a Meta error code reported without an HTTP answer (a failed status in the
+/// webhook), as the same code would be classified in an answer.
+pub fn reason_of_code(code: i64) -> Reason {
+    let body = MetaErrorObject {
+        message: String::new(),
+        kind: String::new(),
+        code,
+        error_subcode: None,
+        error_data: None,
+        fbtrace_id: None,
+    };
+    classify(
+        400,
+        Some(&body),
+        &SendContext {
+            template: "",
+            language: "",
+        },
+    )
+    .reason
+}
+
 /// Classifies a Meta error. `body` is Meta's parsed error body, if the response had one.
 pub fn classify(
     http_status: u16,

@@ -11,7 +11,9 @@ use std::time::Instant;
 
 use serde::Serialize;
 
-pub use classify::{MetaErrorBody, MetaErrorKind, MetaErrorObject, MetaFailure, classify};
+pub use classify::{
+    MetaErrorBody, MetaErrorKind, MetaErrorObject, MetaFailure, classify, reason_of_code,
+};
 pub use meta::{MetaClient, MetaSettings};
 
 use crate::phone::Phone;

@@ -21,6 +21,7 @@ macro_rules! on_both_stores {
 
 mod attack;
 mod config;
+mod delivery;
 mod hardening;
 mod meta_errors;
 mod otp;

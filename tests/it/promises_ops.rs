@@ -390,6 +390,7 @@ async fn reflection_describes_a_symbol_with_its_whole_file() {
             .find(|f| f.name.as_deref() == Some("kabar/v1/kabar.proto"))
             .unwrap_or_else(|| panic!("{symbol}: kabar.proto in {files:?}"));
         assert_eq!(file.package.as_deref(), Some("kabar.v1"));
+
         let methods = |service: &str| -> Vec<String> {
             file.service
                 .iter()
@@ -400,7 +401,10 @@ async fn reflection_describes_a_symbol_with_its_whole_file() {
                 .filter_map(|m| m.name.clone())
                 .collect()
         };
-        assert_eq!(methods("NotificationService"), ["SendTemplate"]);
+        assert_eq!(
+            methods("NotificationService"),
+            ["SendTemplate", "GetMessageStatus", "WatchMessageStatus"]
+        );
         assert_eq!(methods("OtpService"), ["SendOtp", "VerifyOtp"]);
         assert!(
             file.message_type
@@ -408,6 +412,15 @@ async fn reflection_describes_a_symbol_with_its_whole_file() {
                 .any(|m| m.name.as_deref() == Some("SendTemplateRequest"))
         );
     }
+    // grpcurl asks for the imports too, to describe the timestamps.
+    let timestamp = file_containing(&app.channel, "google.protobuf.Timestamp")
+        .await
+        .expect("the imported well-known type is described");
+    assert!(
+        timestamp
+            .iter()
+            .any(|f| f.name.as_deref() == Some("google/protobuf/timestamp.proto"))
+    );
     let health = file_containing(&app.channel, "grpc.health.v1.Health")
         .await
         .expect("health is described");

@@ -313,6 +313,8 @@ async fn meta_handler(
 /// The whole kabar app, in-process, with gRPC clients connected to it.
 pub struct TestApp {
     pub http_addr: SocketAddr,
+    /// Meta's webhook, when `META_APP_SECRET` is set.
+    pub webhook_addr: Option<SocketAddr>,
     pub channel: Channel,
     pub shutdown: CancellationToken,
     pub handle: Option<JoinHandle<anyhow::Result<()>>>,
@@ -356,6 +358,7 @@ impl TestApp {
         let mut map: HashMap<String, String> = HashMap::new();
         map.insert("KABAR_GRPC_ADDR".into(), "127.0.0.1:0".into());
         map.insert("KABAR_HTTP_ADDR".into(), "127.0.0.1:0".into());
+        map.insert("KABAR_WEBHOOK_ADDR".into(), "127.0.0.1:0".into());
         map.insert("KABAR_SHUTDOWN_GRACE_SECONDS".into(), "5".into());
         for (k, v) in vars {
             map.insert(k, v);
@@ -364,6 +367,7 @@ impl TestApp {
         let listeners = kabar::Listeners::bind(&config).await.expect("bind");
         let grpc_addr = listeners.grpc.local_addr().unwrap();
         let http_addr = listeners.http.local_addr().unwrap();
+        let webhook_addr = listeners.webhook.as_ref().map(|l| l.local_addr().unwrap());
         let shutdown = CancellationToken::new();
         let handle = tokio::spawn(kabar::run(config, listeners, shutdown.clone()));
         let channel = Channel::from_shared(format!("http://{grpc_addr}"))
@@ -373,6 +377,7 @@ impl TestApp {
             .expect("connect to kabar");
         let app = TestApp {
             http_addr,
+            webhook_addr,
             channel,
             shutdown,
             handle: Some(handle),

@@ -1,0 +1,146 @@
+//! Delivery status: what Meta's webhook reports about the messages kabar sent, and reading it
+//! back. Webhook updates are applied to the message records (state forward only, history,
+//! duplicates ignored) and every change, inbound customer message and account event goes into
+//! the event feed that `WatchMessageStatus` follows.
+
+use std::{sync::Arc, time::Duration};
+
+use super::{
+    error::{Error, Violations, echo},
+    ports::{Applied, FeedError, MessageStore},
+    status::{After, Event, MessageRecord, StatusUpdate, StoredEvent},
+};
+
+/// Longest message id accepted in a request (a wamid is about 60 characters).
+const MAX_MESSAGE_ID_CHARS: usize = 256;
+
+/// One item of a webhook delivery, in kabar's terms.
+#[derive(Debug, Clone)]
+pub enum Incoming {
+    /// A status update, with the reason kabar gives its error code (if it failed).
+    Status {
+        update: StatusUpdate,
+        error_reason: String,
+    },
+    /// An inbound message or an account event.
+    Event(Event),
+}
+
+/// What one webhook delivery did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Ingested {
+    pub changed: usize,
+    pub duplicates: usize,
+    /// Statuses of messages kabar has no record of (another system on the same number, or
+    /// older than the retention): acknowledged, not stored.
+    pub unknown: usize,
+    pub events: usize,
+}
+
+pub struct Delivery {
+    store: Arc<dyn MessageStore>,
+    retention: Duration,
+}
+
+impl Delivery {
+    pub fn new(store: Arc<dyn MessageStore>, retention: Duration) -> Self {
+        Delivery { store, retention }
+    }
+
+    /// `GetMessageStatus`.
+    pub async fn get(&self, message_id: &str) -> Result<MessageRecord, Error> {
+        check_message_id(message_id)?;
+        self.store
+            .get_record(message_id)
+            .await
+            .map_err(|e| Error::StoreUnavailable(e.0))?
+            .ok_or_else(|| Error::MessageNotFound(echo(message_id)))
+    }
+
+    /// Checks where a reader starts; `After::Now` is pinned to the newest event now, so that
+    /// nothing appended after this call is missed.
+    pub async fn start(&self, after: &str) -> Result<After, Error> {
+        match After::parse(after) {
+            After::Now => {
+                let cursor = self
+                    .store
+                    .latest_cursor()
+                    .await
+                    .map_err(|e| Error::StoreUnavailable(e.0))?;
+                Ok(After::Cursor(cursor))
+            }
+            After::Cursor(c) if c.len() > 64 || !c.bytes().all(|b| b.is_ascii_graphic()) => {
+                Err(Error::field(
+                    "after",
+                    "must be \"\", \"0\" or a cursor from an earlier event",
+                ))
+            }
+            other => Ok(other),
+        }
+    }
+
+    /// Up to `limit` events after `after`, oldest first.
+    pub async fn events(&self, after: &After, limit: usize) -> Result<Vec<StoredEvent>, Error> {
+        self.store
+            .events_after(after, limit)
+            .await
+            .map_err(|e| match e {
+                FeedError::Expired(cursor) => Error::CursorExpired(echo(&cursor)),
+                FeedError::Malformed(_) => Error::field(
+                    "after",
+                    "must be \"\", \"0\" or a cursor from an earlier event",
+                ),
+                FeedError::Store(e) => Error::StoreUnavailable(e.0),
+            })
+    }
+
+    /// Stores one webhook delivery. Each update is applied once: a delivery that fails halfway
+    /// (the store went away) is answered with an error, Meta sends it again, and the updates
+    /// already applied are recognised as duplicates.
+    pub async fn ingest(&self, items: Vec<Incoming>) -> Result<Ingested, Error> {
+        let mut done = Ingested::default();
+        for item in items {
+            match item {
+                Incoming::Status {
+                    update,
+                    error_reason,
+                } => match self
+                    .store
+                    .apply_status(&update, &error_reason, self.retention)
+                    .await
+                    .map_err(|e| Error::StoreUnavailable(e.0))?
+                {
+                    Applied::Changed => done.changed += 1,
+                    Applied::Unchanged => done.duplicates += 1,
+                    Applied::Unknown => done.unknown += 1,
+                },
+                Incoming::Event(event) => {
+                    self.store
+                        .append_event(&event, self.retention)
+                        .await
+                        .map_err(|e| Error::StoreUnavailable(e.0))?;
+                    done.events += 1;
+                }
+            }
+        }
+        Ok(done)
+    }
+}
+
+fn check_message_id(id: &str) -> Result<(), Error> {
+    let mut violations = Violations::new();
+    if id.is_empty() {
+        violations.push("message_id", "is required");
+    } else if id.chars().count() > MAX_MESSAGE_ID_CHARS || !id.bytes().all(|b| b.is_ascii_graphic())
+    {
+        violations.push(
+            "message_id",
+            "must be a message id as SendTemplate returned it (printable ASCII, at most 256 characters)",
+        );
+    }
+    if violations.is_empty() {
+        Ok(())
+    } else {
+        Err(Error::InvalidArgument(violations))
+    }
+}

@@ -1,0 +1,362 @@
+//! Delivery status end to end: a message sent through kabar, Meta's signed webhook deliveries
+//! built from its samples, and the status read back with GetMessageStatus and
+//! WatchMessageStatus, on both stores.
+
+use std::time::Duration;
+
+use hmac::{Hmac, Mac};
+use kabar::pb::{
+    GetMessageStatusRequest, MessageEvent, WatchMessageStatusRequest, message_event,
+    message_status::State,
+};
+use serde_json::{Value, json};
+use sha2::Sha256;
+use tonic::Code;
+
+use crate::{
+    send_template::invoice_request,
+    support::{FakeMeta, RedisServer, TestApp, error_info, meta_vars, store_vars, vars},
+};
+
+const APP_SECRET: &str = "webhook-test-app-secret";
+const VERIFY_TOKEN: &str = "verify-me-please";
+
+async fn start(redis: Option<&RedisServer>) -> (FakeMeta, TestApp) {
+    let meta = FakeMeta::start().await;
+    let mut v = meta_vars(&meta);
+    v.extend(store_vars(redis));
+    v.extend(vars(&[
+        ("META_APP_SECRET", APP_SECRET),
+        ("META_WA_WEBHOOK_VERIFY_TOKEN", VERIFY_TOKEN),
+    ]));
+    (meta, TestApp::start(v).await)
+}
+
+fn sign(body: &[u8]) -> String {
+    let mut mac = Hmac::<Sha256>::new_from_slice(APP_SECRET.as_bytes()).unwrap();
+    mac.update(body);
+    format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
+}
+
+fn sample(name: &str) -> Value {
+    let path = format!(
+        "{}/tests/fixtures/webhook/{name}",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+/// A status delivery shaped like Meta's samples, for `message_id`.
+fn status_body(message_id: &str, status: &str, timestamp: u64) -> Value {
+    let mut body = sample("webhook_status_sent_v24.json");
+    let s = &mut body["entry"][0]["changes"][0]["value"]["statuses"][0];
+    s["id"] = json!(message_id);
+    s["status"] = json!(status);
+    s["timestamp"] = json!(timestamp.to_string());
+    if status == "delivered" {
+        s["pricing"] = json!({"billable": true, "pricing_model": "PMP", "type": "regular", "category": "utility"});
+    }
+    body
+}
+
+fn now_seconds() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+async fn post(app: &TestApp, body: &[u8], signature: Option<&str>) -> u16 {
+    let url = format!(
+        "http://{}/webhook/whatsapp/meta",
+        app.webhook_addr.expect("the webhook is served")
+    );
+    let mut request = reqwest::Client::new().post(url).body(body.to_vec());
+    if let Some(signature) = signature {
+        request = request.header("x-hub-signature-256", signature);
+    }
+    request.send().await.unwrap().status().as_u16()
+}
+
+async fn post_signed(app: &TestApp, body: &Value) -> u16 {
+    let bytes = serde_json::to_vec(body).unwrap();
+    post(app, &bytes, Some(&sign(&bytes))).await
+}
+
+async fn status_of(app: &TestApp, message_id: &str) -> kabar::pb::MessageStatus {
+    app.notifications()
+        .get_message_status(GetMessageStatusRequest {
+            message_id: message_id.into(),
+        })
+        .await
+        .expect("a record")
+        .into_inner()
+}
+
+on_both_stores!(
+    statuses_move_forward_through_signed_deliveries,
+    a_failed_status_keeps_metas_error,
+    the_feed_replays_and_resumes_from_a_cursor,
+);
+
+async fn statuses_move_forward_through_signed_deliveries(redis: Option<&RedisServer>) {
+    let (_meta, app) = start(redis).await;
+    let sent = app
+        .notifications()
+        .send_template(invoice_request())
+        .await
+        .unwrap()
+        .into_inner();
+    let record = status_of(&app, &sent.message_id).await;
+    assert_eq!(record.state(), State::Accepted);
+    assert_eq!(record.template, "invoice_notification");
+    assert_eq!(record.reference, "INV/2026/11/0042");
+    assert_eq!(record.phone, "+6281234567890");
+
+    // Meta's order is not guaranteed: read arrives before delivered, sent twice. Meta's clock
+    // is a little ahead of the send.
+    let t = now_seconds() + 2;
+    for (status, at) in [
+        ("sent", t),
+        ("read", t + 20),
+        ("sent", t),
+        ("delivered", t + 10),
+    ] {
+        assert_eq!(
+            post_signed(&app, &status_body(&sent.message_id, status, at)).await,
+            200
+        );
+    }
+    let record = status_of(&app, &sent.message_id).await;
+    assert_eq!(record.state(), State::Read, "the state only moves forward");
+    let history: Vec<(State, i64)> = record
+        .history
+        .iter()
+        .map(|c| (c.state(), c.at.as_ref().unwrap().seconds))
+        .collect();
+    assert_eq!(history.len(), 4, "{history:?}");
+    assert_eq!(history[0].0, State::Accepted);
+    assert_eq!(
+        &history[1..],
+        [
+            (State::Sent, t as i64),
+            (State::Delivered, t as i64 + 10),
+            (State::Read, t as i64 + 20)
+        ]
+    );
+    assert!(record.billable);
+    assert_eq!(record.pricing_category, "utility");
+    assert_eq!(record.updated_at.unwrap().seconds, t as i64 + 20);
+
+    // An id kabar never sent is acknowledged and not stored.
+    assert_eq!(
+        post_signed(&app, &status_body("wamid.SOMEONE-ELSE", "delivered", 1)).await,
+        200
+    );
+    let status = app
+        .notifications()
+        .get_message_status(GetMessageStatusRequest {
+            message_id: "wamid.SOMEONE-ELSE".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::NotFound);
+    assert_eq!(error_info(&status).unwrap().0, "MESSAGE_NOT_FOUND");
+    let status = app
+        .notifications()
+        .get_message_status(GetMessageStatusRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+}
+
+async fn a_failed_status_keeps_metas_error(redis: Option<&RedisServer>) {
+    let (_meta, app) = start(redis).await;
+    let sent = app
+        .notifications()
+        .send_template(invoice_request())
+        .await
+        .unwrap()
+        .into_inner();
+    let mut body = sample("webhook_status_failed_131049.json");
+    body["entry"][0]["changes"][0]["value"]["statuses"][0]["id"] = json!(sent.message_id);
+    assert_eq!(post_signed(&app, &body).await, 200);
+    // A later `read` does not revive a failed message.
+    assert_eq!(
+        post_signed(&app, &status_body(&sent.message_id, "read", 1_751_142_999)).await,
+        200
+    );
+    let record = status_of(&app, &sent.message_id).await;
+    assert_eq!(record.state(), State::Failed);
+    let error = record.error.expect("Meta's error");
+    assert_eq!(error.code, 131049);
+    assert_eq!(error.reason, "META_USER_MARKETING_LIMIT");
+    assert!(error.details.contains("healthy ecosystem"), "{error:?}");
+}
+
+async fn next_event(stream: &mut tonic::Streaming<MessageEvent>) -> MessageEvent {
+    tokio::time::timeout(Duration::from_secs(5), stream.message())
+        .await
+        .expect("an event within 5 s")
+        .expect("the feed is open")
+        .expect("an event")
+}
+
+async fn the_feed_replays_and_resumes_from_a_cursor(redis: Option<&RedisServer>) {
+    let (_meta, app) = start(redis).await;
+    // A reader that starts now sees what happens from now on.
+    let mut live = app
+        .notifications()
+        .watch_message_status(WatchMessageStatusRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let sent = app
+        .notifications()
+        .send_template(invoice_request())
+        .await
+        .unwrap()
+        .into_inner();
+    let accepted = next_event(&mut live).await;
+    let Some(message_event::Event::Status(status)) = &accepted.event else {
+        panic!("{accepted:?}")
+    };
+    assert_eq!(status.message_id, sent.message_id);
+    assert_eq!(status.state(), State::Accepted);
+
+    assert_eq!(
+        post_signed(
+            &app,
+            &status_body(&sent.message_id, "delivered", 1_764_400_010)
+        )
+        .await,
+        200
+    );
+    let delivered = next_event(&mut live).await;
+    let Some(message_event::Event::Status(status)) = &delivered.event else {
+        panic!("{delivered:?}")
+    };
+    assert_eq!(status.state(), State::Delivered);
+
+    // A customer's reply is an event too.
+    assert_eq!(
+        post_signed(&app, &sample("webhook_inbound_text.json")).await,
+        200
+    );
+    let inbound = next_event(&mut live).await;
+    let Some(message_event::Event::Inbound(message)) = &inbound.event else {
+        panic!("{inbound:?}")
+    };
+    assert_eq!(message.phone, "+16505551234");
+    assert_eq!(message.r#type, "text");
+
+    // From the oldest: the same three, in order.
+    let mut replay = app
+        .notifications()
+        .watch_message_status(WatchMessageStatusRequest { after: "0".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    let first = next_event(&mut replay).await;
+    assert_eq!(first.cursor, accepted.cursor);
+    // Resuming after the first sees the second next.
+    let mut resumed = app
+        .notifications()
+        .watch_message_status(WatchMessageStatusRequest {
+            after: first.cursor.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(next_event(&mut resumed).await.cursor, delivered.cursor);
+    assert_eq!(next_event(&mut resumed).await.cursor, inbound.cursor);
+
+    // A cursor that is not one of the feed's.
+    let status = app
+        .notifications()
+        .watch_message_status(WatchMessageStatusRequest {
+            after: "yesterday".into(),
+        })
+        .await;
+    let status = match status {
+        Err(status) => status,
+        Ok(response) => response.into_inner().message().await.expect_err("refused"),
+    };
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+}
+
+#[tokio::test]
+async fn the_webhook_refuses_what_meta_did_not_sign() {
+    let (_meta, app) = start(None).await;
+    let body = serde_json::to_vec(&status_body("wamid.X", "sent", 1)).unwrap();
+    assert_eq!(post(&app, &body, None).await, 401, "unsigned");
+    assert_eq!(
+        post(&app, &body, Some(&sign(b"another body"))).await,
+        401,
+        "signed for another body"
+    );
+    assert_eq!(post(&app, &body, Some("sha256=zz")).await, 401, "malformed");
+    // Meta's own sample and signature: the bytes as Meta sent them.
+    let raw = std::fs::read(format!(
+        "{}/tests/fixtures/webhook/signature_body.raw",
+        env!("CARGO_MANIFEST_DIR")
+    ))
+    .unwrap();
+    assert_eq!(
+        post(&app, &raw, Some(&sign(&raw))).await,
+        200,
+        "a signed sample is stored"
+    );
+    assert_eq!(post(&app, b"not json", Some(&sign(b"not json"))).await, 400);
+    let deep = "[".repeat(100_000);
+    assert_eq!(
+        post(&app, deep.as_bytes(), Some(&sign(deep.as_bytes()))).await,
+        400
+    );
+    let huge = vec![b' '; 3 * 1024 * 1024 + 1];
+    assert_eq!(post(&app, &huge, Some(&sign(&huge))).await, 413);
+
+    // The verification handshake.
+    let base = format!("http://{}/webhook/whatsapp/meta", app.webhook_addr.unwrap());
+    let answer = reqwest::get(format!(
+        "{base}?hub.mode=subscribe&hub.verify_token={VERIFY_TOKEN}&hub.challenge=1158201444"
+    ))
+    .await
+    .unwrap();
+    assert_eq!(answer.status(), 200);
+    assert_eq!(answer.text().await.unwrap(), "1158201444");
+    let answer = reqwest::get(format!(
+        "{base}?hub.mode=subscribe&hub.verify_token=wrong&hub.challenge=1"
+    ))
+    .await
+    .unwrap();
+    assert_eq!(answer.status(), 403);
+}
+
+#[tokio::test]
+async fn without_the_app_secret_there_is_no_webhook() {
+    let meta = FakeMeta::start().await;
+    let app = TestApp::start(meta_vars(&meta)).await;
+    assert!(app.webhook_addr.is_none());
+}
+
+/// Redis down mid-ingest: 503 (Meta sends it again), and the same delivery is taken once Redis
+/// answers.
+#[tokio::test]
+async fn a_store_outage_answers_503_and_the_retry_is_stored() {
+    let mut redis = RedisServer::start();
+    let (_meta, app) = start(Some(&redis)).await;
+    let body = status_body("wamid.ANY", "delivered", 1);
+    redis.stop();
+    assert_eq!(post_signed(&app, &body).await, 503);
+    redis.restart();
+    let mut code = 0;
+    for _ in 0..50 {
+        code = post_signed(&app, &body).await;
+        if code == 200 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(code, 200);
+}
