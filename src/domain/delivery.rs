@@ -115,11 +115,16 @@ impl Delivery {
                     Applied::Unknown => done.unknown += 1,
                 },
                 Incoming::Event(event) => {
-                    self.store
+                    if self
+                        .store
                         .append_event(&event, self.retention)
                         .await
-                        .map_err(|e| Error::StoreUnavailable(e.0))?;
-                    done.events += 1;
+                        .map_err(|e| Error::StoreUnavailable(e.0))?
+                    {
+                        done.events += 1;
+                    } else {
+                        done.duplicates += 1;
+                    }
                 }
             }
         }

@@ -97,8 +97,9 @@ pub trait MessageStore: Send + Sync {
         retention: Duration,
     ) -> Result<Applied, StoreError>;
 
-    /// Appends an inbound message or an account event.
-    async fn append_event(&self, event: &Event, retention: Duration) -> Result<(), StoreError>;
+    /// Appends an inbound message or an account event, unless an event with the same
+    /// [`Event::dedupe_key`] was appended within the retention; whether it was appended.
+    async fn append_event(&self, event: &Event, retention: Duration) -> Result<bool, StoreError>;
 
     /// The cursor of the newest event (for a reader starting now).
     async fn latest_cursor(&self) -> Result<String, StoreError>;

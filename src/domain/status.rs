@@ -213,6 +213,20 @@ pub enum Event {
     Account(AccountEvent),
 }
 
+impl Event {
+    /// What identifies an inbound message or account event when Meta delivers it again: the
+    /// same key is appended once. (Status changes are deduplicated by their record.)
+    pub fn dedupe_key(&self) -> String {
+        match self {
+            Event::Status(r) => format!("status:{}", r.message_id),
+            Event::Inbound(m) => format!("inbound:{}", m.message_id),
+            Event::Account(a) => {
+                format!("account:{}:{}:{}:{}", a.kind, a.subject, a.value, a.at_ms)
+            }
+        }
+    }
+}
+
 /// An event with its place in the feed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoredEvent {

@@ -35,6 +35,10 @@ pub(crate) fn record_key(message_id: &str) -> String {
 }
 /// The event feed (a stream), shared by every replica.
 pub(crate) const EVENTS_KEY: &str = "kabar:events";
+/// Marks an inbound message or account event as appended to the feed.
+pub(crate) fn seen_key(dedupe_key: &str) -> String {
+    format!("kabar:seen:{{{dedupe_key}}}")
+}
 pub(crate) fn idempotency_key(key: &str) -> String {
     format!("kabar:idem:{{{key}}}")
 }
@@ -245,7 +249,7 @@ impl crate::domain::ports::MessageStore for Store {
         &self,
         event: &crate::domain::status::Event,
         retention: Duration,
-    ) -> Result<(), StoreError> {
+    ) -> Result<bool, StoreError> {
         dispatch!(self, s => s.append_event(event, retention).await)
     }
 

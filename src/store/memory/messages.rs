@@ -23,6 +23,8 @@ pub(super) struct Messages {
     /// (id, event), ids increasing.
     events: VecDeque<((u64, u64), Event)>,
     last_id: (u64, u64),
+    /// Dedupe keys of inbound messages and account events, with their expiry.
+    seen: HashMap<String, u64>,
     /// The id of the newest event trimmed away: a cursor before it has missed events.
     trimmed: (u64, u64),
 }
@@ -67,9 +69,9 @@ impl MemoryStore {
     }
 
     pub(super) fn sweep_messages(&self, now: u64) {
-        self.messages()
-            .records
-            .retain(|_, (_, expires)| *expires > now);
+        let mut m = self.messages();
+        m.records.retain(|_, (_, expires)| *expires > now);
+        m.seen.retain(|_, expires| *expires > now);
     }
 
     pub async fn put_record(
@@ -123,9 +125,20 @@ impl MemoryStore {
         Ok(Applied::Changed)
     }
 
-    pub async fn append_event(&self, event: &Event, retention: Duration) -> Result<(), StoreError> {
-        self.messages().append(event.clone(), now_ms(), retention);
-        Ok(())
+    pub async fn append_event(
+        &self,
+        event: &Event,
+        retention: Duration,
+    ) -> Result<bool, StoreError> {
+        let now = now_ms();
+        let mut m = self.messages();
+        let key = event.dedupe_key();
+        if m.seen.get(&key).is_some_and(|expires| *expires > now) {
+            return Ok(false);
+        }
+        m.seen.insert(key, now + retention.as_millis() as u64);
+        m.append(event.clone(), now, retention);
+        Ok(true)
     }
 
     pub async fn latest_cursor(&self) -> Result<String, StoreError> {

@@ -18,7 +18,7 @@ use crate::{
             StatusChange, StatusUpdate, StoredEvent,
         },
     },
-    store::{EVENTS_KEY, memory::messages::parse_cursor, now_ms, record_key},
+    store::{EVENTS_KEY, memory::messages::parse_cursor, now_ms, record_key, seen_key},
 };
 
 /// KEYS: record, feed. ARGV: ttl_ms, minid, then the record's field/value pairs.
@@ -77,9 +77,18 @@ redis.call('XADD', KEYS[2], 'MINID', '~', ARGV[9], '*', 'k', 'status', unpack(al
 return 2
 "#;
 
+/// KEYS: the event's dedupe key, feed. ARGV: ttl_ms, minid, then the event's field/value pairs.
+/// Appends unless the dedupe key was seen within the retention: 1 appended, 0 a repeat.
+const APPEND: &str = r#"
+if not redis.call('SET', KEYS[1], '1', 'NX', 'PX', ARGV[1]) then return 0 end
+redis.call('XADD', KEYS[2], 'MINID', '~', ARGV[2], '*', unpack(ARGV, 3))
+return 1
+"#;
+
 pub(super) struct Scripts {
     put: Script,
     apply: Script,
+    append: Script,
 }
 
 impl Scripts {
@@ -87,6 +96,7 @@ impl Scripts {
         Scripts {
             put: Script::new(PUT),
             apply: Script::new(APPLY),
+            append: Script::new(APPEND),
         }
     }
 }
@@ -326,19 +336,29 @@ impl RedisStore {
         }
     }
 
-    pub async fn append_event(&self, event: &Event, retention: Duration) -> Result<(), StoreError> {
+    pub async fn append_event(
+        &self,
+        event: &Event,
+        retention: Duration,
+    ) -> Result<bool, StoreError> {
         let mut con = self.connection.clone();
-        let mut cmd = redis::cmd("XADD");
-        cmd.arg(EVENTS_KEY)
-            .arg("MINID")
-            .arg("~")
-            .arg(minid(retention))
-            .arg("*");
+        let mut invocation = self.message_scripts.append.prepare_invoke();
+        invocation
+            .key(seen_key(&event.dedupe_key()))
+            .key(EVENTS_KEY)
+            .arg(retention.as_millis() as u64)
+            .arg(minid(retention));
         for (k, v) in event_fields(event) {
-            cmd.arg(k).arg(v);
+            invocation.arg(k).arg(v);
         }
-        let _: String = self.bounded(cmd.query_async(&mut con)).await?;
-        Ok(())
+        let appended: i64 = self.bounded(invocation.invoke_async(&mut con)).await?;
+        match appended {
+            0 => Ok(false),
+            1 => Ok(true),
+            other => Err(StoreError(format!(
+                "unexpected answer from the append script: {other}"
+            ))),
+        }
     }
 
     pub async fn latest_cursor(&self) -> Result<String, StoreError> {
