@@ -9,6 +9,23 @@ use secrecy::{ExposeSecret, SecretBox, SecretString};
 
 use crate::{phone, templates::TemplateRegistry};
 
+/// Settings of the Meta client: configuration owns them, the client in `whatsapp` uses them.
+#[derive(Clone)]
+pub struct MetaSettings {
+    pub graph_api_url: String,
+    pub graph_api_version: String,
+    pub phone_number_id: String,
+    pub access_token: SecretString,
+    pub connect_timeout: Duration,
+    pub request_timeout: Duration,
+    /// Total attempts for a retryable failure, the first included.
+    pub max_attempts: u32,
+    /// First backoff; doubled after each attempt, with full jitter over its upper half.
+    pub retry_base: Duration,
+    /// Sends in progress at once; more wait (within their deadline) for a free slot.
+    pub max_in_flight: usize,
+}
+
 /// A configuration problem: which variable, and what it needs.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{var}: {message}")]
@@ -72,7 +89,7 @@ pub struct Config {
     pub whatsapp_enabled: bool,
     pub driver: DriverKind,
     /// Present when `driver` is `Meta`.
-    pub meta: Option<crate::whatsapp::MetaSettings>,
+    pub meta: Option<MetaSettings>,
     pub business_account_id: Option<String>,
     pub webhook_verify_token: Option<SecretString>,
     pub app_secret: Option<SecretString>,
@@ -383,7 +400,7 @@ impl Config {
                         "contains whitespace: paste the token alone, without \"Bearer\"",
                     ));
                 }
-                Some(crate::whatsapp::MetaSettings {
+                Some(MetaSettings {
                     graph_api_url,
                     graph_api_version,
                     phone_number_id,

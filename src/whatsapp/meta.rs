@@ -7,30 +7,15 @@ use std::{
 };
 
 use reqwest::header::{AUTHORIZATION, CONTENT_TYPE, HeaderValue};
-use secrecy::{ExposeSecret, SecretString};
+use secrecy::ExposeSecret;
 use serde::Deserialize;
+
+pub use crate::config::MetaSettings;
 
 use super::{
     OutboundTemplate, SendError, Sent,
     classify::{MetaErrorBody, SendContext, classify},
 };
-
-/// Settings of the Meta client (from `config.rs`).
-#[derive(Clone)]
-pub struct MetaSettings {
-    pub graph_api_url: String,
-    pub graph_api_version: String,
-    pub phone_number_id: String,
-    pub access_token: SecretString,
-    pub connect_timeout: Duration,
-    pub request_timeout: Duration,
-    /// Total attempts for a retryable failure, the first included.
-    pub max_attempts: u32,
-    /// First backoff; doubled after each attempt, with full jitter over its upper half.
-    pub retry_base: Duration,
-    /// Sends in progress at once; more wait (within their deadline) for a free slot.
-    pub max_in_flight: usize,
-}
 
 #[derive(Clone)]
 pub struct MetaClient {
