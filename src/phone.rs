@@ -164,3 +164,41 @@ pub fn warm_up() {
     let _ = normalize("+6281234567890");
     let _ = normalize("+16505551234");
 }
+
+#[cfg(test)]
+mod tests {
+    use super::{PhoneError, normalize};
+
+    #[test]
+    fn indonesian_numbers_as_people_type_them() {
+        for typed in [
+            "0812-3456-7890",
+            "+62 812 3456 7890",
+            "62812-3456-7890",
+            "(0812) 3456 7890",
+            "+62 (812) 3456-7890",
+        ] {
+            let phone = normalize(typed).unwrap_or_else(|e| panic!("{typed}: {e}"));
+            assert_eq!(phone.e164(), "+6281234567890", "{typed}");
+            assert_eq!(phone.digits(), "6281234567890");
+            assert_eq!(phone.country_code(), 62);
+        }
+    }
+
+    #[test]
+    fn other_countries_need_their_code() {
+        assert_eq!(
+            normalize("+44 7911 123456").unwrap().e164(),
+            "+447911123456"
+        );
+        assert_eq!(normalize("+44 7911 123456").unwrap().country_code(), 44);
+    }
+
+    #[test]
+    fn landlines_and_nonsense_are_refused() {
+        assert!(normalize("021-5550-1234").is_err(), "a Jakarta landline");
+        assert_eq!(normalize(""), Err(PhoneError::Empty));
+        assert!(normalize("0812-3456-78x0").is_err());
+        assert!(normalize("+62 812").is_err());
+    }
+}

@@ -392,3 +392,75 @@ pub fn classify(
         retry_after,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn body(code: i64) -> MetaErrorObject {
+        MetaErrorObject {
+            message: format!("(#{code}) something"),
+            kind: "OAuthException".into(),
+            code,
+            error_subcode: None,
+            error_data: Some(MetaErrorData {
+                details: Some("what Meta said".into()),
+            }),
+            fbtrace_id: Some("trace".into()),
+        }
+    }
+
+    fn run(status: u16, code: Option<i64>) -> MetaFailure {
+        let b = code.map(body);
+        classify(
+            status,
+            b.as_ref(),
+            &SendContext {
+                template: "invoice",
+                language: "id",
+            },
+        )
+    }
+
+    #[test]
+    fn configuration_problems_are_not_retried() {
+        let f = run(401, Some(190));
+        assert_eq!(f.kind, MetaErrorKind::Configuration);
+        assert_eq!(f.reason, Reason::MetaTokenInvalid);
+        assert!(!f.retryable);
+        assert_eq!(f.fbtrace_id.as_deref(), Some("trace"));
+        assert!(f.remedy.contains("WHATSAPP_API_KEY"), "{}", f.remedy);
+    }
+
+    #[test]
+    fn meta_rate_limits_are_retried_with_a_wait() {
+        let f = run(429, Some(130429));
+        assert_eq!(f.kind, MetaErrorKind::RateLimited);
+        assert!(f.retryable);
+        assert!(f.retry_after.is_some());
+    }
+
+    #[test]
+    fn recipients_and_unknown_codes() {
+        let f = run(400, Some(131026));
+        assert_eq!(f.kind, MetaErrorKind::RecipientUndeliverable);
+        assert_eq!(f.reason, Reason::MetaRecipientUndeliverable);
+        assert!(!f.retryable);
+        let f = run(400, Some(987_654));
+        assert_eq!(f.kind, MetaErrorKind::Unclassified);
+        assert_eq!(f.meta_code, 987_654);
+    }
+
+    #[test]
+    fn a_server_error_without_a_body_is_temporary() {
+        let f = run(503, None);
+        assert_eq!(f.kind, MetaErrorKind::Unavailable);
+        assert!(f.retryable);
+    }
+
+    #[test]
+    fn webhook_codes_get_the_same_reasons_as_answers() {
+        assert_eq!(reason_of_code(131026), Reason::MetaRecipientUndeliverable);
+        assert_eq!(reason_of_code(131049), run(400, Some(131049)).reason);
+    }
+}

@@ -239,3 +239,50 @@ fn log_send(message: &OutboundTemplate) -> Sent {
         wa_id: message.to.digits().to_owned(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::OutboundTemplate;
+
+    fn message(button: Option<&str>) -> OutboundTemplate {
+        OutboundTemplate {
+            to: crate::phone::normalize("0812-3456-7890").unwrap(),
+            template: "otp_code".into(),
+            language: "id".into(),
+            body_params: vec!["482913".into()],
+            button_param: button.map(str::to_owned),
+            sensitive: button.is_some(),
+        }
+    }
+
+    #[test]
+    fn meta_receives_parameters_in_order_and_the_copy_code_button() {
+        let json = serde_json::to_value(message(Some("482913")).to_meta_json()).unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!({
+                "messaging_product": "whatsapp",
+                "recipient_type": "individual",
+                "to": "+6281234567890",
+                "type": "template",
+                "template": {
+                    "name": "otp_code",
+                    "language": {"code": "id"},
+                    "components": [
+                        {"type": "body", "parameters": [{"type": "text", "text": "482913"}]},
+                        {"type": "button", "sub_type": "url", "index": "0",
+                         "parameters": [{"type": "text", "text": "482913"}]}
+                    ]
+                }
+            })
+        );
+    }
+
+    #[test]
+    fn secrets_stay_out_of_debug() {
+        let shown = format!("{:?}", message(Some("482913")));
+        assert!(!shown.contains("482913"), "{shown}");
+        let plain = format!("{:?}", message(None));
+        assert!(plain.contains("482913"));
+    }
+}
