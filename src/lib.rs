@@ -249,22 +249,20 @@ pub async fn run(
         .layer(grpc::limits::RequestBodyDeadline(
             config.slow_client_timeout,
         ))
+        .layer(grpc::calls::CallLayer {
+            metrics: metrics.clone(),
+        })
         .add_service(health_service.max_decoding_message_size(grpc::limits::MAX_MESSAGE_BYTES))
         .add_service(reflection_v1.max_decoding_message_size(grpc::limits::MAX_MESSAGE_BYTES))
         .add_service(reflection_v1alpha.max_decoding_message_size(grpc::limits::MAX_MESSAGE_BYTES))
         .add_service(
             pb::notification_service_server::NotificationServiceServer::new(
-                grpc::NotificationGrpc::new(
-                    notifier,
-                    delivery.clone(),
-                    metrics.clone(),
-                    drain.clone(),
-                ),
+                grpc::NotificationGrpc::new(notifier, delivery.clone(), drain.clone()),
             )
             .max_decoding_message_size(grpc::limits::MAX_MESSAGE_BYTES),
         )
         .add_service(
-            pb::otp_service_server::OtpServiceServer::new(grpc::OtpGrpc::new(otp, metrics.clone()))
+            pb::otp_service_server::OtpServiceServer::new(grpc::OtpGrpc::new(otp))
                 .max_decoding_message_size(grpc::limits::MAX_MESSAGE_BYTES),
         )
         .serve_with_incoming_shutdown(

@@ -1,6 +1,8 @@
-//! The gRPC edge: decode the request, call the domain, encode the answer. One log line per call
-//! with its outcome and duration. No store or Meta details live here.
+//! The gRPC edge: decode the request, call the domain, encode the answer. Running each call as
+//! its own task, its log line and its metrics are the call layer's work (`calls.rs`); the only
+//! mapping of domain errors to statuses is `status.rs`. No store or Meta details live here.
 
+pub mod calls;
 pub mod limits;
 mod messages;
 pub mod status;
@@ -11,11 +13,11 @@ use std::{
 };
 
 use tokio_util::sync::CancellationToken;
-use tonic::{Code, Request, Response, Status, metadata::MetadataMap};
+use tonic::{Request, Response, Status, metadata::MetadataMap};
 
+use self::calls::CallDetail;
 use crate::{
-    domain::{delivery::Delivery, error::Error, outbox::Accepted},
-    metrics::{Method, Metrics},
+    domain::{delivery::Delivery, error::Error},
     notify::{NotificationRequest, Notifier},
     otp::OtpService,
     pb::{
@@ -50,80 +52,32 @@ pub fn deadline(metadata: &MetadataMap, start: Instant) -> Option<Instant> {
     start.checked_add(timeout - margin)
 }
 
-/// Counts the call and writes its one log line. `detail` describes a success. Only kabar's own
-/// words and values it has checked reach the line: the error text escapes and cuts whatever of
-/// the caller's input it echoes.
-fn log_call(metrics: &Metrics, method: Method, start: Instant, outcome: Result<&str, &Error>) {
-    let elapsed = start.elapsed();
-    metrics.record(
-        method,
-        outcome.map_or_else(status::code, |_| Code::Ok),
-        elapsed,
-    );
-    let elapsed_ms = elapsed.as_secs_f64() * 1000.0;
-    let method = method.name();
-    match outcome {
-        Ok(detail) => tracing::info!(method, code = "OK", elapsed_ms, detail, "call done"),
-        Err(e) => {
-            let code = status::code(e);
-            let code_name = format!("{code:?}");
-            match code {
-                Code::InvalidArgument | Code::ResourceExhausted | Code::FailedPrecondition => {
-                    tracing::info!(method, code = %code_name, elapsed_ms, error = %e.summary(), "call refused")
-                }
-                _ => {
-                    tracing::warn!(method, code = %code_name, elapsed_ms, error = %e.summary(), "call failed")
-                }
-            }
-        }
-    }
+/// Runs a call's domain work and maps its error to a status. (The call layer runs it as its
+/// own task, counts and logs it.)
+async fn call<T>(work: impl Future<Output = Result<T, Error>>) -> Result<T, Status> {
+    work.await.map_err(Status::from)
 }
 
-/// Runs a call's domain work as its own task, and counts and logs it there: a caller that
-/// disconnects or times out must neither cut the work off halfway (an idempotency key left
-/// locked, an OTP cooldown never lifted) nor make it vanish from the log and the metrics.
-async fn detached<T: Send + 'static>(
-    metrics: &Arc<Metrics>,
-    method: Method,
-    start: Instant,
-    work: impl Future<Output = Result<T, Error>> + Send + 'static,
-    log_ok: impl FnOnce(&Metrics, &T) + Send + 'static,
-) -> Result<T, Status> {
-    let call = metrics.call_started();
-    let metrics = metrics.clone();
-    tokio::spawn(async move {
-        let result = work.await;
-        match &result {
-            Ok(value) => log_ok(&metrics, value),
-            Err(e) => log_call(&metrics, method, start, Err(e)),
-        }
-        drop(call);
-        result.map_err(Status::from)
-    })
-    .await
-    .map_err(|_| Status::internal("the call's task failed"))?
+/// A response carrying what the call's log line should say about it.
+fn answer<T>(message: T, detail: CallDetail) -> Response<T> {
+    let mut response = Response::new(message);
+    response.extensions_mut().insert(detail);
+    response
 }
 
 pub struct NotificationGrpc {
     notifier: Arc<Notifier>,
     delivery: Arc<Delivery>,
-    metrics: Arc<Metrics>,
     /// Cancelled when kabar stops accepting calls: open status feeds end, so that their
     /// clients reconnect (to another replica) with their cursor.
     drain: CancellationToken,
 }
 
 impl NotificationGrpc {
-    pub fn new(
-        notifier: Arc<Notifier>,
-        delivery: Arc<Delivery>,
-        metrics: Arc<Metrics>,
-        drain: CancellationToken,
-    ) -> Self {
+    pub fn new(notifier: Arc<Notifier>, delivery: Arc<Delivery>, drain: CancellationToken) -> Self {
         NotificationGrpc {
             notifier,
             delivery,
-            metrics,
             drain,
         }
     }
@@ -145,42 +99,23 @@ impl pb::notification_service_server::NotificationService for NotificationGrpc {
         &self,
         request: Request<pb::GetMessageStatusRequest>,
     ) -> Result<Response<pb::MessageStatus>, Status> {
-        let start = Instant::now();
         let id = request.into_inner().message_id;
-        let delivery = self.delivery.clone();
-        let record = detached(
-            &self.metrics,
-            Method::GetMessageStatus,
-            start,
-            async move { delivery.get(&id).await },
-            move |metrics, _| log_call(metrics, Method::GetMessageStatus, start, Ok("found")),
-        )
-        .await?;
-        Ok(Response::new(messages::status(record)))
+        let record = call(self.delivery.get(&id)).await?;
+        Ok(answer(
+            messages::status(record),
+            CallDetail {
+                outcome: Some("found"),
+                ..CallDetail::default()
+            },
+        ))
     }
 
     async fn watch_message_status(
         &self,
         request: Request<pb::WatchMessageStatusRequest>,
     ) -> Result<Response<Self::WatchMessageStatusStream>, Status> {
-        let start = Instant::now();
         let after = request.into_inner().after;
-        let delivery = self.delivery.clone();
-        let after = detached(
-            &self.metrics,
-            Method::WatchMessageStatus,
-            start,
-            async move { delivery.start(&after).await },
-            move |metrics, _| {
-                log_call(
-                    metrics,
-                    Method::WatchMessageStatus,
-                    start,
-                    Ok("feed opened"),
-                )
-            },
-        )
-        .await?;
+        let after = call(self.delivery.start(&after)).await?;
         let state = (
             self.delivery.clone(),
             after,
@@ -224,73 +159,61 @@ impl pb::notification_service_server::NotificationService for NotificationGrpc {
                 }
             },
         );
-        Ok(Response::new(Box::pin(stream)))
+        Ok(answer(
+            Box::pin(stream),
+            CallDetail {
+                outcome: Some("feed opened"),
+                ..CallDetail::default()
+            },
+        ))
     }
 
     async fn send_template(
         &self,
         request: Request<SendTemplateRequest>,
     ) -> Result<Response<SendTemplateResponse>, Status> {
-        let start = Instant::now();
-        let deadline = deadline(request.metadata(), start);
+        let deadline = deadline(request.metadata(), Instant::now());
         let request = request.into_inner();
-        let notifier = self.notifier.clone();
-        let template = request.template.clone();
-        let reference = request.reference.clone();
-        let accepted = detached(
-            &self.metrics,
-            Method::SendTemplate,
-            start,
-            async move {
-                notifier
-                    .send_template(
-                        &NotificationRequest {
-                            phone: &request.phone,
-                            template: &request.template,
-                            params: &request.params,
-                            positional_params: &request.positional_params,
-                            language: &request.language,
-                            reference: &request.reference,
-                            idempotency_key: &request.idempotency_key,
-                        },
-                        deadline,
-                    )
-                    .await
+        let accepted = call(self.notifier.send_template(
+            &NotificationRequest {
+                phone: &request.phone,
+                template: &request.template,
+                params: &request.params,
+                positional_params: &request.positional_params,
+                language: &request.language,
+                reference: &request.reference,
+                idempotency_key: &request.idempotency_key,
             },
-            move |metrics, response: &Accepted| {
-                let elapsed = start.elapsed();
-                metrics.record(Method::SendTemplate, Code::Ok, elapsed);
-                // The template is a registry key and the reference passed its checks (no
-                // control characters, bounded length): both are safe to log as they are.
-                tracing::info!(
-                    method = "SendTemplate",
-                    code = "OK",
-                    elapsed_ms = elapsed.as_secs_f64() * 1000.0,
-                    template = %template,
-                    to = %response.phone,
-                    reference = %reference,
-                    message_id = %response.message_id,
-                    "call done"
-                );
-            },
-        )
+            deadline,
+        ))
         .await?;
-        Ok(Response::new(SendTemplateResponse {
-            message_id: accepted.message_id,
-            wa_id: accepted.wa_id,
-            phone: accepted.phone,
-        }))
+        // The template is a registry key and the reference passed its checks (no control
+        // characters, bounded length): both are safe to log as they are.
+        let detail = CallDetail {
+            outcome: None,
+            template: Some(request.template),
+            to: Some(accepted.phone.clone()),
+            reference: Some(request.reference),
+            message_id: Some(accepted.message_id.clone()),
+        };
+        Ok(answer(
+            SendTemplateResponse {
+                message_id: accepted.message_id,
+                wa_id: accepted.wa_id,
+                phone: accepted.phone,
+            },
+            detail,
+        ))
     }
 }
 
 pub struct OtpGrpc {
     otp: Arc<OtpService>,
-    metrics: Arc<Metrics>,
 }
 
 impl OtpGrpc {
-    pub fn new(otp: Arc<OtpService>, metrics: Arc<Metrics>) -> Self {
-        OtpGrpc { otp, metrics }
+    pub fn new(otp: Arc<OtpService>) -> Self {
+        OtpGrpc { otp }
     }
 }
 
@@ -304,57 +227,44 @@ impl pb::otp_service_server::OtpService for OtpGrpc {
         &self,
         request: Request<SendOtpRequest>,
     ) -> Result<Response<SendOtpResponse>, Status> {
-        let start = Instant::now();
-        let deadline = deadline(request.metadata(), start);
+        let deadline = deadline(request.metadata(), Instant::now());
         let r = request.into_inner();
-        let otp = self.otp.clone();
-        let sent = detached(
-            &self.metrics,
-            Method::SendOtp,
-            start,
-            async move { otp.send(&r.phone, &r.purpose, &r.client_ip, deadline).await },
-            move |metrics, _| log_call(metrics, Method::SendOtp, start, Ok("code sent")),
-        )
-        .await?;
-        Ok(Response::new(SendOtpResponse {
-            expires_in_seconds: seconds(sent.expires_in),
-            resend_after_seconds: seconds(sent.resend_after),
-            message_id: sent.message_id,
-        }))
+        let sent = call(self.otp.send(&r.phone, &r.purpose, &r.client_ip, deadline)).await?;
+        Ok(answer(
+            SendOtpResponse {
+                expires_in_seconds: seconds(sent.expires_in),
+                resend_after_seconds: seconds(sent.resend_after),
+                message_id: sent.message_id,
+            },
+            CallDetail {
+                outcome: Some("code sent"),
+                ..CallDetail::default()
+            },
+        ))
     }
 
     async fn verify_otp(
         &self,
         request: Request<VerifyOtpRequest>,
     ) -> Result<Response<VerifyOtpResponse>, Status> {
-        let start = Instant::now();
         let r = request.into_inner();
-        let otp = self.otp.clone();
-        let verdict = detached(
-            &self.metrics,
-            Method::VerifyOtp,
-            start,
-            async move { otp.verify(&r.phone, &r.purpose, &r.code).await },
-            move |metrics, verdict: &Verdict| {
-                log_call(
-                    metrics,
-                    Method::VerifyOtp,
-                    start,
-                    Ok(verdict_word(*verdict)),
-                )
-            },
-        )
-        .await?;
+        let verdict = call(self.otp.verify(&r.phone, &r.purpose, &r.code)).await?;
         let (result, attempts_remaining) = match verdict {
             Verdict::Verified => (VerifyResult::Verified, 0),
             Verdict::Invalid { attempts_left } => (VerifyResult::InvalidCode, attempts_left),
             Verdict::Expired => (VerifyResult::Expired, 0),
             Verdict::TooManyAttempts => (VerifyResult::TooManyAttempts, 0),
         };
-        Ok(Response::new(VerifyOtpResponse {
-            result: result as i32,
-            attempts_remaining,
-        }))
+        Ok(answer(
+            VerifyOtpResponse {
+                result: result as i32,
+                attempts_remaining,
+            },
+            CallDetail {
+                outcome: Some(verdict_word(verdict)),
+                ..CallDetail::default()
+            },
+        ))
     }
 }
 
