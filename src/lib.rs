@@ -262,7 +262,7 @@ pub async fn run(
             .max_decoding_message_size(grpc::limits::MAX_MESSAGE_BYTES),
         )
         .add_service(
-            pb::otp_service_server::OtpServiceServer::new(grpc::OtpGrpc::new(otp))
+            pb::otp_service_server::OtpServiceServer::new(grpc::OtpGrpc::new(otp, metrics.clone()))
                 .max_decoding_message_size(grpc::limits::MAX_MESSAGE_BYTES),
         )
         .serve_with_incoming_shutdown(

@@ -103,6 +103,14 @@ impl Metrics {
         }
     }
 
+    /// OTP codes through their life: `sent` (Meta accepted), `delivered` (Meta's webhook),
+    /// `verified`. Delivered over sent and verified over delivered are the conversion figures.
+    pub fn otp(&self, stage: &'static str, n: usize) {
+        for _ in 0..n {
+            self.count("kabar_otp_codes_total", stage.to_owned());
+        }
+    }
+
     /// Counts a call as in flight until the guard is dropped.
     pub fn call_started(self: &std::sync::Arc<Self>) -> CallGuard {
         self.in_flight.fetch_add(1, Ordering::AcqRel);
@@ -203,6 +211,11 @@ impl Metrics {
                 "kabar_message_failures_total",
                 "meta_code",
                 "Failed statuses from Meta's webhook, by Meta error code.",
+            ),
+            (
+                "kabar_otp_codes_total",
+                "stage",
+                "OTP codes sent (accepted by Meta), delivered (webhook) and verified.",
             ),
         ] {
             let _ = writeln!(out, "# HELP {metric} {help}\n# TYPE {metric} counter");

@@ -7,9 +7,11 @@ use std::{sync::Arc, time::Duration};
 
 use super::{
     error::{Error, Violations, echo},
+    outbox::category_name,
     ports::{Applied, FeedError, MessageStore},
-    status::{After, Event, MessageRecord, StatusUpdate, StoredEvent},
+    status::{After, Event, MessageRecord, State, StatusUpdate, StoredEvent},
 };
+use crate::templates::Category;
 
 /// Longest message id accepted in a request (a wamid is about 60 characters).
 const MAX_MESSAGE_ID_CHARS: usize = 256;
@@ -35,6 +37,9 @@ pub struct Ingested {
     /// older than the retention): acknowledged, not stored.
     pub unknown: usize,
     pub events: usize,
+    /// OTP messages (AUTHENTICATION) newly reported delivered: with the codes verified, the
+    /// conversion from sent to used.
+    pub otp_delivered: usize,
 }
 
 pub struct Delivery {
@@ -110,7 +115,14 @@ impl Delivery {
                     .await
                     .map_err(|e| Error::StoreUnavailable(e.0))?
                 {
-                    Applied::Changed => done.changed += 1,
+                    Applied::Changed { category } => {
+                        done.changed += 1;
+                        if update.state == State::Delivered
+                            && category == category_name(Category::Authentication)
+                        {
+                            done.otp_delivered += 1;
+                        }
+                    }
                     Applied::Unchanged => done.duplicates += 1,
                     Applied::Unknown => done.unknown += 1,
                 },

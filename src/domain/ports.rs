@@ -55,14 +55,14 @@ pub trait IdempotencyStore: Send + Sync {
 }
 
 /// What [`MessageStore::apply_status`] did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Applied {
     /// No record: a message kabar did not send (or whose record expired).
     Unknown,
     /// A duplicate: nothing changed.
     Unchanged,
-    /// The record changed and an event was appended.
-    Changed,
+    /// The record changed and an event was appended; the record's template category.
+    Changed { category: String },
 }
 
 /// A feed cursor older than the oldest retained event: reading on would skip events silently.

@@ -209,11 +209,13 @@ impl pb::notification_service_server::NotificationService for NotificationGrpc {
 
 pub struct OtpGrpc {
     otp: Arc<OtpService>,
+    /// For the OTP conversion counters (codes sent, verified).
+    metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl OtpGrpc {
-    pub fn new(otp: Arc<OtpService>) -> Self {
-        OtpGrpc { otp }
+    pub fn new(otp: Arc<OtpService>, metrics: Arc<crate::metrics::Metrics>) -> Self {
+        OtpGrpc { otp, metrics }
     }
 }
 
@@ -230,6 +232,9 @@ impl pb::otp_service_server::OtpService for OtpGrpc {
         let deadline = deadline(request.metadata(), Instant::now());
         let r = request.into_inner();
         let sent = call(self.otp.send(&r.phone, &r.purpose, &r.client_ip, deadline)).await?;
+        if !sent.message_id.is_empty() {
+            self.metrics.otp("sent", 1);
+        }
         Ok(answer(
             SendOtpResponse {
                 expires_in_seconds: seconds(sent.expires_in),
@@ -249,6 +254,9 @@ impl pb::otp_service_server::OtpService for OtpGrpc {
     ) -> Result<Response<VerifyOtpResponse>, Status> {
         let r = request.into_inner();
         let verdict = call(self.otp.verify(&r.phone, &r.purpose, &r.code)).await?;
+        if verdict == Verdict::Verified {
+            self.metrics.otp("verified", 1);
+        }
         let (result, attempts_remaining) = match verdict {
             Verdict::Verified => (VerifyResult::Verified, 0),
             Verdict::Invalid { attempts_left } => (VerifyResult::InvalidCode, attempts_left),

@@ -137,6 +137,7 @@ async fn receive(
     match state.delivery.ingest(items).await {
         Ok(done) => {
             state.metrics.webhook("stored");
+            state.metrics.otp("delivered", done.otp_delivered);
             tracing::info!(
                 changed = done.changed,
                 duplicates = done.duplicates,

@@ -368,3 +368,57 @@ async fn a_store_outage_answers_503_and_the_retry_is_stored() {
     }
     assert_eq!(code, 200);
 }
+
+/// OTP codes through their life in the metrics: sent, delivered (from the webhook), verified.
+#[tokio::test]
+async fn otp_conversion_is_counted() {
+    let (meta, app) = start(None).await;
+    let sent = app
+        .otp()
+        .send_otp(kabar::pb::SendOtpRequest {
+            phone: "0812-3456-7890".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let record = status_of(&app, &sent.message_id).await;
+    assert_eq!(record.template, "otp_code");
+    assert_eq!(record.state(), State::Accepted);
+    assert_eq!(
+        post_signed(
+            &app,
+            &status_body(&sent.message_id, "delivered", now_seconds())
+        )
+        .await,
+        200
+    );
+    let code = meta.received()[0].body["template"]["components"][0]["parameters"][0]["text"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let verified = app
+        .otp()
+        .verify_otp(kabar::pb::VerifyOtpRequest {
+            phone: "0812-3456-7890".into(),
+            purpose: String::new(),
+            code,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        verified.result(),
+        kabar::pb::verify_otp_response::Result::Verified
+    );
+    let metrics = crate::support::metrics_text(app.http_addr).await;
+    for stage in ["sent", "delivered", "verified"] {
+        let line = format!("kabar_otp_codes_total{{stage=\"{stage}\"}} 1");
+        assert!(metrics.lines().any(|l| l == line), "{line} in\n{metrics}");
+    }
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l == "kabar_webhook_deliveries_total{outcome=\"stored\"} 1")
+    );
+}

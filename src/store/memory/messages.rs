@@ -121,8 +121,9 @@ impl MemoryStore {
             return Ok(Applied::Unchanged);
         }
         let snapshot = record.clone();
+        let category = snapshot.category.clone();
         m.append(Event::Status(snapshot), now, retention);
-        Ok(Applied::Changed)
+        Ok(Applied::Changed { category })
     }
 
     pub async fn append_event(

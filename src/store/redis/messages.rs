@@ -34,10 +34,11 @@ return 1
 /// state enters the history (`state:ms;...`, in time order) once; the first error is kept;
 /// pricing is taken when it changes. KEYS: record, feed. ARGV: state, at_ms, error code, reason,
 /// title, details ('' without an error), pricing category, billable ('' when absent), minid.
-/// Returns 0 (no record), 1 (unchanged), 2 (changed; the record appended to the feed).
+/// Returns {0} (no record), {1} (unchanged), {2, category} (changed; the record appended to the
+/// feed).
 const APPLY: &str = r#"
 local s = redis.call('HGET', KEYS[1], 's')
-if not s then return 0 end
+if not s then return {0} end
 s = tonumber(s)
 local new = tonumber(ARGV[1])
 local changed = false
@@ -71,10 +72,10 @@ if ARGV[8] ~= '' and redis.call('HGET', KEYS[1], 'bl') ~= ARGV[8] then
   redis.call('HSET', KEYS[1], 'bl', ARGV[8])
   changed = true
 end
-if not changed then return 1 end
+if not changed then return {1} end
 local all = redis.call('HGETALL', KEYS[1])
 redis.call('XADD', KEYS[2], 'MINID', '~', ARGV[9], '*', 'k', 'status', unpack(all))
-return 2
+return {2, redis.call('HGET', KEYS[1], 'c') or ''}
 "#;
 
 /// KEYS: the event's dedupe key, feed. ARGV: ttl_ms, minid, then the event's field/value pairs.
@@ -304,7 +305,7 @@ impl RedisStore {
     ) -> Result<Applied, StoreError> {
         let mut con = self.connection.clone();
         let error = update.error.as_ref();
-        let answer: i64 = self
+        let answer: Vec<redis::Value> = self
             .bounded(
                 self.message_scripts
                     .apply
@@ -326,12 +327,16 @@ impl RedisStore {
                     .invoke_async(&mut con),
             )
             .await?;
-        match answer {
-            0 => Ok(Applied::Unknown),
-            1 => Ok(Applied::Unchanged),
-            2 => Ok(Applied::Changed),
+        match answer.as_slice() {
+            [redis::Value::Int(0)] => Ok(Applied::Unknown),
+            [redis::Value::Int(1)] => Ok(Applied::Unchanged),
+            [redis::Value::Int(2), category] => Ok(Applied::Changed {
+                category: redis::from_redis_value(category.clone()).map_err(|e| {
+                    StoreError(format!("unexpected category from the status script: {e}"))
+                })?,
+            }),
             other => Err(StoreError(format!(
-                "unexpected answer from the status script: {other}"
+                "unexpected answer from the status script: {other:?}"
             ))),
         }
     }
