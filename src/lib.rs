@@ -127,7 +127,7 @@ pub async fn run(
     ));
     let otp = Arc::new(OtpService::new(
         &config.otp,
-        store.clone(),
+        Arc::new(store.clone()),
         outbox.clone(),
         otp_template,
     ));

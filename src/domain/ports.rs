@@ -13,6 +13,71 @@ use super::status::{After, Event, MessageRecord, StatusUpdate, StoredEvent};
 #[error("{0}")]
 pub struct StoreError(pub String);
 
+/// Length of a stored OTP hash (HMAC-SHA256).
+pub const HASH_LEN: usize = 32;
+pub type CodeHash = [u8; HASH_LEN];
+
+/// The answer of a counter gate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Gate {
+    /// Counted. `resend_at_ms` identifies the cooldown this call started (0 if none).
+    Allowed { resend_at_ms: u64 },
+    /// Inside the resend cooldown.
+    Cooldown(Duration),
+    /// The window's cap is reached.
+    CapReached(Duration),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    Verified,
+    Invalid { attempts_left: u32 },
+    Expired,
+    TooManyAttempts,
+}
+
+/// One-time codes and the counters that guard their sending. A refusal changes nothing.
+#[async_trait]
+pub trait OtpStore: Send + Sync {
+    /// Counts one send in a window of `window` that starts at its first send (`max` per
+    /// window), refusing inside `resend` of the last counted send.
+    async fn gate(
+        &self,
+        key: &str,
+        now_ms: u64,
+        resend: Duration,
+        max: u32,
+        window: Duration,
+    ) -> Result<Gate, StoreError>;
+
+    /// Undoes the gate for the send identified by `resend_at_ms`: lifts its cooldown and, with
+    /// `uncount`, takes it back off the count (nothing is kept when nothing is left).
+    async fn release(&self, key: &str, resend_at_ms: u64, uncount: bool) -> Result<(), StoreError>;
+
+    /// Counts one message against a daily cap; `false` once `limit` is passed.
+    async fn count_daily(
+        &self,
+        key: &str,
+        limit: u32,
+        expire_at_ms: u64,
+    ) -> Result<bool, StoreError>;
+
+    /// Stores a code's hash with its attempts, replacing any earlier code.
+    async fn put_code(
+        &self,
+        key: &str,
+        hash: &CodeHash,
+        attempts: u32,
+        ttl: Duration,
+    ) -> Result<(), StoreError>;
+
+    /// Deletes the code if it is still the one with this hash.
+    async fn discard_code(&self, key: &str, hash: &CodeHash) -> Result<(), StoreError>;
+
+    /// The whole check, atomically: missing, match (consumed), mismatch (one attempt used).
+    async fn verify(&self, key: &str, hash: &CodeHash) -> Result<Verdict, StoreError>;
+}
+
 /// The answer of [`IdempotencyStore::begin`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Idempotency {

@@ -21,7 +21,10 @@ use hmac::{Hmac, Mac};
 use secrecy::{ExposeSecret, SecretBox, SecretString};
 use sha2::Sha256;
 
-use crate::store::{self, CodeHash, Gate, Store, StoreError, Verdict, now_ms};
+use crate::{
+    domain::ports::{CodeHash, Gate, OtpStore, StoreError, Verdict},
+    store::{self, now_ms},
+};
 
 use crate::{
     config::OtpConfig,
@@ -51,7 +54,7 @@ pub fn wib_day(now_ms: u64) -> (u64, u64) {
 }
 
 pub struct OtpService {
-    store: Store,
+    store: Arc<dyn OtpStore>,
     outbox: Arc<Outbox>,
     template: Arc<Template>,
     /// HMAC-SHA256 keyed with the OTP secret, the key schedule done once; cloned per code.
@@ -78,7 +81,7 @@ pub struct OtpSent {
 impl OtpService {
     pub fn new(
         config: &OtpConfig,
-        store: Store,
+        store: Arc<dyn OtpStore>,
         outbox: Arc<Outbox>,
         template: Arc<Template>,
     ) -> Self {

@@ -43,36 +43,13 @@ pub(crate) fn idempotency_key(key: &str) -> String {
     format!("kabar:idem:{{{key}}}")
 }
 
-pub const HASH_LEN: usize = 32;
-
 /// Wall-clock milliseconds since the Unix epoch: the time base of windows, cooldowns and expiry.
 pub fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
 }
-pub type CodeHash = [u8; HASH_LEN];
-
-/// The answer of a counter gate.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Gate {
-    /// Counted. `resend_at_ms` identifies the cooldown this call started (0 if none).
-    Allowed { resend_at_ms: u64 },
-    /// Inside the resend cooldown.
-    Cooldown(Duration),
-    /// The window's cap is reached.
-    CapReached(Duration),
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Verdict {
-    Verified,
-    Invalid { attempts_left: u32 },
-    Expired,
-    TooManyAttempts,
-}
-
-pub use crate::domain::ports::{Idempotency, StoreError};
+pub use crate::domain::ports::{CodeHash, Gate, HASH_LEN, Idempotency, StoreError, Verdict};
 
 /// Which backend, chosen by `REDIS_URL`.
 #[derive(Clone)]
@@ -263,5 +240,50 @@ impl crate::domain::ports::MessageStore for Store {
         limit: usize,
     ) -> Result<Vec<crate::domain::status::StoredEvent>, crate::domain::ports::FeedError> {
         dispatch!(self, s => s.events_after(after, limit).await)
+    }
+}
+
+#[async_trait::async_trait]
+impl crate::domain::ports::OtpStore for Store {
+    async fn gate(
+        &self,
+        key: &str,
+        now_ms: u64,
+        resend: Duration,
+        max: u32,
+        window: Duration,
+    ) -> Result<Gate, StoreError> {
+        Store::gate(self, key, now_ms, resend, max, window).await
+    }
+
+    async fn release(&self, key: &str, resend_at_ms: u64, uncount: bool) -> Result<(), StoreError> {
+        Store::release(self, key, resend_at_ms, uncount).await
+    }
+
+    async fn count_daily(
+        &self,
+        key: &str,
+        limit: u32,
+        expire_at_ms: u64,
+    ) -> Result<bool, StoreError> {
+        Store::count_daily(self, key, limit, expire_at_ms).await
+    }
+
+    async fn put_code(
+        &self,
+        key: &str,
+        hash: &CodeHash,
+        attempts: u32,
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        Store::put_code(self, key, hash, attempts, ttl).await
+    }
+
+    async fn discard_code(&self, key: &str, hash: &CodeHash) -> Result<(), StoreError> {
+        Store::discard_code(self, key, hash).await
+    }
+
+    async fn verify(&self, key: &str, hash: &CodeHash) -> Result<Verdict, StoreError> {
+        Store::verify(self, key, hash).await
     }
 }
