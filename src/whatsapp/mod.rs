@@ -160,18 +160,6 @@ pub enum SendError {
     DeadlineExceeded { sent: bool },
 }
 
-impl SendError {
-    /// Whether the customer may have received the message despite the error. Such a send must
-    /// not be repeated blindly, and an OTP code sent this way must stay valid.
-    pub fn may_have_been_delivered(&self) -> bool {
-        match self {
-            SendError::Meta(_) | SendError::Unreachable(_) => false,
-            SendError::Uncertain(_) => true,
-            SendError::DeadlineExceeded { sent } => *sent,
-        }
-    }
-}
-
 /// The configured way of delivering messages.
 #[derive(Debug, Clone)]
 pub enum Driver {

@@ -422,3 +422,55 @@ async fn otp_conversion_is_counted() {
             .any(|l| l == "kabar_webhook_deliveries_total{outcome=\"stored\"} 1")
     );
 }
+
+/// A reader whose cursor is older than what the feed still holds is told so (OUT_OF_RANGE)
+/// instead of silently missing events. The trimming that retention does is done here at once.
+#[tokio::test]
+async fn a_cursor_older_than_the_retention_is_out_of_range() {
+    let redis = RedisServer::start();
+    let (_meta, app) = start(Some(&redis)).await;
+    let mut cursors = Vec::new();
+    for _ in 0..3 {
+        app.notifications()
+            .send_template(invoice_request())
+            .await
+            .unwrap();
+    }
+    let mut replay = app
+        .notifications()
+        .watch_message_status(WatchMessageStatusRequest { after: "0".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    for _ in 0..3 {
+        cursors.push(next_event(&mut replay).await.cursor);
+    }
+    let mut con = redis.connection().await;
+    let _: i64 = redis::cmd("XTRIM")
+        .arg("kabar:events")
+        .arg("MAXLEN")
+        .arg(1)
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    let status = match app
+        .notifications()
+        .watch_message_status(WatchMessageStatusRequest {
+            after: cursors[0].clone(),
+        })
+        .await
+    {
+        Err(status) => status,
+        Ok(response) => response.into_inner().message().await.expect_err("refused"),
+    };
+    assert_eq!(status.code(), Code::OutOfRange, "{status:?}");
+    assert_eq!(error_info(&status).unwrap().0, "CURSOR_EXPIRED");
+    // From the oldest still held: the one event kept.
+    let mut replay = app
+        .notifications()
+        .watch_message_status(WatchMessageStatusRequest { after: "0".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(next_event(&mut replay).await.cursor, cursors[2]);
+}

@@ -25,8 +25,8 @@ pub(super) struct Messages {
     last_id: (u64, u64),
     /// Dedupe keys of inbound messages and account events, with their expiry.
     seen: HashMap<String, u64>,
-    /// The id of the newest event trimmed away: a cursor before it has missed events.
-    trimmed: (u64, u64),
+    /// Events ever appended (more than those held once some were trimmed).
+    added: u64,
 }
 
 /// `ms-seq`, as Redis writes stream ids.
@@ -47,6 +47,7 @@ impl Messages {
             (self.last_id.0, self.last_id.1 + 1)
         };
         self.last_id = id;
+        self.added += 1;
         self.events.push_back((id, event));
         let oldest_kept = now.saturating_sub(retention.as_millis() as u64);
         while self
@@ -54,9 +55,7 @@ impl Messages {
             .front()
             .is_some_and(|(id, _)| id.0 < oldest_kept)
         {
-            if let Some((id, _)) = self.events.pop_front() {
-                self.trimmed = id;
-            }
+            self.events.pop_front();
         }
     }
 }
@@ -158,8 +157,13 @@ impl MemoryStore {
             After::Cursor(cursor) => {
                 let id =
                     parse_cursor(cursor).ok_or_else(|| FeedError::Malformed(cursor.clone()))?;
-                // Reading on from before a trimmed event would skip it silently.
-                if id < m.trimmed {
+                // Reading on from before the oldest event held, once some were trimmed, would skip
+                // them silently (the same rule as the Redis feed's).
+                let oldest_kept = match m.events.front() {
+                    Some((oldest, _)) => *oldest,
+                    None => (m.last_id.0, m.last_id.1 + 1),
+                };
+                if m.added > m.events.len() as u64 && id < oldest_kept {
                     return Err(FeedError::Expired(cursor.clone()));
                 }
                 id

@@ -241,25 +241,49 @@ fn pairs(flat: Vec<String>) -> HashMap<String, String> {
     map
 }
 
-/// `max-deleted-entry-id` of `XINFO STREAM`: the newest entry trimmed away.
-fn max_deleted(info: &redis::Value) -> Option<(u64, u64)> {
+/// Whether reading after `cursor` would skip trimmed events, from `XINFO STREAM`: once anything
+/// was trimmed (`entries-added` above `length`), a cursor before the oldest entry still held
+/// (`recorded-first-entry-id`, or the last id when nothing is left) has missed events. A cursor
+/// exactly on the newest trimmed entry is refused too: Redis does not record which that was.
+fn cursor_expired(info: &redis::Value, cursor: (u64, u64)) -> bool {
     let items: Vec<redis::Value> = match info {
         redis::Value::Array(items) => items.clone(),
         redis::Value::Map(pairs) => pairs
             .iter()
             .flat_map(|(k, v)| [k.clone(), v.clone()])
             .collect(),
-        _ => return None,
+        _ => return false,
     };
-    let mut it = items.iter();
+    let mut fields: HashMap<String, redis::Value> = HashMap::new();
+    let mut it = items.into_iter();
     while let (Some(k), Some(v)) = (it.next(), it.next()) {
-        let key: Option<String> = redis::from_redis_value(k.clone()).ok();
-        if key.as_deref() == Some("max-deleted-entry-id") {
-            let id: String = redis::from_redis_value(v.clone()).ok()?;
-            return parse_cursor(&id);
+        if let Ok(key) = redis::from_redis_value::<String>(k) {
+            fields.insert(key, v);
         }
     }
-    None
+    let number = |name: &str| {
+        fields
+            .get(name)
+            .and_then(|v| redis::from_redis_value::<u64>(v.clone()).ok())
+    };
+    let id = |name: &str| {
+        fields
+            .get(name)
+            .and_then(|v| redis::from_redis_value::<String>(v.clone()).ok())
+            .and_then(|s| parse_cursor(&s))
+    };
+    let (Some(length), Some(added)) = (number("length"), number("entries-added")) else {
+        return false;
+    };
+    if added <= length {
+        return false;
+    }
+    let oldest_kept = if length > 0 {
+        id("recorded-first-entry-id")
+    } else {
+        id("last-generated-id").map(|(ms, seq)| (ms, seq + 1))
+    };
+    oldest_kept.is_some_and(|oldest| cursor < oldest)
 }
 
 impl RedisStore {
@@ -412,11 +436,7 @@ impl RedisStore {
                         }
                     })
                     .await?;
-                if info
-                    .as_ref()
-                    .and_then(max_deleted)
-                    .is_some_and(|deleted| id < deleted)
-                {
+                if info.as_ref().is_some_and(|info| cursor_expired(info, id)) {
                     return Err(FeedError::Expired(cursor.clone()));
                 }
                 format!("({}-{}", id.0, id.1)
