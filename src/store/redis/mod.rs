@@ -190,13 +190,16 @@ impl RedisStore {
                     .invoke_async(&mut con),
             )
             .await?;
-        Ok(match status {
-            0 => Gate::Allowed {
+        match status {
+            0 => Ok(Gate::Allowed {
                 resend_at_ms: value,
-            },
-            1 => Gate::Cooldown(Duration::from_millis(value)),
-            _ => Gate::CapReached(Duration::from_millis(value)),
-        })
+            }),
+            1 => Ok(Gate::Cooldown(Duration::from_millis(value))),
+            2 => Ok(Gate::CapReached(Duration::from_millis(value))),
+            other => Err(StoreError(format!(
+                "unexpected answer from the gate script: {other}"
+            ))),
+        }
     }
 
     pub async fn release(
@@ -281,14 +284,17 @@ impl RedisStore {
                     .invoke_async(&mut con),
             )
             .await?;
-        Ok(match status {
-            1 => Verdict::Verified,
-            2 => Verdict::Invalid {
+        match status {
+            1 => Ok(Verdict::Verified),
+            2 => Ok(Verdict::Invalid {
                 attempts_left: left,
-            },
-            4 => Verdict::TooManyAttempts,
-            _ => Verdict::Expired,
-        })
+            }),
+            3 => Ok(Verdict::Expired),
+            4 => Ok(Verdict::TooManyAttempts),
+            other => Err(StoreError(format!(
+                "unexpected answer from the verify script: {other}"
+            ))),
+        }
     }
 
     pub async fn idempotency_begin(
