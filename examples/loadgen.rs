@@ -4,7 +4,9 @@
 //! loadgen run --scenario health --target http://127.0.0.1:50051 -c 64 -m 4 -d 10
 //! loadgen bare-health --addr 127.0.0.1:50061          # tonic with only the health service
 //! loadgen meta-standin --addr 127.0.0.1:18080 --latency-ms 200
-//! loadgen redis-memory --url unix:///tmp/redis.sock   # bytes per pending OTP
+//! loadgen redis-memory --url unix:///tmp/redis.sock   # bytes per pending OTP and message record
+//! loadgen run --scenario webhook --target http://127.0.0.1:50051 \
+//!     --webhook http://127.0.0.1:8081 --app-secret SECRET -c 16 -d 10
 //! ```
 //!
 //! `run` keeps N unary calls in flight over M HTTP/2 connections for a duration (or a count),
@@ -24,11 +26,14 @@ use std::{
 };
 
 use clap::{Parser, Subcommand, ValueEnum};
+use hmac::{Hmac, Mac};
 use kabar::pb::{
-    SendOtpRequest, SendTemplateRequest, VerifyOtpRequest,
-    notification_service_client::NotificationServiceClient, otp_service_client::OtpServiceClient,
-    verify_otp_response::Result as VerifyResult,
+    GetMessageStatusRequest, SendOtpRequest, SendTemplateRequest, VerifyOtpRequest,
+    message_status::State as MessageState, notification_service_client::NotificationServiceClient,
+    otp_service_client::OtpServiceClient, verify_otp_response::Result as VerifyResult,
 };
+use sha2::Sha256;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic::transport::{Channel, Endpoint};
 use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
 
@@ -67,12 +72,17 @@ enum Command {
         #[arg(required = true)]
         results: Vec<std::path::PathBuf>,
     },
-    /// Redis memory per pending OTP (MEMORY USAGE of code keys), and of the per-phone limit keys.
+    /// Redis memory per pending OTP (MEMORY USAGE of code keys) and of the per-phone limit keys;
+    /// per message record with four status changes (accepted, sent, delivered, read) and per
+    /// entry of the event feed.
     RedisMemory {
         #[arg(long)]
         url: String,
         #[arg(long, default_value_t = 200)]
         sample: usize,
+        /// Only the OTP keys: no message records are expected.
+        #[arg(long)]
+        otp_only: bool,
         #[arg(long)]
         json: bool,
     },
@@ -94,6 +104,13 @@ enum Scenario {
     SendTemplate,
     /// POST straight to the Meta stand-in (target = its base URL), to show it is no bottleneck.
     MetaDirect,
+    /// Meta's webhook: signed POSTs of `--batch` status updates each (sent, then delivered, then
+    /// read) for messages sent through kabar beforehand, a new connection per POST (kabar's
+    /// webhook listener answers one request per connection).
+    Webhook,
+    /// GetMessageStatus over messages sent through kabar beforehand and then reported sent,
+    /// delivered and read through the webhook.
+    GetStatus,
 }
 
 #[derive(clap::Args, Clone)]
@@ -130,6 +147,19 @@ struct RunArgs {
     /// First number of the distinct phones for send-otp / send-template (62812 + 8 digits).
     #[arg(long, default_value_t = 0)]
     phone_offset: u64,
+    /// kabar's webhook listener (webhook scenario; get-status posts its statuses there first).
+    #[arg(long, default_value = "http://127.0.0.1:8081")]
+    webhook: String,
+    /// META_APP_SECRET of kabar: the key webhook bodies are signed with.
+    #[arg(long, default_value = "")]
+    app_secret: String,
+    /// Messages sent through kabar before a webhook or get-status run (phones from
+    /// --phone-offset on).
+    #[arg(long, default_value_t = 100_000)]
+    messages: u64,
+    /// Status updates per webhook POST.
+    #[arg(long, default_value_t = 100)]
+    batch: usize,
     /// Client runtime threads.
     #[arg(long, default_value_t = 1)]
     threads: usize,
@@ -155,9 +185,12 @@ fn main() -> anyhow::Result<()> {
             threads,
         } => runtime(threads)?.block_on(meta_standin(addr, Duration::from_millis(latency_ms))),
         Command::Summarize { results } => summarize(&results),
-        Command::RedisMemory { url, sample, json } => {
-            runtime(1)?.block_on(redis_memory(&url, sample, json))
-        }
+        Command::RedisMemory {
+            url,
+            sample,
+            otp_only,
+            json,
+        } => runtime(1)?.block_on(redis_memory(&url, sample, otp_only, json)),
     }
 }
 
@@ -233,12 +266,15 @@ async fn meta_standin(addr: SocketAddr, latency: Duration) -> anyhow::Result<()>
                             .insert(to.clone(), code.to_owned());
                     }
                     let wa_id = to.trim_start_matches('+').to_owned();
+                    // An id of the length and alphabet of Meta's (58 characters here; Meta's
+                    // are 58 to 63): the id is stored twice per record (key and field).
+                    let wamid = format!("wamid.HBgN{wa_id:0>13}FQIAERgSQkVOQ0g{id:016X}AA==");
                     (
                         [("content-type", "application/json")],
                         serde_json::json!({
                             "messaging_product": "whatsapp",
                             "contacts": [{"input": to, "wa_id": wa_id}],
-                            "messages": [{"id": format!("wamid.BENCH{id:012}")}]
+                            "messages": [{"id": wamid}]
                         })
                         .to_string(),
                     )
@@ -255,7 +291,7 @@ async fn meta_standin(addr: SocketAddr, latency: Duration) -> anyhow::Result<()>
     Ok(())
 }
 
-async fn redis_memory(url: &str, sample: usize, json: bool) -> anyhow::Result<()> {
+async fn redis_memory(url: &str, sample: usize, otp_only: bool, json: bool) -> anyhow::Result<()> {
     let client = redis::Client::open(url)?;
     let mut con = client.get_multiplexed_async_connection().await?;
     let mut cursor: u64 = 0;
@@ -306,25 +342,128 @@ async fn redis_memory(url: &str, sample: usize, json: bool) -> anyhow::Result<()
     }
     let n = keys.len() as f64;
     let (code_avg, limit_avg) = (code_bytes as f64 / n, limit_bytes as f64 / n);
-    if json {
-        println!(
-            "{}",
-            serde_json::json!({
-                "label": "redis-memory",
-                "keys_sampled": keys.len(),
-                "code_key_bytes": code_avg,
-                "limit_key_bytes": limit_avg,
-                "code_plus_limit_bytes": code_avg + limit_avg,
-            })
-        );
-    } else {
+    let mut figures = serde_json::json!({
+        "label": "redis-memory",
+        "keys_sampled": keys.len(),
+        "code_key_bytes": code_avg,
+        "limit_key_bytes": limit_avg,
+        "code_plus_limit_bytes": code_avg + limit_avg,
+    });
+    if !json {
         println!(
             "{} pending OTPs sampled: code key {code_avg:.0} B (the pending OTP); per-phone limit key {limit_avg:.0} B; together {:.0} B",
             keys.len(),
             code_avg + limit_avg
         );
     }
+    if !otp_only {
+        let records = record_memory(&mut con, sample).await?;
+        if !json {
+            println!(
+                "{} message records with four status changes sampled: {:.0} B each (ids of {:.0} \
+                 characters); event feed: {} entries, {:.0} B each",
+                records.sampled,
+                records.record_bytes,
+                records.id_chars,
+                records.feed_entries,
+                records.feed_entry_bytes
+            );
+        }
+        figures["records_sampled"] = records.sampled.into();
+        figures["record_bytes"] = records.record_bytes.into();
+        figures["record_id_chars"] = records.id_chars.into();
+        figures["feed_entries"] = records.feed_entries.into();
+        figures["feed_bytes"] = records.feed_bytes.into();
+        figures["feed_entry_bytes"] = records.feed_entry_bytes.into();
+    }
+    if json {
+        println!("{figures}");
+    }
     Ok(())
+}
+
+struct RecordMemory {
+    sampled: usize,
+    record_bytes: f64,
+    id_chars: f64,
+    feed_entries: u64,
+    feed_bytes: u64,
+    feed_entry_bytes: f64,
+}
+
+/// MEMORY USAGE of message records whose history holds exactly accepted, sent, delivered and
+/// read (`s` = 4, four history entries), and of the whole event feed divided by its entries.
+async fn record_memory(
+    con: &mut redis::aio::MultiplexedConnection,
+    sample: usize,
+) -> anyhow::Result<RecordMemory> {
+    let mut cursor: u64 = 0;
+    let (mut sampled, mut bytes, mut id_chars) = (0usize, 0u64, 0usize);
+    loop {
+        let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg("kabar:msg:{*")
+            .arg("COUNT")
+            .arg(1000)
+            .query_async(con)
+            .await?;
+        for key in batch {
+            if sampled >= sample {
+                break;
+            }
+            let (state, history): (Option<String>, Option<String>) = redis::cmd("HMGET")
+                .arg(&key)
+                .arg("s")
+                .arg("h")
+                .query_async(con)
+                .await?;
+            let four = history.is_some_and(|h| h.split(';').filter(|e| !e.is_empty()).count() == 4);
+            if state.as_deref() != Some("4") || !four {
+                continue;
+            }
+            let used: u64 = redis::cmd("MEMORY")
+                .arg("USAGE")
+                .arg(&key)
+                .arg("SAMPLES")
+                .arg(0)
+                .query_async(con)
+                .await?;
+            bytes += used;
+            id_chars += key.len() - "kabar:msg:{}".len();
+            sampled += 1;
+        }
+        cursor = next;
+        if cursor == 0 || sampled >= sample {
+            break;
+        }
+    }
+    anyhow::ensure!(
+        sampled > 0,
+        "no message record with four status changes (kabar:msg:{{...}} read, with accepted, sent, \
+         delivered and read in its history) in Redis: run the get-status scenario first, or pass \
+         --otp-only"
+    );
+    let feed_entries: u64 = redis::cmd("XLEN")
+        .arg("kabar:events")
+        .query_async(con)
+        .await?;
+    let feed_bytes: Option<u64> = redis::cmd("MEMORY")
+        .arg("USAGE")
+        .arg("kabar:events")
+        .arg("SAMPLES")
+        .arg(0)
+        .query_async(con)
+        .await?;
+    let feed_bytes = feed_bytes.unwrap_or(0);
+    Ok(RecordMemory {
+        sampled,
+        record_bytes: bytes as f64 / sampled as f64,
+        id_chars: id_chars as f64 / sampled as f64,
+        feed_entries,
+        feed_bytes,
+        feed_entry_bytes: feed_bytes as f64 / feed_entries.max(1) as f64,
+    })
 }
 
 /// One call's outcome: `Ok(label)` or `Err(gRPC code name)`.
@@ -358,10 +497,22 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         .pool_max_idle_per_host(args.concurrency)
         .build()?;
 
-    let codes = Arc::new(if args.scenario == Scenario::Verify {
-        prepare_verify(&args, &channels).await?
-    } else {
-        std::collections::HashMap::new()
+    let prepared = Arc::new(match args.scenario {
+        Scenario::Verify => Prepared {
+            codes: prepare_verify(&args, &channels).await?,
+            ..Prepared::default()
+        },
+        Scenario::Webhook => Prepared {
+            messages: prepare_messages(&args, &channels, false).await?,
+            webhook: Some(WebhookPoster::new(&args)?),
+            since_secs: unix_secs(),
+            ..Prepared::default()
+        },
+        Scenario::GetStatus => Prepared {
+            messages: prepare_messages(&args, &channels, true).await?,
+            ..Prepared::default()
+        },
+        _ => Prepared::default(),
     });
 
     let measuring = Arc::new(AtomicBool::new(false));
@@ -371,7 +522,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let mut workers = Vec::with_capacity(args.concurrency);
     for i in 0..args.concurrency {
         let channel = channels.get(i % channels.len().max(1)).cloned();
-        let codes = codes.clone();
+        let prepared = prepared.clone();
         let (args, measuring, stop, issued, sequence, http) = (
             args.clone(),
             measuring.clone(),
@@ -392,7 +543,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                     break;
                 }
                 let start = Instant::now();
-                let outcome = caller.call(&args, &sequence, &codes).await;
+                let outcome = caller.call(&args, &sequence, &prepared).await;
                 // A call counts when it ends inside the measured seconds, wherever it began:
                 // with calls slower than the window (1,024 in flight at 200 ms, a loaded debug
                 // build) counting only calls that began inside it would count almost none.
@@ -474,28 +625,38 @@ fn report(args: &RunArgs, tally: &mut Tally, elapsed: f64) {
         .scenario
         .to_possible_value()
         .map_or_else(String::new, |v| v.get_name().to_owned());
+    let webhook = args.scenario == Scenario::Webhook;
     if args.json {
-        println!(
-            "{}",
-            serde_json::json!({
-                "label": args.label,
-                "scenario": scenario,
-                "target": args.target,
-                "concurrency": args.concurrency,
-                "connections": args.connections,
-                "seconds": elapsed,
-                "calls": calls,
-                "calls_per_sec": rate,
-                "p50_ms": p50, "p90_ms": p90, "p99_ms": p99, "max_ms": max,
-                "errors": tally.errors,
-                "results": tally.results,
-            })
-        );
+        let mut figures = serde_json::json!({
+            "label": args.label,
+            "scenario": scenario,
+            "target": if webhook { &args.webhook } else { &args.target },
+            "concurrency": args.concurrency,
+            "connections": if webhook { args.concurrency } else { args.connections },
+            "seconds": elapsed,
+            "calls": calls,
+            "calls_per_sec": rate,
+            "p50_ms": p50, "p90_ms": p90, "p99_ms": p99, "max_ms": max,
+            "errors": tally.errors,
+            "results": tally.results,
+        });
+        if webhook {
+            figures["batch"] = args.batch.into();
+            figures["updates_per_sec"] = (rate * args.batch as f64).into();
+        }
+        println!("{figures}");
     } else {
         println!(
             "{scenario} {}: {calls} calls in {elapsed:.1} s = {rate:.0} calls/s, c={} m={}",
             args.label, args.concurrency, args.connections
         );
+        if webhook {
+            println!(
+                "  {:.0} status updates/s ({} per POST, a new connection each)",
+                rate * args.batch as f64,
+                args.batch
+            );
+        }
         println!("  latency ms: p50 {p50:.2}  p90 {p90:.2}  p99 {p99:.2}  max {max:.2}");
         println!("  results: {:?}", tally.results);
         println!("  errors by code: {:?}", tally.errors);
@@ -555,6 +716,264 @@ async fn prepare_verify(
     Ok(codes)
 }
 
+/// What a scenario prepared before measuring.
+#[derive(Default)]
+struct Prepared {
+    /// verify: the pending code of each phone that has one.
+    codes: std::collections::HashMap<String, String>,
+    /// webhook, get-status: messages sent through kabar, as (message id, recipient's wa_id).
+    messages: Vec<(String, String)>,
+    /// webhook: the signed poster.
+    webhook: Option<WebhookPoster>,
+    /// webhook: when the messages were sent (unix seconds); statuses are dated after it.
+    since_secs: u64,
+}
+
+fn unix_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// The SendTemplate call of the send-template scenario, to the n-th distinct phone.
+fn invoice_request(n: u64) -> SendTemplateRequest {
+    let params = [
+        ("nama", "Budi Santoso".to_owned()),
+        ("periode", "November 2026".to_owned()),
+        ("no_invoice", format!("INV/2026/11/{n:06}")),
+        ("paket", "Home 30 Mbps".to_owned()),
+        ("nominal", "Rp 250.000".to_owned()),
+        ("jatuh_tempo", "10 Desember 2026".to_owned()),
+        ("customer_id", format!("CUST-{n:06}")),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
+    .collect();
+    SendTemplateRequest {
+        phone: distinct_phone(n),
+        template: "invoice_notification".into(),
+        params,
+        ..Default::default()
+    }
+}
+
+/// The states a webhook run reports, in order: each message passes through all three.
+const REPORTED: [&str; 3] = ["sent", "delivered", "read"];
+
+/// Sends `--messages` invoice notifications through kabar (phones from `--phone-offset`) and
+/// returns their ids in order; with `report_read`, then posts sent, delivered and read for every
+/// one of them through the webhook, so that each record holds four status changes.
+async fn prepare_messages(
+    args: &RunArgs,
+    channels: &[Channel],
+    report_read: bool,
+) -> anyhow::Result<Vec<(String, String)>> {
+    anyhow::ensure!(args.messages > 0, "--messages must be at least 1");
+    anyhow::ensure!(args.batch > 0, "--batch must be at least 1");
+    let started = Instant::now();
+    let next = Arc::new(AtomicU64::new(0));
+    let mut senders = Vec::new();
+    for w in 0..64 {
+        let mut client = NotificationServiceClient::new(channels[w % channels.len()].clone());
+        let (next, total, offset) = (next.clone(), args.messages, args.phone_offset);
+        senders.push(tokio::spawn(async move {
+            let mut sent = Vec::new();
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= total {
+                    return Ok::<_, tonic::Status>(sent);
+                }
+                let answer = client
+                    .send_template(invoice_request(offset + i))
+                    .await?
+                    .into_inner();
+                sent.push((i, answer.message_id, answer.wa_id));
+            }
+        }));
+    }
+    let mut messages = Vec::with_capacity(args.messages as usize);
+    for sender in senders {
+        match sender.await? {
+            Ok(sent) => messages.extend(sent),
+            Err(s) => anyhow::bail!(
+                "preparing {} messages: SendTemplate failed: {:?} {}",
+                args.messages,
+                s.code(),
+                s.message()
+            ),
+        }
+    }
+    messages.sort_unstable_by_key(|(i, _, _)| *i);
+    let messages: Vec<(String, String)> = messages
+        .into_iter()
+        .map(|(_, id, wa_id)| (id, wa_id))
+        .collect();
+    let sent_in = started.elapsed().as_secs_f64();
+    if report_read {
+        let poster = WebhookPoster::new(args)?;
+        let since = unix_secs();
+        let messages = Arc::new(messages.clone());
+        for (pass, state) in REPORTED.into_iter().enumerate() {
+            let blocks = messages.len().div_ceil(args.batch);
+            let next = Arc::new(AtomicU64::new(0));
+            let mut posters = Vec::new();
+            for _ in 0..16 {
+                let (next, messages, poster, batch) =
+                    (next.clone(), messages.clone(), poster.clone(), args.batch);
+                posters.push(tokio::spawn(async move {
+                    loop {
+                        let block = next.fetch_add(1, Ordering::Relaxed) as usize;
+                        if block >= blocks {
+                            return Ok::<(), String>(());
+                        }
+                        let end = ((block + 1) * batch).min(messages.len());
+                        let body = status_body(
+                            &messages[block * batch..end],
+                            state,
+                            since + 1 + pass as u64,
+                        );
+                        match poster.post(&body).await? {
+                            200 => {}
+                            code => return Err(format!("HTTP {code}")),
+                        }
+                    }
+                }));
+            }
+            for poster in posters {
+                if let Err(e) = poster.await? {
+                    anyhow::bail!("preparing: posting {state} statuses to the webhook: {e}");
+                }
+            }
+        }
+    }
+    eprintln!(
+        "{}: {} messages sent through kabar in {sent_in:.1} s{}",
+        args.label,
+        messages.len(),
+        if report_read {
+            format!(
+                ", then reported sent, delivered and read through the webhook in {:.1} s",
+                started.elapsed().as_secs_f64() - sent_in
+            )
+        } else {
+            String::new()
+        }
+    );
+    Ok(messages)
+}
+
+/// A webhook body as Meta posts it: one entry, one change, `statuses[]` for these messages.
+fn status_body(messages: &[(String, String)], state: &str, at_secs: u64) -> Vec<u8> {
+    let statuses: Vec<serde_json::Value> = messages
+        .iter()
+        .map(|(id, wa_id)| {
+            let mut status = serde_json::json!({
+                "id": id,
+                "status": state,
+                "timestamp": at_secs.to_string(),
+                "recipient_id": wa_id,
+            });
+            // Meta prices a template message on sent and delivered, not on read.
+            if state != "read" {
+                status["pricing"] = serde_json::json!({
+                    "billable": true, "pricing_model": "PMP", "type": "regular",
+                    "category": "utility"
+                });
+            }
+            status
+        })
+        .collect();
+    serde_json::json!({
+        "object": "whatsapp_business_account",
+        "entry": [{
+            "id": "102290129340398",
+            "changes": [{
+                "value": {
+                    "messaging_product": "whatsapp",
+                    "metadata": {"display_phone_number": "6281100000000", "phone_number_id": "1"},
+                    "statuses": statuses
+                },
+                "field": "messages"
+            }]
+        }]
+    })
+    .to_string()
+    .into_bytes()
+}
+
+/// Posts signed bodies to kabar's webhook, one HTTP/1.1 connection per request.
+#[derive(Clone)]
+struct WebhookPoster {
+    /// host:port
+    addr: String,
+    path: String,
+    mac: Hmac<Sha256>,
+}
+
+impl WebhookPoster {
+    fn new(args: &RunArgs) -> anyhow::Result<Self> {
+        let rest = args
+            .webhook
+            .strip_prefix("http://")
+            .ok_or_else(|| anyhow::anyhow!("--webhook must be an http:// URL"))?;
+        let (addr, path) = match rest.split_once('/') {
+            Some((addr, path)) if !path.is_empty() => (addr, format!("/{path}")),
+            Some((addr, _)) => (addr, String::new()),
+            None => (rest, String::new()),
+        };
+        let path = if path.is_empty() {
+            "/webhook/whatsapp/meta".to_owned()
+        } else {
+            path
+        };
+        anyhow::ensure!(
+            !args.app_secret.is_empty(),
+            "--app-secret is required: kabar's META_APP_SECRET, to sign the webhook bodies"
+        );
+        Ok(WebhookPoster {
+            addr: addr.to_owned(),
+            path,
+            mac: Hmac::<Sha256>::new_from_slice(args.app_secret.as_bytes())?,
+        })
+    }
+
+    /// Posts one body, signed as Meta signs it, on a new connection; answers the HTTP status.
+    async fn post(&self, body: &[u8]) -> Result<u16, String> {
+        let mut mac = self.mac.clone();
+        mac.update(body);
+        let signature = hex::encode(mac.finalize().into_bytes());
+        let mut request = format!(
+            "POST {} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\n\
+             Content-Length: {}\r\nX-Hub-Signature-256: sha256={signature}\r\n\
+             Connection: close\r\n\r\n",
+            self.path,
+            self.addr,
+            body.len()
+        )
+        .into_bytes();
+        request.extend_from_slice(body);
+        let mut stream = tokio::net::TcpStream::connect(&self.addr)
+            .await
+            .map_err(|_| "connect".to_owned())?;
+        let _ = stream.set_nodelay(true);
+        stream
+            .write_all(&request)
+            .await
+            .map_err(|_| "write".to_owned())?;
+        let mut answer = Vec::with_capacity(256);
+        stream
+            .read_to_end(&mut answer)
+            .await
+            .map_err(|_| "read".to_owned())?;
+        // "HTTP/1.1 200 OK"
+        answer
+            .get(9..12)
+            .and_then(|code| std::str::from_utf8(code).ok())
+            .and_then(|code| code.parse().ok())
+            .ok_or_else(|| "no HTTP answer".to_owned())
+    }
+}
+
 /// Phones of the verify scenario: +62813 followed by 8 digits.
 fn verify_phone(i: u64) -> String {
     format!("+62813{:08}", i % 100_000_000)
@@ -592,12 +1011,7 @@ impl Caller {
         self.rng
     }
 
-    async fn call(
-        &mut self,
-        args: &RunArgs,
-        sequence: &AtomicU64,
-        codes: &std::collections::HashMap<String, String>,
-    ) -> Outcome {
+    async fn call(&mut self, args: &RunArgs, sequence: &AtomicU64, prepared: &Prepared) -> Outcome {
         match args.scenario {
             Scenario::Health => self
                 .health
@@ -611,7 +1025,7 @@ impl Caller {
                 .map_err(|s| format!("{:?}", s.code())),
             Scenario::Verify => {
                 let phone = verify_phone(self.next() % args.phones);
-                let right = codes.get(&phone);
+                let right = prepared.codes.get(&phone);
                 let roll = (self.next() % 1_000_000) as f64 / 1_000_000.0;
                 let code = match right {
                     Some(code) if roll < args.right_share => code.clone(),
@@ -674,27 +1088,10 @@ impl Caller {
             }
             Scenario::SendTemplate => {
                 let n = sequence.fetch_add(1, Ordering::Relaxed);
-                let params = [
-                    ("nama", "Budi Santoso".to_owned()),
-                    ("periode", "November 2026".to_owned()),
-                    ("no_invoice", format!("INV/2026/11/{n:06}")),
-                    ("paket", "Home 30 Mbps".to_owned()),
-                    ("nominal", "Rp 250.000".to_owned()),
-                    ("jatuh_tempo", "10 Desember 2026".to_owned()),
-                    ("customer_id", format!("CUST-{n:06}")),
-                ]
-                .into_iter()
-                .map(|(k, v)| (k.to_owned(), v))
-                .collect();
                 self.notifications
                     .as_mut()
                     .expect("channel")
-                    .send_template(SendTemplateRequest {
-                        phone: distinct_phone(n),
-                        template: "invoice_notification".into(),
-                        params,
-                        ..Default::default()
-                    })
+                    .send_template(invoice_request(n))
                     .await
                     .map(|_| "sent")
                     .map_err(|s| format!("{:?}", s.code()))
@@ -719,6 +1116,50 @@ impl Caller {
                     },
                     Ok(r) => Err(format!("http {}", r.status().as_u16())),
                     Err(_) => Err("connect".to_owned()),
+                }
+            }
+            Scenario::Webhook => {
+                // Batch b covers block b % blocks of the messages; the passes go sent,
+                // delivered, read. Past the third pass every update is a duplicate.
+                let b = (sequence.fetch_add(1, Ordering::Relaxed) - args.phone_offset) as usize;
+                let messages = &prepared.messages;
+                let blocks = messages.len().div_ceil(args.batch);
+                let (pass, block) = (b / blocks, b % blocks);
+                let end = ((block + 1) * args.batch).min(messages.len());
+                let body = status_body(
+                    &messages[block * args.batch..end],
+                    REPORTED[pass % REPORTED.len()],
+                    prepared.since_secs + 1 + pass as u64,
+                );
+                match prepared.webhook.as_ref().expect("poster").post(&body).await {
+                    Ok(200) if pass < REPORTED.len() => Ok("stored"),
+                    Ok(200) => Ok("stored_duplicates"),
+                    Ok(code) => Err(format!("http {code}")),
+                    Err(e) => Err(e),
+                }
+            }
+            Scenario::GetStatus => {
+                let messages = &prepared.messages;
+                let (id, _) = &messages[(self.next() % messages.len() as u64) as usize];
+                match self
+                    .notifications
+                    .as_mut()
+                    .expect("channel")
+                    .get_message_status(GetMessageStatusRequest {
+                        message_id: id.clone(),
+                    })
+                    .await
+                {
+                    Ok(r) => {
+                        let record = r.into_inner();
+                        match (record.state(), record.history.len()) {
+                            (MessageState::Read, 4) => Ok("read"),
+                            (state, changes) => Err(format!(
+                                "{state:?} with {changes} changes (expected READ with 4)"
+                            )),
+                        }
+                    }
+                    Err(s) => Err(format!("{:?}", s.code())),
                 }
             }
         }
@@ -834,6 +1275,8 @@ fn targets(run: &RunFigures) -> Vec<Target> {
         .filter_map(|(field, _)| run.get("rss")?[*field].as_f64())
         .fold(None::<f64>, |acc, v| Some(acc.map_or(v, |a| a.max(v))));
     let phone = |field: &str| run.get("phone-normalize")?[field].as_f64();
+    let memory = |field: &str| run.get("redis-memory")?[field].as_f64();
+    let bytes = |b: f64| format!("{b:.0} B");
     vec![
         Target {
             name: "noise check: kabar health / bare tonic health (the same tonic service; mean of interleaved runs)",
@@ -933,12 +1376,43 @@ fn targets(run: &RunFigures) -> Vec<Target> {
             name: "Redis bytes per pending OTP (its key; no index exists)",
             goal: Some("<= 200 B"),
             show: |b| format!("{b:.0} B"),
-            measured: plain(
-                run.get("redis-memory")
-                    .and_then(|v| v["code_key_bytes"].as_f64()),
-                |b| format!("{b:.0} B"),
-                |b| b <= 200.0,
-            ),
+            measured: plain(memory("code_key_bytes"), bytes, |b| b <= 200.0),
+        },
+        Target {
+            name: "webhook ingest: status updates/s (signed POSTs of 100, a new connection each)",
+            goal: Some(">= 10000"),
+            show: |v| format!("{v:.0} updates/s"),
+            measured: mean(run, "webhook", "updates_per_sec")
+                .zip(rate("webhook"))
+                .map(|(u, r)| Measured {
+                    value: u,
+                    text: format!("{r:.0} POSTs/s x 100 = {u:.0} updates/s"),
+                    met: u >= 10_000.0,
+                }),
+        },
+        Target {
+            name: "webhook ingest: p99 per POST of 100 updates",
+            goal: Some("< 100 ms"),
+            show: ms,
+            measured: plain(p99("webhook"), ms, |p| p < 100.0),
+        },
+        Target {
+            name: "get-status (GetMessageStatus, Redis) / kabar health",
+            goal: Some(">= 40%"),
+            show: percent,
+            measured: ratio(rate("get-status"), rate("health"), 0.40),
+        },
+        Target {
+            name: "Redis bytes per message record (accepted, sent, delivered, read)",
+            goal: Some("<= 400 B"),
+            show: bytes,
+            measured: plain(memory("record_bytes"), bytes, |b| b <= 400.0),
+        },
+        Target {
+            name: "Redis bytes per event feed entry (kabar:events)",
+            goal: None,
+            show: bytes,
+            measured: plain(memory("feed_entry_bytes"), bytes, |_| true),
         },
         Target {
             name: "phone::normalize, Indonesian mobile number (micro-benchmark)",
@@ -1032,6 +1506,19 @@ fn summarize_one(run: &RunFigures) {
         println!(
             "\nPer-phone rate-limit key (cooldown and hourly count; lives for the hour window, \
              not with the code): {limit:.0} B per phone that asked for a code in the last hour."
+        );
+    }
+    if let Some(m) = run.get("redis-memory")
+        && let Some(record) = m["record_bytes"].as_f64()
+    {
+        println!(
+            "\nMessage records with four status changes: {} sampled, {record:.0} B each, their \
+             message ids {:.0} characters long. Event feed: {} entries, {:.1} MiB, {:.0} B each.",
+            m["records_sampled"],
+            m["record_id_chars"].as_f64().unwrap_or(0.0),
+            m["feed_entries"],
+            m["feed_bytes"].as_f64().unwrap_or(0.0) / 1024.0 / 1024.0,
+            m["feed_entry_bytes"].as_f64().unwrap_or(0.0)
         );
     }
 }

@@ -7,8 +7,9 @@
 #   RUNS=6 scripts/bench.sh        # six runs, then the lowest and highest value of every target
 #
 # It starts, all on this machine: a private redis-server (unix socket), two Meta stand-ins
-# (0 ms and 200 ms), a bare tonic health server, and kabar; then drives each scenario with the
-# project's load generator (examples/loadgen.rs), and times phone parsing (benches/phone.rs).
+# (0 ms and 200 ms), a bare tonic health server, and kabar (with Meta's webhook on); then drives
+# each scenario with the project's load generator (examples/loadgen.rs), and times phone parsing
+# (benches/phone.rs).
 # Results: target/bench/results.jsonl (run N of several: results-N.jsonl).
 #
 # It fails when any call of any scenario ends in an error or none is answered (the load
@@ -20,11 +21,17 @@ profile=release
 duration="${DURATION:-10}"
 warmup="${WARMUP:-2}"
 phones="${PHONES:-200000}"
+# Messages sent through kabar before the webhook run (each reported sent, delivered and read
+# once: enough that the measured seconds post no duplicates) and before get-status.
+webhook_messages="${WEBHOOK_MESSAGES:-150000}"
+status_messages="${STATUS_MESSAGES:-10000}"
 runs="${RUNS:-1}"
 [[ "$runs" =~ ^[1-9][0-9]*$ ]] || { echo "bench: RUNS must be a whole number from 1" >&2; exit 2; }
 if [[ "${1:-}" == "--smoke" ]]; then
     profile=dev
     phones=2000
+    webhook_messages=2000
+    status_messages=500
     duration=1
     warmup=0.3
 fi
@@ -85,6 +92,8 @@ meta200="127.0.0.1:$(free_port)"
 bare="127.0.0.1:$(free_port)"
 grpc="127.0.0.1:$(free_port)"
 http="127.0.0.1:$(free_port)"
+webhook="127.0.0.1:$(free_port)"
+app_secret="bench-app-secret-0123456789abcdef"
 "$loadgen" meta-standin --addr "$meta0" --latency-ms 0 2>>"$work/meta.log" &
 pids+=($!)
 "$loadgen" meta-standin --addr "$meta200" --latency-ms 200 2>>"$work/meta.log" &
@@ -98,6 +107,7 @@ wait_tcp "$bare"
 start_kabar() { # meta address, log file
     env -i PATH="$PATH" HOME="${HOME:-/root}" \
         KABAR_GRPC_ADDR="$grpc" KABAR_HTTP_ADDR="$http" \
+        KABAR_WEBHOOK_ADDR="$webhook" META_APP_SECRET="$app_secret" \
         WHATSAPP_DRIVER=meta WHATSAPP_API_KEY=bench-token META_WA_PHONE_NUMBER_ID=1 \
         META_GRAPH_API_URL="http://$1" \
         REDIS_URL="unix://$work/redis.sock" KABAR_OTP_SECRET="bench-secret-0123456789abcdef-0123456789" \
@@ -108,6 +118,7 @@ start_kabar() { # meta address, log file
     kabar_pid=$!
     pids+=("$kabar_pid")
     wait_tcp "$grpc"
+    wait_tcp "$webhook"
 }
 peak_rss_kb() { awk '/VmHWM/ {print $2}' "/proc/$1/status"; }
 stop_kabar() {
@@ -140,6 +151,14 @@ bench_once() {
     run verify verify "http://$grpc" -c 64 -m 4 --phones "$phones" --meta "http://$meta0"
     run send-otp send-otp "http://$grpc" -c 64 -m 4 --phone-offset 0
     run send-template send-template "http://$grpc" -c 64 -m 4 --phone-offset 50000000
+    # Meta's webhook: signed POSTs of 100 statuses for messages sent through kabar first, a new
+    # connection per POST (kabar's webhook listener answers one request per connection).
+    run webhook webhook "http://$grpc" -c 16 --webhook "http://$webhook" --app-secret "$app_secret" \
+        --messages "$webhook_messages" --batch 100 --phone-offset 20000000
+    # GetMessageStatus over records with four status changes (sent, reported sent, delivered and
+    # read through the webhook first).
+    run get-status get-status "http://$grpc" -c 64 -m 4 --webhook "http://$webhook" \
+        --app-secret "$app_secret" --messages "$status_messages" --phone-offset 30000000
     "$loadgen" redis-memory --url "unix://$work/redis.sock" --json | tee -a "$results"
     rss0=$(peak_rss_kb "$kabar_pid")
     stop_kabar
