@@ -101,47 +101,78 @@ impl Delivery {
 
     /// Stores one webhook delivery. Each update is applied once: a delivery that fails halfway
     /// (the store went away) is answered with an error, Meta sends it again, and the updates
-    /// already applied are recognised as duplicates.
+    /// already applied are recognised as duplicates. Updates are applied [`INGEST_IN_FLIGHT`] at
+    /// a time: each is atomic and the rules do not depend on their order (the state moves
+    /// forward whatever comes first, the history is kept in Meta's time order).
     pub async fn ingest(&self, items: Vec<Incoming>) -> Result<Ingested, Error> {
+        use futures_util::{StreamExt, TryStreamExt};
+        let outcomes: Vec<Outcome> = futures_util::stream::iter(items)
+            .map(|item| self.apply(item))
+            .buffer_unordered(INGEST_IN_FLIGHT)
+            .try_collect()
+            .await?;
         let mut done = Ingested::default();
-        for item in items {
-            match item {
-                Incoming::Status {
-                    update,
-                    error_reason,
-                } => match self
+        for outcome in outcomes {
+            match outcome {
+                Outcome::Changed { otp_delivered } => {
+                    done.changed += 1;
+                    done.otp_delivered += usize::from(otp_delivered);
+                }
+                Outcome::Duplicate => done.duplicates += 1,
+                Outcome::Unknown => done.unknown += 1,
+                Outcome::Event => done.events += 1,
+            }
+        }
+        Ok(done)
+    }
+
+    async fn apply(&self, item: Incoming) -> Result<Outcome, Error> {
+        match item {
+            Incoming::Status {
+                update,
+                error_reason,
+            } => Ok(
+                match self
                     .store
                     .apply_status(&update, &error_reason, self.retention)
                     .await
                     .map_err(|e| Error::StoreUnavailable(e.0))?
                 {
-                    Applied::Changed { category } => {
-                        done.changed += 1;
-                        if update.state == State::Delivered
-                            && category == category_name(Category::Authentication)
-                        {
-                            done.otp_delivered += 1;
-                        }
-                    }
-                    Applied::Unchanged => done.duplicates += 1,
-                    Applied::Unknown => done.unknown += 1,
+                    Applied::Changed { category, previous } => Outcome::Changed {
+                        // Counted once per code: when its state first reaches delivered (a
+                        // `read` that came without a `delivered` counts too).
+                        otp_delivered: category == category_name(Category::Authentication)
+                            && previous < State::Delivered
+                            && matches!(update.state, State::Delivered | State::Read),
+                    },
+                    Applied::Unchanged => Outcome::Duplicate,
+                    Applied::Unknown => Outcome::Unknown,
                 },
-                Incoming::Event(event) => {
-                    if self
-                        .store
-                        .append_event(&event, self.retention)
-                        .await
-                        .map_err(|e| Error::StoreUnavailable(e.0))?
-                    {
-                        done.events += 1;
-                    } else {
-                        done.duplicates += 1;
-                    }
+            ),
+            Incoming::Event(event) => {
+                if self
+                    .store
+                    .append_event(&event, self.retention)
+                    .await
+                    .map_err(|e| Error::StoreUnavailable(e.0))?
+                {
+                    Ok(Outcome::Event)
+                } else {
+                    Ok(Outcome::Duplicate)
                 }
             }
         }
-        Ok(done)
     }
+}
+
+/// Webhook updates applied at once (Redis pipelines them on its one connection).
+const INGEST_IN_FLIGHT: usize = 32;
+
+enum Outcome {
+    Changed { otp_delivered: bool },
+    Duplicate,
+    Unknown,
+    Event,
 }
 
 fn check_message_id(id: &str) -> Result<(), Error> {

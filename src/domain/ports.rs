@@ -126,8 +126,12 @@ pub enum Applied {
     Unknown,
     /// A duplicate: nothing changed.
     Unchanged,
-    /// The record changed and an event was appended; the record's template category.
-    Changed { category: String },
+    /// The record changed and an event was appended: the record's template category and its
+    /// state before the update.
+    Changed {
+        category: String,
+        previous: super::status::State,
+    },
 }
 
 /// A feed cursor older than the oldest retained event: reading on would skip events silently.

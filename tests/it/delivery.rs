@@ -411,6 +411,13 @@ async fn otp_conversion_is_counted() {
         verified.result(),
         kabar::pb::verify_otp_response::Result::Verified
     );
+    // Delivered again, then read: still one delivered code.
+    for (status, at) in [("delivered", now_seconds()), ("read", now_seconds() + 1)] {
+        assert_eq!(
+            post_signed(&app, &status_body(&sent.message_id, status, at)).await,
+            200
+        );
+    }
     let metrics = crate::support::metrics_text(app.http_addr).await;
     for stage in ["sent", "delivered", "verified"] {
         let line = format!("kabar_otp_codes_total{{stage=\"{stage}\"}} 1");
@@ -419,8 +426,133 @@ async fn otp_conversion_is_counted() {
     assert!(
         metrics
             .lines()
-            .any(|l| l == "kabar_webhook_deliveries_total{outcome=\"stored\"} 1")
+            .any(|l| l == "kabar_webhook_deliveries_total{outcome=\"stored\"} 3")
     );
+}
+
+/// Replayed, forged and foreign updates leave the record and the feed as they were.
+#[tokio::test]
+async fn duplicates_and_forgeries_change_nothing() {
+    let redis = RedisServer::start();
+    let (_meta, app) = start(Some(&redis)).await;
+    let sent = app
+        .notifications()
+        .send_template(invoice_request())
+        .await
+        .unwrap()
+        .into_inner();
+    let mut feed = app
+        .notifications()
+        .watch_message_status(WatchMessageStatusRequest { after: "0".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    let accepted = next_event(&mut feed).await;
+    let delivered = status_body(&sent.message_id, "delivered", now_seconds());
+    let bytes = serde_json::to_vec(&delivered).unwrap();
+    // Unsigned and wrongly signed posts for a real message: refused, nothing stored.
+    assert_eq!(post(&app, &bytes, None).await, 401);
+    assert_eq!(post(&app, &bytes, Some(&sign(b"{}"))).await, 401);
+    assert_eq!(
+        status_of(&app, &sent.message_id).await.state(),
+        State::Accepted
+    );
+    // Applied once, then replayed as Meta does after an unanswered delivery.
+    for _ in 0..3 {
+        assert_eq!(post(&app, &bytes, Some(&sign(&bytes))).await, 200);
+    }
+    // A status for a message of another system.
+    assert_eq!(
+        post_signed(&app, &status_body("wamid.FOREIGN", "read", now_seconds())).await,
+        200
+    );
+    let change = next_event(&mut feed).await;
+    assert_ne!(change.cursor, accepted.cursor);
+    assert!(
+        tokio::time::timeout(Duration::from_millis(600), feed.message())
+            .await
+            .is_err(),
+        "one event for the one change"
+    );
+    let record = status_of(&app, &sent.message_id).await;
+    assert_eq!(record.state(), State::Delivered);
+    assert_eq!(record.history.len(), 2);
+    let metrics = crate::support::metrics_text(app.http_addr).await;
+    for line in [
+        "kabar_webhook_deliveries_total{outcome=\"unauthorized\"} 2",
+        "kabar_webhook_deliveries_total{outcome=\"stored\"} 4",
+        "kabar_message_statuses_total{state=\"delivered\"} 3",
+    ] {
+        assert!(metrics.lines().any(|l| l == line), "{line} in\n{metrics}");
+    }
+}
+
+/// Template and quality changes reach the feed as account events, and failures are counted by
+/// Meta's code.
+#[tokio::test]
+async fn account_events_and_failures_reach_the_feed_and_the_metrics() {
+    let (_meta, app) = start(None).await;
+    let mut feed = app
+        .notifications()
+        .watch_message_status(WatchMessageStatusRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        post_signed(&app, &sample("webhook_template_status_paused.json")).await,
+        200
+    );
+    let event = next_event(&mut feed).await;
+    let Some(message_event::Event::Account(account)) = &event.event else {
+        panic!("{event:?}")
+    };
+    assert_eq!(account.kind, "template_status");
+    assert_eq!(account.value, "PAUSED");
+    assert!(
+        !account.subject.is_empty() && !account.reason.is_empty(),
+        "{account:?}"
+    );
+    assert_eq!(
+        post_signed(&app, &sample("webhook_phone_quality_update.json")).await,
+        200
+    );
+    let event = next_event(&mut feed).await;
+    let Some(message_event::Event::Account(account)) = &event.event else {
+        panic!("{event:?}")
+    };
+    assert_eq!(account.kind, "phone_quality");
+
+    assert_eq!(
+        post_signed(&app, &sample("webhook_status_failed_131049.json")).await,
+        200
+    );
+    assert_eq!(post(&app, b"[]", Some(&sign(b"[]"))).await, 400);
+    let metrics = crate::support::metrics_text(app.http_addr).await;
+    for line in [
+        "kabar_message_failures_total{meta_code=\"131049\"} 1",
+        "kabar_message_statuses_total{state=\"failed\"} 1",
+        "kabar_webhook_deliveries_total{outcome=\"bad_request\"} 1",
+        "kabar_grpc_calls_total{method=\"WatchMessageStatus\",code=\"OK\"} 1",
+    ] {
+        assert!(metrics.lines().any(|l| l == line), "{line} in\n{metrics}");
+    }
+}
+
+/// Open feeds end when kabar shuts down, so that their clients reconnect elsewhere.
+#[tokio::test]
+async fn feeds_end_when_kabar_shuts_down() {
+    let (_meta, app) = start(None).await;
+    let mut feed = app
+        .notifications()
+        .watch_message_status(WatchMessageStatusRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    app.shutdown.cancel();
+    let end = tokio::time::timeout(Duration::from_secs(5), feed.message())
+        .await
+        .expect("the feed ends within 5 s");
+    assert!(matches!(end, Ok(None) | Err(_)), "{end:?}");
 }
 
 /// A reader whose cursor is older than what the feed still holds is told so (OUT_OF_RANGE)

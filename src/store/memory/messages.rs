@@ -116,13 +116,14 @@ impl MemoryStore {
         if let Some(error) = &mut update.error {
             error.reason = error_reason.to_owned();
         }
+        let previous = record.state;
         if !record.apply(&update) {
             return Ok(Applied::Unchanged);
         }
         let snapshot = record.clone();
         let category = snapshot.category.clone();
         m.append(Event::Status(snapshot), now, retention);
-        Ok(Applied::Changed { category })
+        Ok(Applied::Changed { category, previous })
     }
 
     pub async fn append_event(

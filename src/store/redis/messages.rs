@@ -34,8 +34,8 @@ return 1
 /// state enters the history (`state:ms;...`, in time order) once; the first error is kept;
 /// pricing is taken when it changes. KEYS: record, feed. ARGV: state, at_ms, error code, reason,
 /// title, details ('' without an error), pricing category, billable ('' when absent), minid.
-/// Returns {0} (no record), {1} (unchanged), {2, category} (changed; the record appended to the
-/// feed).
+/// Returns {0} (no record), {1} (unchanged), {2, category, state before} (changed; the record
+/// appended to the feed).
 const APPLY: &str = r#"
 local s = redis.call('HGET', KEYS[1], 's')
 if not s then return {0} end
@@ -75,7 +75,7 @@ end
 if not changed then return {1} end
 local all = redis.call('HGETALL', KEYS[1])
 redis.call('XADD', KEYS[2], 'MINID', '~', ARGV[9], '*', 'k', 'status', unpack(all))
-return {2, redis.call('HGET', KEYS[1], 'c') or ''}
+return {2, redis.call('HGET', KEYS[1], 'c') or '', s}
 "#;
 
 /// KEYS: the event's dedupe key, feed. ARGV: ttl_ms, minid, then the event's field/value pairs.
@@ -354,10 +354,18 @@ impl RedisStore {
         match answer.as_slice() {
             [redis::Value::Int(0)] => Ok(Applied::Unknown),
             [redis::Value::Int(1)] => Ok(Applied::Unchanged),
-            [redis::Value::Int(2), category] => Ok(Applied::Changed {
+            [redis::Value::Int(2), category, redis::Value::Int(previous)] => Ok(Applied::Changed {
                 category: redis::from_redis_value(category.clone()).map_err(|e| {
                     StoreError(format!("unexpected category from the status script: {e}"))
                 })?,
+                previous: u8::try_from(*previous)
+                    .ok()
+                    .and_then(State::from_u8)
+                    .ok_or_else(|| {
+                        StoreError(format!(
+                            "unexpected state from the status script: {previous}"
+                        ))
+                    })?,
             }),
             other => Err(StoreError(format!(
                 "unexpected answer from the status script: {other:?}"
