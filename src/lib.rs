@@ -297,11 +297,13 @@ pub async fn run(
         let admission = listen::Admission::new(
             "webhook",
             listen::Limits {
-                max_connections: http::MAX_CONNECTIONS,
-                max_pending: http::MAX_CONNECTIONS / 2,
-                max_per_ip: http::MAX_CONNECTIONS,
+                max_connections: http::webhook::MAX_CONNECTIONS,
+                max_pending: http::webhook::MAX_CONNECTIONS / 2,
+                max_per_ip: http::webhook::MAX_CONNECTIONS / 2,
                 handshake_timeout: config.slow_client_timeout,
-                handshake: listen::Handshake::FirstWrite,
+                // A request being stored must never count as handshaking (and be closed to
+                // make room): the connection is established once the request line starts.
+                handshake: listen::Handshake::BytesRead(http::webhook::REQUEST_LINE_START),
             },
             drain.clone(),
         );

@@ -83,7 +83,7 @@ pub struct MessageRecord {
     pub error: Option<MetaError>,
     pub pricing_category: String,
     pub billable: bool,
-    /// Every state seen, in Meta's time order.
+    /// Every state seen: accepted first, then Meta's in Meta's time order.
     pub history: Vec<StatusChange>,
     pub created_at_ms: u64,
     pub updated_at_ms: u64,
@@ -136,10 +136,11 @@ impl MessageRecord {
     pub fn apply(&mut self, update: &StatusUpdate) -> bool {
         let mut changed = false;
         if !self.history.iter().any(|c| c.state == update.state) {
+            // Accepted (kabar's clock) stays first; Meta's states follow in Meta's time order.
             let at = self
                 .history
                 .iter()
-                .position(|c| c.at_ms > update.at_ms)
+                .position(|c| c.state != State::Accepted && c.at_ms > update.at_ms)
                 .unwrap_or(self.history.len());
             self.history.insert(
                 at,
@@ -294,6 +295,14 @@ mod tests {
         let states: Vec<State> = r.history.iter().map(|c| c.state).collect();
         assert_eq!(states, [State::Accepted, State::Delivered, State::Read]);
         assert_eq!(r.updated_at_ms, 4_000);
+    }
+
+    #[test]
+    fn accepted_stays_first_whatever_metas_clock_says() {
+        let mut r = record();
+        assert!(r.apply(&update(State::Sent, 500)));
+        assert_eq!(r.history[0].state, State::Accepted);
+        assert_eq!(r.history[1].state, State::Sent);
     }
 
     #[test]

@@ -40,6 +40,13 @@ use crate::{
 pub const PATH: &str = "/webhook/whatsapp/meta";
 /// Meta's deliveries are at most about 3 MB.
 pub const MAX_BODY_BYTES: usize = 3 * 1024 * 1024;
+/// Open connections on the webhook listener at most (half of them from one address).
+pub const MAX_CONNECTIONS: usize = 128;
+/// Bytes of `POST /webhook/...` after which a connection counts as established.
+pub const REQUEST_LINE_START: usize = 16;
+/// Request bodies read at once: what unsigned bodies can hold in memory is bounded by this
+/// times [`MAX_BODY_BYTES`] (48 MiB), whatever the number of connections.
+pub const BODIES_IN_FLIGHT: usize = 16;
 
 pub struct WebhookState {
     pub app_secret: SecretString,
@@ -49,15 +56,24 @@ pub struct WebhookState {
 }
 
 pub fn router(state: Arc<WebhookState>, request_timeout: Duration) -> Router {
+    let bodies = Arc::new(tokio::sync::Semaphore::new(BODIES_IN_FLIGHT));
     Router::new()
         .route(PATH, get(verify).post(receive))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(axum::middleware::from_fn(
-            move |request: axum::extract::Request, next: axum::middleware::Next| async move {
-                // A body that trickles in must not hold a connection for long.
-                match tokio::time::timeout(request_timeout, next.run(request)).await {
-                    Ok(response) => response,
-                    Err(_) => StatusCode::REQUEST_TIMEOUT.into_response(),
+            move |request: axum::extract::Request, next: axum::middleware::Next| {
+                let bodies = bodies.clone();
+                async move {
+                    // A body that trickles in must not hold a connection for long, and only so
+                    // many bodies are read at once.
+                    let work = async {
+                        let _slot = bodies.acquire_owned().await;
+                        next.run(request).await
+                    };
+                    match tokio::time::timeout(request_timeout, work).await {
+                        Ok(response) => response,
+                        Err(_) => StatusCode::REQUEST_TIMEOUT.into_response(),
+                    }
                 }
             },
         ))
@@ -118,15 +134,27 @@ async fn receive(
         tracing::warn!(error = %e, "webhook delivery refused: not signed by Meta");
         return StatusCode::UNAUTHORIZED;
     }
-    let parsed = match webhook::parse(&body) {
-        Ok(parsed) => parsed,
-        Err(e) => {
+    // Parsing 3 MiB takes a while: off the threads that serve calls.
+    let parsed = match tokio::task::spawn_blocking(move || webhook::parse(&body)).await {
+        Ok(Ok(parsed)) => parsed,
+        Ok(Err(e)) => {
             state.metrics.webhook("bad_request");
             tracing::warn!(error = %e, "a signed webhook delivery could not be read");
             return StatusCode::BAD_REQUEST;
         }
+        Err(_) => return StatusCode::INTERNAL_SERVER_ERROR,
     };
-    let items: Vec<Incoming> = parsed.events.into_iter().map(incoming).collect();
+    let now = now_ms();
+    let mut skipped = parsed.skipped;
+    let items: Vec<Incoming> = parsed
+        .events
+        .into_iter()
+        .filter_map(|event| {
+            let item = incoming(event, now);
+            skipped += usize::from(item.is_none());
+            item
+        })
+        .collect();
     for item in &items {
         if let Incoming::Status { update, .. } = item {
             state
@@ -143,7 +171,7 @@ async fn receive(
                 duplicates = done.duplicates,
                 unknown = done.unknown,
                 events = done.events,
-                skipped = parsed.skipped,
+                skipped,
                 "webhook delivery stored"
             );
             StatusCode::OK
@@ -165,10 +193,21 @@ fn seconds_to_ms(seconds: u64) -> u64 {
     seconds.saturating_mul(1000)
 }
 
-/// A parsed webhook item in kabar's terms.
-fn incoming(event: WebhookEvent) -> Incoming {
-    match event {
+/// Meta's time of an update, if it is plausible: after 2020 and at most a day ahead of kabar's
+/// clock. Anything else is not Meta's (it would sort a history wrongly or overflow a timestamp).
+fn plausible(seconds: u64, now_ms: u64) -> Option<u64> {
+    const YEAR_2020_MS: u64 = 1_577_836_800_000;
+    let ms = seconds_to_ms(seconds);
+    (YEAR_2020_MS..=now_ms + 24 * 3600 * 1000)
+        .contains(&ms)
+        .then_some(ms)
+}
+
+/// A parsed webhook item in kabar's terms; `None` for one whose time is not plausible.
+fn incoming(event: WebhookEvent, now: u64) -> Option<Incoming> {
+    Some(match event {
         WebhookEvent::Status(s) => {
+            let at_ms = plausible(s.timestamp, now)?;
             let state = match s.status {
                 DeliveryState::Sent => DeliveryStatus::Sent,
                 DeliveryState::Delivered => DeliveryStatus::Delivered,
@@ -189,7 +228,7 @@ fn incoming(event: WebhookEvent) -> Incoming {
                 update: crate::domain::status::StatusUpdate {
                     message_id: s.message_id,
                     state,
-                    at_ms: seconds_to_ms(s.timestamp),
+                    at_ms,
                     error,
                     pricing_category: s.pricing.as_ref().and_then(|p| p.category.clone()),
                     billable: s.pricing.as_ref().and_then(|p| p.billable),
@@ -198,11 +237,11 @@ fn incoming(event: WebhookEvent) -> Incoming {
             }
         }
         WebhookEvent::Inbound(m) => Incoming::Event(Event::Inbound(InboundMessage {
+            at_ms: plausible(m.timestamp, now)?,
             message_id: m.message_id,
             phone: format!("+{}", m.from.trim_start_matches('+')),
             kind: m.kind,
             text: m.text,
-            at_ms: seconds_to_ms(m.timestamp),
             context_message_id: m.context_message_id.unwrap_or_default(),
         })),
         WebhookEvent::TemplateStatus(t) => Incoming::Event(Event::Account(AccountEvent {
@@ -217,7 +256,7 @@ fn incoming(event: WebhookEvent) -> Incoming {
                 .detail
                 .or(t.reason.filter(|r| r != "NONE"))
                 .unwrap_or_default(),
-            at_ms: t.at.map_or_else(now_ms, seconds_to_ms),
+            at_ms: t.at.and_then(|at| plausible(at, now)).unwrap_or(now),
         })),
         WebhookEvent::PhoneQuality(q) => Incoming::Event(Event::Account(AccountEvent {
             kind: "phone_quality".into(),
@@ -228,14 +267,24 @@ fn incoming(event: WebhookEvent) -> Incoming {
                 .map(|n| format!("messaging limit {n}"))
                 .or(q.current_limit)
                 .unwrap_or_default(),
-            at_ms: q.at.map_or_else(now_ms, seconds_to_ms),
+            at_ms: q.at.and_then(|at| plausible(at, now)).unwrap_or(now),
         })),
-    }
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::same_secret;
+
+    #[test]
+    fn only_plausible_times_are_taken() {
+        let now = 1_795_000_000_000;
+        assert_eq!(super::plausible(1_795_000_000, now), Some(now));
+        assert_eq!(super::plausible(0, now), None);
+        assert_eq!(super::plausible(99_999_999_999, now), None);
+        assert_eq!(super::plausible(u64::MAX, now), None);
+        assert!(super::plausible(1_795_000_000 + 3600, now).is_some());
+    }
 
     #[test]
     fn secrets_compare_by_content() {

@@ -354,7 +354,7 @@ async fn without_the_app_secret_there_is_no_webhook() {
 async fn a_store_outage_answers_503_and_the_retry_is_stored() {
     let mut redis = RedisServer::start();
     let (_meta, app) = start(Some(&redis)).await;
-    let body = status_body("wamid.ANY", "delivered", 1);
+    let body = status_body("wamid.ANY", "delivered", now_seconds());
     redis.stop();
     assert_eq!(post_signed(&app, &body).await, 503);
     redis.restart();
@@ -605,4 +605,71 @@ async fn a_cursor_older_than_the_retention_is_out_of_range() {
         .unwrap()
         .into_inner();
     assert_eq!(next_event(&mut replay).await.cursor, cursors[2]);
+}
+
+/// Many deliveries at once, as Meta sends them after an outage: each is stored, none is closed
+/// to make room for another; an update with an impossible time is skipped; a cursor the feed
+/// never gave out is refused.
+#[tokio::test]
+async fn concurrent_deliveries_are_all_stored() {
+    let (_meta, app) = start(None).await;
+    let sent = app
+        .notifications()
+        .send_template(invoice_request())
+        .await
+        .unwrap()
+        .into_inner();
+    let mut posts = Vec::new();
+    for i in 0..48u64 {
+        let mut body = status_body(&sent.message_id, "sent", now_seconds());
+        let statuses = body["entry"][0]["changes"][0]["value"]["statuses"]
+            .as_array_mut()
+            .unwrap();
+        let template = statuses[0].clone();
+        for j in 0..300u64 {
+            let mut s = template.clone();
+            s["id"] = json!(format!("wamid.OTHER-{i}-{j}"));
+            statuses.push(s);
+        }
+        let bytes = serde_json::to_vec(&body).unwrap();
+        let signature = sign(&bytes);
+        let url = format!("http://{}/webhook/whatsapp/meta", app.webhook_addr.unwrap());
+        posts.push(tokio::spawn(async move {
+            reqwest::Client::new()
+                .post(url)
+                .header("x-hub-signature-256", signature)
+                .body(bytes)
+                .send()
+                .await
+                .map(|r| r.status().as_u16())
+                .unwrap_or(0)
+        }));
+    }
+    for post in posts {
+        assert_eq!(post.await.unwrap(), 200);
+    }
+    assert_eq!(status_of(&app, &sent.message_id).await.state(), State::Sent);
+
+    // A `read` dated 1970 or far in the future is not Meta's: skipped, nothing changes.
+    for at in [0, 99_999_999_999] {
+        assert_eq!(
+            post_signed(&app, &status_body(&sent.message_id, "read", at)).await,
+            200
+        );
+    }
+    let record = status_of(&app, &sent.message_id).await;
+    assert_eq!(record.state(), State::Sent);
+    assert_eq!(record.history.len(), 2);
+
+    let status = match app
+        .notifications()
+        .watch_message_status(WatchMessageStatusRequest {
+            after: "99999999999999-0".into(),
+        })
+        .await
+    {
+        Err(status) => status,
+        Ok(response) => response.into_inner().message().await.expect_err("refused"),
+    };
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
 }

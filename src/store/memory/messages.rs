@@ -167,6 +167,10 @@ impl MemoryStore {
                 if m.added > m.events.len() as u64 && id < oldest_kept {
                     return Err(FeedError::Expired(cursor.clone()));
                 }
+                // A cursor this feed never gave out would silently skip what comes next.
+                if id > m.last_id {
+                    return Err(FeedError::Malformed(cursor.clone()));
+                }
                 id
             }
         };

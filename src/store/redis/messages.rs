@@ -31,7 +31,7 @@ return 1
 "#;
 
 /// The rules of `MessageRecord::apply`: the state only moves forward and failed is final; each
-/// state enters the history (`state:ms;...`, in time order) once; the first error is kept;
+/// state enters the history (`state:ms;...`, accepted first, then in time order) once; the first error is kept;
 /// pricing is taken when it changes. KEYS: record, feed. ARGV: state, at_ms, error code, reason,
 /// title, details ('' without an error), pricing category, billable ('' when absent), minid.
 /// Returns {0} (no record), {1} (unchanged), {2, category, state before} (changed; the record
@@ -49,7 +49,10 @@ if not string.find(';' .. h, ';' .. ARGV[1] .. ':', 1, true) then
   local at = tonumber(ARGV[2])
   local pos = #entries + 1
   for i, e in ipairs(entries) do
-    if tonumber(string.match(e, ':(%d+)$')) > at then pos = i break end
+    if string.sub(e, 1, 2) ~= '1:' and tonumber(string.match(e, ':(%d+)$')) > at then
+      pos = i
+      break
+    end
   end
   table.insert(entries, pos, ARGV[1] .. ':' .. ARGV[2])
   redis.call('HSET', KEYS[1], 'h', table.concat(entries, ';'))
@@ -245,6 +248,25 @@ fn pairs(flat: Vec<String>) -> HashMap<String, String> {
 /// was trimmed (`entries-added` above `length`), a cursor before the oldest entry still held
 /// (`recorded-first-entry-id`, or the last id when nothing is left) has missed events. A cursor
 /// exactly on the newest trimmed entry is refused too: Redis does not record which that was.
+/// One field of an `XINFO STREAM` answer.
+fn stream_field(info: &redis::Value, name: &str) -> Option<redis::Value> {
+    let items: Vec<redis::Value> = match info {
+        redis::Value::Array(items) => items.clone(),
+        redis::Value::Map(pairs) => pairs
+            .iter()
+            .flat_map(|(k, v)| [k.clone(), v.clone()])
+            .collect(),
+        _ => return None,
+    };
+    let mut it = items.into_iter();
+    while let (Some(k), Some(v)) = (it.next(), it.next()) {
+        if redis::from_redis_value::<String>(k).ok().as_deref() == Some(name) {
+            return Some(v);
+        }
+    }
+    None
+}
+
 fn cursor_expired(info: &redis::Value, cursor: (u64, u64)) -> bool {
     let items: Vec<redis::Value> = match info {
         redis::Value::Array(items) => items.clone(),
@@ -446,6 +468,16 @@ impl RedisStore {
                     .await?;
                 if info.as_ref().is_some_and(|info| cursor_expired(info, id)) {
                     return Err(FeedError::Expired(cursor.clone()));
+                }
+                // A cursor this feed never gave out would silently skip what comes next.
+                let newest = info
+                    .as_ref()
+                    .and_then(|info| stream_field(info, "last-generated-id"))
+                    .and_then(|v| redis::from_redis_value::<String>(v).ok())
+                    .and_then(|s| parse_cursor(&s))
+                    .unwrap_or((0, 0));
+                if id > newest {
+                    return Err(FeedError::Malformed(cursor.clone()));
                 }
                 format!("({}-{}", id.0, id.1)
             }
