@@ -527,3 +527,79 @@ async fn the_http_port_is_bounded() {
     );
     assert_healthy(&kabar, "with 150 stalled HTTP clients").await;
 }
+
+/// Signed webhook bodies built to expand in memory (hundreds of thousands of tiny changes or
+/// statuses in 3 MiB), and 40 unsigned bodies held one byte short: memory stays in the budget.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhook_bodies_cannot_blow_up_memory() {
+    use hmac::{Hmac, Mac};
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let webhook = format!("127.0.0.1:{port}");
+    let kabar = start(
+        &[
+            ("META_APP_SECRET", "attack-secret"),
+            ("KABAR_WEBHOOK_ADDR", webhook.as_str()),
+        ],
+        None,
+    )
+    .await;
+    let baseline = rss_kib(&kabar);
+    let sign = |body: &[u8]| {
+        let mut mac = Hmac::<sha2::Sha256>::new_from_slice(b"attack-secret").unwrap();
+        mac.update(body);
+        format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
+    };
+    let client = reqwest::Client::new();
+    let url = format!("http://{webhook}/webhook/whatsapp/meta");
+    for item in [
+        r#"{"f":1}"#,
+        r#"{"field":"messages","value":{"statuses":[1]}}"#,
+    ] {
+        let mut body =
+            String::from(r#"{"object":"whatsapp_business_account","entry":[{"changes":["#);
+        while body.len() < 3 * 1024 * 1024 - 100 {
+            body.push_str(item);
+            body.push(',');
+        }
+        body.pop();
+        body.push_str("]}]}");
+        let status = client
+            .post(&url)
+            .header("x-hub-signature-256", sign(body.as_bytes()))
+            .body(body)
+            .send()
+            .await
+            .unwrap()
+            .status();
+        assert_eq!(status.as_u16(), 400, "{item}");
+    }
+    // Bodies held one byte short: at most 16 are read at once.
+    let mut held = Vec::new();
+    for _ in 0..40 {
+        let mut s = StdStream::connect(&webhook).unwrap();
+        let _ = s.write_all(
+            format!(
+                "POST /webhook/whatsapp/meta HTTP/1.1\r\nHost: k\r\nContent-Length: {}\r\n\r\n",
+                3 * 1024 * 1024
+            )
+            .as_bytes(),
+        );
+        let _ = s.write_all(&vec![b' '; 3 * 1024 * 1024 - 1]);
+        held.push(s);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_healthy(&kabar, "with webhook bodies held").await;
+    drop(held);
+    let peak = peak_rss_kib(&kabar);
+    assert!(peak < PEAK_RSS_BUDGET_KIB, "peak {peak} KiB");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        rss_kib(&kabar) < baseline + 64 * 1024,
+        "{} KiB after, {baseline} KiB before",
+        rss_kib(&kabar)
+    );
+}
