@@ -68,95 +68,6 @@ macro_rules! dispatch {
 }
 
 impl Store {
-    /// Counts one send in an hourly window (`max` per window of `window`), refusing inside
-    /// `resend` of the last counted send. A refusal changes nothing.
-    pub async fn gate(
-        &self,
-        key: &str,
-        now_ms: u64,
-        resend: Duration,
-        max: u32,
-        window: Duration,
-    ) -> Result<Gate, StoreError> {
-        dispatch!(self, s => s.gate(key, now_ms, resend, max, window).await)
-    }
-
-    /// Undoes the gate for the send identified by `resend_at_ms`: lifts its cooldown and, with
-    /// `uncount`, takes it back off the window's count (when nothing was sent at all).
-    pub async fn release(
-        &self,
-        key: &str,
-        resend_at_ms: u64,
-        uncount: bool,
-    ) -> Result<(), StoreError> {
-        dispatch!(self, s => s.release(key, resend_at_ms, uncount).await)
-    }
-
-    /// Counts one message against a global daily cap; `false` once `limit` is passed.
-    pub async fn count_daily(
-        &self,
-        key: &str,
-        limit: u32,
-        expire_at_ms: u64,
-    ) -> Result<bool, StoreError> {
-        dispatch!(self, s => s.count_daily(key, limit, expire_at_ms).await)
-    }
-
-    /// Stores a code's hash with its attempts, replacing any earlier code.
-    pub async fn put_code(
-        &self,
-        key: &str,
-        hash: &CodeHash,
-        attempts: u32,
-        ttl: Duration,
-    ) -> Result<(), StoreError> {
-        dispatch!(self, s => s.put_code(key, hash, attempts, ttl).await)
-    }
-
-    /// Deletes the code if it is still the one with this hash.
-    pub async fn discard_code(&self, key: &str, hash: &CodeHash) -> Result<(), StoreError> {
-        dispatch!(self, s => s.discard_code(key, hash).await)
-    }
-
-    /// The whole check, atomically: missing, match (consumed), mismatch (one attempt used).
-    pub async fn verify(&self, key: &str, hash: &CodeHash) -> Result<Verdict, StoreError> {
-        dispatch!(self, s => s.verify(key, hash).await)
-    }
-
-    /// Takes the key for a call (identified by `token`) of the request with `digest` (64 hex
-    /// characters), unless it is taken or answered, or was taken by another request.
-    pub async fn idempotency_begin(
-        &self,
-        key: &str,
-        digest: &str,
-        token: &str,
-        lock: Duration,
-    ) -> Result<Idempotency, StoreError> {
-        dispatch!(self, s => s.idempotency_begin(key, digest, token, lock).await)
-    }
-
-    /// Stores the answer, if `token` still owns the key.
-    pub async fn idempotency_finish(
-        &self,
-        key: &str,
-        digest: &str,
-        token: &str,
-        answer: &[u8],
-        keep: Duration,
-    ) -> Result<(), StoreError> {
-        dispatch!(self, s => s.idempotency_finish(key, digest, token, answer, keep).await)
-    }
-
-    /// Frees the key, if `token` still owns it.
-    pub async fn idempotency_abort(
-        &self,
-        key: &str,
-        digest: &str,
-        token: &str,
-    ) -> Result<(), StoreError> {
-        dispatch!(self, s => s.idempotency_abort(key, digest, token).await)
-    }
-
     /// Whether the store answers now.
     pub async fn ping(&self) -> Result<(), StoreError> {
         dispatch!(self, s => s.ping().await)
@@ -176,7 +87,7 @@ impl crate::domain::ports::IdempotencyStore for Store {
         token: &str,
         lock: Duration,
     ) -> Result<Idempotency, StoreError> {
-        self.idempotency_begin(key, digest, token, lock).await
+        dispatch!(self, s => s.idempotency_begin(key, digest, token, lock).await)
     }
 
     async fn finish(
@@ -187,12 +98,11 @@ impl crate::domain::ports::IdempotencyStore for Store {
         answer: &[u8],
         keep: Duration,
     ) -> Result<(), StoreError> {
-        self.idempotency_finish(key, digest, token, answer, keep)
-            .await
+        dispatch!(self, s => s.idempotency_finish(key, digest, token, answer, keep).await)
     }
 
     async fn abort(&self, key: &str, digest: &str, token: &str) -> Result<(), StoreError> {
-        self.idempotency_abort(key, digest, token).await
+        dispatch!(self, s => s.idempotency_abort(key, digest, token).await)
     }
 }
 
@@ -253,11 +163,11 @@ impl crate::domain::ports::OtpStore for Store {
         max: u32,
         window: Duration,
     ) -> Result<Gate, StoreError> {
-        Store::gate(self, key, now_ms, resend, max, window).await
+        dispatch!(self, s => s.gate(key, now_ms, resend, max, window).await)
     }
 
     async fn release(&self, key: &str, resend_at_ms: u64, uncount: bool) -> Result<(), StoreError> {
-        Store::release(self, key, resend_at_ms, uncount).await
+        dispatch!(self, s => s.release(key, resend_at_ms, uncount).await)
     }
 
     async fn count_daily(
@@ -266,7 +176,7 @@ impl crate::domain::ports::OtpStore for Store {
         limit: u32,
         expire_at_ms: u64,
     ) -> Result<bool, StoreError> {
-        Store::count_daily(self, key, limit, expire_at_ms).await
+        dispatch!(self, s => s.count_daily(key, limit, expire_at_ms).await)
     }
 
     async fn put_code(
@@ -276,14 +186,14 @@ impl crate::domain::ports::OtpStore for Store {
         attempts: u32,
         ttl: Duration,
     ) -> Result<(), StoreError> {
-        Store::put_code(self, key, hash, attempts, ttl).await
+        dispatch!(self, s => s.put_code(key, hash, attempts, ttl).await)
     }
 
     async fn discard_code(&self, key: &str, hash: &CodeHash) -> Result<(), StoreError> {
-        Store::discard_code(self, key, hash).await
+        dispatch!(self, s => s.discard_code(key, hash).await)
     }
 
     async fn verify(&self, key: &str, hash: &CodeHash) -> Result<Verdict, StoreError> {
-        Store::verify(self, key, hash).await
+        dispatch!(self, s => s.verify(key, hash).await)
     }
 }
