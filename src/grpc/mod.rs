@@ -17,7 +17,11 @@ use tonic::{Request, Response, Status, metadata::MetadataMap};
 
 use self::calls::CallDetail;
 use crate::{
-    domain::{delivery::Delivery, error::Error},
+    domain::{
+        delivery::Delivery,
+        error::Error,
+        status::{After, StoredEvent},
+    },
     notify::{NotificationRequest, Notifier},
     otp::OtpService,
     pb::{
@@ -91,6 +95,55 @@ const FEED_BATCH: usize = 100;
 type EventStream =
     std::pin::Pin<Box<dyn futures_util::Stream<Item = Result<pb::MessageEvent, Status>> + Send>>;
 
+/// The events after `after`, as they come: read in batches, polled every [`FEED_POLL`] when
+/// there are none; ends when kabar drains, or after an error (sent as the last item).
+fn feed(delivery: Arc<Delivery>, after: After, drain: CancellationToken) -> EventStream {
+    let state = (
+        delivery,
+        after,
+        std::collections::VecDeque::new(),
+        drain,
+        false,
+    );
+    let stream = futures_util::stream::unfold(
+        state,
+        |(delivery, mut after, mut buffer, drain, ended)| async move {
+            if ended {
+                return None;
+            }
+            loop {
+                if let Some(event) = buffer.pop_front() {
+                    let event: StoredEvent = event;
+                    after = After::Cursor(event.cursor.clone());
+                    return Some((
+                        Ok(messages::event(event)),
+                        (delivery, after, buffer, drain, false),
+                    ));
+                }
+                if drain.is_cancelled() {
+                    return None;
+                }
+                match delivery.events(&after, FEED_BATCH).await {
+                    Ok(events) if events.is_empty() => {
+                        tokio::select! {
+                            () = tokio::time::sleep(FEED_POLL) => {}
+                            () = drain.cancelled() => return None,
+                        }
+                    }
+                    Ok(events) => buffer.extend(events),
+                    Err(e) => {
+                        return Some((
+                            Err(Status::from(e)),
+                            (delivery, after, buffer, drain, true),
+                        ));
+                    }
+                }
+            }
+        },
+    );
+    Box::pin(stream)
+}
+
 #[tonic::async_trait]
 impl pb::notification_service_server::NotificationService for NotificationGrpc {
     type WatchMessageStatusStream = EventStream;
@@ -116,51 +169,9 @@ impl pb::notification_service_server::NotificationService for NotificationGrpc {
     ) -> Result<Response<Self::WatchMessageStatusStream>, Status> {
         let after = request.into_inner().after;
         let after = call(self.delivery.start(&after)).await?;
-        let state = (
-            self.delivery.clone(),
-            after,
-            std::collections::VecDeque::new(),
-            self.drain.clone(),
-            false,
-        );
-        let stream = futures_util::stream::unfold(
-            state,
-            |(delivery, mut after, mut buffer, drain, ended)| async move {
-                if ended {
-                    return None;
-                }
-                loop {
-                    if let Some(event) = buffer.pop_front() {
-                        let event: crate::domain::status::StoredEvent = event;
-                        after = crate::domain::status::After::Cursor(event.cursor.clone());
-                        return Some((
-                            Ok(messages::event(event)),
-                            (delivery, after, buffer, drain, false),
-                        ));
-                    }
-                    if drain.is_cancelled() {
-                        return None;
-                    }
-                    match delivery.events(&after, FEED_BATCH).await {
-                        Ok(events) if events.is_empty() => {
-                            tokio::select! {
-                                () = tokio::time::sleep(FEED_POLL) => {}
-                                () = drain.cancelled() => return None,
-                            }
-                        }
-                        Ok(events) => buffer.extend(events),
-                        Err(e) => {
-                            return Some((
-                                Err(Status::from(e)),
-                                (delivery, after, buffer, drain, true),
-                            ));
-                        }
-                    }
-                }
-            },
-        );
+        let stream = feed(self.delivery.clone(), after, self.drain.clone());
         Ok(answer(
-            Box::pin(stream),
+            stream,
             CallDetail {
                 outcome: Some("feed opened"),
                 ..CallDetail::default()
@@ -282,5 +293,36 @@ fn verdict_word(verdict: Verdict) -> &'static str {
         Verdict::Invalid { .. } => "invalid code",
         Verdict::Expired => "expired",
         Verdict::TooManyAttempts => "too many attempts",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    use tonic::metadata::MetadataMap;
+
+    use super::deadline;
+
+    fn with_timeout(value: &str) -> MetadataMap {
+        let mut m = MetadataMap::new();
+        m.insert("grpc-timeout", value.parse().unwrap());
+        m
+    }
+
+    #[test]
+    fn the_deadline_comes_a_little_before_the_callers() {
+        let start = Instant::now();
+        assert_eq!(
+            deadline(&with_timeout("400m"), start),
+            Some(start + Duration::from_millis(300))
+        );
+        assert_eq!(
+            deadline(&with_timeout("15S"), start),
+            Some(start + Duration::from_millis(14_750))
+        );
+        assert_eq!(deadline(&with_timeout("15x"), start), None);
+        assert_eq!(deadline(&with_timeout("S"), start), None);
+        assert_eq!(deadline(&MetadataMap::new(), start), None);
     }
 }
