@@ -8,6 +8,8 @@
 //!   [`CallDetail`] (for SendTemplate: template, recipient, reference, message id) or the
 //!   error's text.
 //!
+//! - reads the caller's deadline (`grpc-timeout`) once, for the handler to send within it.
+//!
 //! A new RPC gets all of this by being listed in [`Method`]. Health and reflection pass through
 //! untouched.
 
@@ -16,6 +18,8 @@ use std::{
     task::{Context, Poll},
     time::Instant,
 };
+
+use std::time::Duration;
 
 use tonic::Code;
 
@@ -30,6 +34,40 @@ pub struct CallDetail {
     pub to: Option<String>,
     pub reference: Option<String>,
     pub message_id: Option<String>,
+}
+
+/// The caller's deadline from the `grpc-timeout` header, if it sent one, less a small margin:
+/// kabar answers DEADLINE_EXCEEDED itself just before tonic's own timeout would cut the call off
+/// with a bare CANCELLED.
+fn deadline(headers: &http::HeaderMap, start: Instant) -> Option<Instant> {
+    let value = headers.get("grpc-timeout")?.to_str().ok()?;
+    if value.len() < 2 {
+        return None;
+    }
+    let (digits, unit) = value.split_at(value.len() - 1);
+    let n: u64 = digits.parse().ok()?;
+    let timeout = match unit {
+        "H" => Duration::from_secs(n.saturating_mul(3600)),
+        "M" => Duration::from_secs(n.saturating_mul(60)),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    };
+    // The server's own gRPC layer cuts the call off with CANCELLED exactly at the caller's
+    // timeout: answer early enough to win that race on a loaded machine.
+    let margin = (timeout / 4).min(Duration::from_millis(250));
+    start.checked_add(timeout - margin)
+}
+
+/// When the caller stops waiting, if it said (request extension set by the layer).
+#[derive(Debug, Clone, Copy)]
+pub struct CallDeadline(pub Option<Instant>);
+
+/// The deadline the call layer read for this call.
+pub fn deadline_of<T>(request: &tonic::Request<T>) -> Option<Instant> {
+    request.extensions().get::<CallDeadline>().and_then(|d| d.0)
 }
 
 /// The RPC a request path names, if it is one of kabar's.
@@ -88,7 +126,7 @@ where
         self.inner.poll_ready(cx).map_err(Into::into)
     }
 
-    fn call(&mut self, request: http::Request<tonic::body::Body>) -> Self::Future {
+    fn call(&mut self, mut request: http::Request<tonic::body::Body>) -> Self::Future {
         // The service that was polled ready serves this call; a fresh clone serves the next.
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
@@ -98,6 +136,8 @@ where
         };
         let metrics = self.metrics.clone();
         let start = Instant::now();
+        let deadline = deadline(request.headers(), start);
+        request.extensions_mut().insert(CallDeadline(deadline));
         let guard = metrics.call_started();
         let task = tokio::spawn(async move {
             let result = inner.call(request).await.map_err(Into::into);
@@ -194,6 +234,28 @@ fn log_call<B>(metrics: &Metrics, method: Method, start: Instant, response: &htt
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn with_timeout(value: &str) -> http::HeaderMap {
+        let mut m = http::HeaderMap::new();
+        m.insert("grpc-timeout", value.parse().unwrap());
+        m
+    }
+
+    #[test]
+    fn the_deadline_comes_a_little_before_the_callers() {
+        let start = Instant::now();
+        assert_eq!(
+            deadline(&with_timeout("400m"), start),
+            Some(start + Duration::from_millis(300))
+        );
+        assert_eq!(
+            deadline(&with_timeout("15S"), start),
+            Some(start + Duration::from_millis(14_750))
+        );
+        assert_eq!(deadline(&with_timeout("15x"), start), None);
+        assert_eq!(deadline(&with_timeout("S"), start), None);
+        assert_eq!(deadline(&http::HeaderMap::new(), start), None);
+    }
 
     #[test]
     fn kabar_methods_are_known_and_others_pass() {

@@ -7,13 +7,10 @@ pub mod limits;
 mod messages;
 pub mod status;
 
-use std::{
-    sync::Arc,
-    time::{Duration, Instant},
-};
+use std::{sync::Arc, time::Duration};
 
 use tokio_util::sync::CancellationToken;
-use tonic::{Request, Response, Status, metadata::MetadataMap};
+use tonic::{Request, Response, Status};
 
 use self::calls::CallDetail;
 use crate::{
@@ -30,31 +27,6 @@ use crate::{
     },
     store::Verdict,
 };
-
-/// The caller's deadline from the `grpc-timeout` header, if it sent one, less a small margin:
-/// kabar answers DEADLINE_EXCEEDED itself just before tonic's own timeout would cut the call off
-/// with a bare CANCELLED.
-pub fn deadline(metadata: &MetadataMap, start: Instant) -> Option<Instant> {
-    let value = metadata.get("grpc-timeout")?.to_str().ok()?;
-    if value.len() < 2 {
-        return None;
-    }
-    let (digits, unit) = value.split_at(value.len() - 1);
-    let n: u64 = digits.parse().ok()?;
-    let timeout = match unit {
-        "H" => Duration::from_secs(n.saturating_mul(3600)),
-        "M" => Duration::from_secs(n.saturating_mul(60)),
-        "S" => Duration::from_secs(n),
-        "m" => Duration::from_millis(n),
-        "u" => Duration::from_micros(n),
-        "n" => Duration::from_nanos(n),
-        _ => return None,
-    };
-    // The server's own gRPC layer cuts the call off with CANCELLED exactly at the caller's
-    // timeout: answer early enough to win that race on a loaded machine.
-    let margin = (timeout / 4).min(Duration::from_millis(250));
-    start.checked_add(timeout - margin)
-}
 
 /// Runs a call's domain work and maps its error to a status. (The call layer runs it as its
 /// own task, counts and logs it.)
@@ -183,7 +155,7 @@ impl pb::notification_service_server::NotificationService for NotificationGrpc {
         &self,
         request: Request<SendTemplateRequest>,
     ) -> Result<Response<SendTemplateResponse>, Status> {
-        let deadline = deadline(request.metadata(), Instant::now());
+        let deadline = calls::deadline_of(&request);
         let request = request.into_inner();
         let accepted = call(self.notifier.send_template(
             &NotificationRequest {
@@ -240,7 +212,7 @@ impl pb::otp_service_server::OtpService for OtpGrpc {
         &self,
         request: Request<SendOtpRequest>,
     ) -> Result<Response<SendOtpResponse>, Status> {
-        let deadline = deadline(request.metadata(), Instant::now());
+        let deadline = calls::deadline_of(&request);
         let r = request.into_inner();
         let sent = call(self.otp.send(&r.phone, &r.purpose, &r.client_ip, deadline)).await?;
         if !sent.message_id.is_empty() {
@@ -293,36 +265,5 @@ fn verdict_word(verdict: Verdict) -> &'static str {
         Verdict::Invalid { .. } => "invalid code",
         Verdict::Expired => "expired",
         Verdict::TooManyAttempts => "too many attempts",
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use std::time::{Duration, Instant};
-
-    use tonic::metadata::MetadataMap;
-
-    use super::deadline;
-
-    fn with_timeout(value: &str) -> MetadataMap {
-        let mut m = MetadataMap::new();
-        m.insert("grpc-timeout", value.parse().unwrap());
-        m
-    }
-
-    #[test]
-    fn the_deadline_comes_a_little_before_the_callers() {
-        let start = Instant::now();
-        assert_eq!(
-            deadline(&with_timeout("400m"), start),
-            Some(start + Duration::from_millis(300))
-        );
-        assert_eq!(
-            deadline(&with_timeout("15S"), start),
-            Some(start + Duration::from_millis(14_750))
-        );
-        assert_eq!(deadline(&with_timeout("15x"), start), None);
-        assert_eq!(deadline(&with_timeout("S"), start), None);
-        assert_eq!(deadline(&MetadataMap::new(), start), None);
     }
 }
