@@ -14,7 +14,10 @@ use crate::{
         ports::{Applied, FeedError, StoreError},
         status::{After, Event, MessageRecord, StatusUpdate, StoredEvent},
     },
-    store::now_ms,
+    store::{
+        feed::{Bounds, format_cursor},
+        now_ms,
+    },
 };
 
 #[derive(Default)]
@@ -27,16 +30,6 @@ pub(super) struct Messages {
     seen: HashMap<String, u64>,
     /// Events ever appended (more than those held once some were trimmed).
     added: u64,
-}
-
-/// `ms-seq`, as Redis writes stream ids.
-pub fn format_cursor(id: (u64, u64)) -> String {
-    format!("{}-{}", id.0, id.1)
-}
-
-pub fn parse_cursor(cursor: &str) -> Option<(u64, u64)> {
-    let (ms, seq) = cursor.split_once('-')?;
-    Some((ms.parse().ok()?, seq.parse().ok()?))
 }
 
 impl Messages {
@@ -155,24 +148,12 @@ impl MemoryStore {
         let start = match after {
             After::Now => m.last_id,
             After::Oldest => (0, 0),
-            After::Cursor(cursor) => {
-                let id =
-                    parse_cursor(cursor).ok_or_else(|| FeedError::Malformed(cursor.clone()))?;
-                // Reading on from before the oldest event held, once some were trimmed, would skip
-                // them silently (the same rule as the Redis feed's).
-                let oldest_kept = match m.events.front() {
-                    Some((oldest, _)) => *oldest,
-                    None => (m.last_id.0, m.last_id.1 + 1),
-                };
-                if m.added > m.events.len() as u64 && id < oldest_kept {
-                    return Err(FeedError::Expired(cursor.clone()));
-                }
-                // A cursor this feed never gave out would silently skip what comes next.
-                if id > m.last_id {
-                    return Err(FeedError::Malformed(cursor.clone()));
-                }
-                id
+            After::Cursor(cursor) => Bounds {
+                trimmed: m.added > m.events.len() as u64,
+                oldest_held: m.events.front().map(|(id, _)| *id),
+                newest: m.last_id,
             }
+            .check(cursor)?,
         };
         Ok(m.events
             .iter()

@@ -9,7 +9,7 @@ use std::{
 
 use super::{CodeHash, Gate, Idempotency, StoreError, Verdict, now_ms};
 
-pub(crate) mod messages;
+mod messages;
 
 enum Value {
     Limits {

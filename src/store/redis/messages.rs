@@ -18,7 +18,11 @@ use crate::{
             StatusChange, StatusUpdate, StoredEvent,
         },
     },
-    store::{EVENTS_KEY, memory::messages::parse_cursor, now_ms, record_key, seen_key},
+    store::{
+        EVENTS_KEY,
+        feed::{Bounds, format_cursor, parse_cursor},
+        now_ms, record_key, seen_key,
+    },
 };
 
 /// KEYS: record, feed. ARGV: ttl_ms, minid, then the record's field/value pairs.
@@ -244,37 +248,17 @@ fn pairs(flat: Vec<String>) -> HashMap<String, String> {
     map
 }
 
-/// Whether reading after `cursor` would skip trimmed events, from `XINFO STREAM`: once anything
-/// was trimmed (`entries-added` above `length`), a cursor before the oldest entry still held
-/// (`recorded-first-entry-id`, or the last id when nothing is left) has missed events. A cursor
-/// exactly on the newest trimmed entry is refused too: Redis does not record which that was.
-/// One field of an `XINFO STREAM` answer.
-fn stream_field(info: &redis::Value, name: &str) -> Option<redis::Value> {
+/// The feed's bounds from an `XINFO STREAM` answer: trimmed once `entries-added` exceeds
+/// `length`; the oldest held is `recorded-first-entry-id` while anything is held; the newest is
+/// `last-generated-id`.
+fn bounds(info: &redis::Value) -> Bounds {
     let items: Vec<redis::Value> = match info {
         redis::Value::Array(items) => items.clone(),
         redis::Value::Map(pairs) => pairs
             .iter()
             .flat_map(|(k, v)| [k.clone(), v.clone()])
             .collect(),
-        _ => return None,
-    };
-    let mut it = items.into_iter();
-    while let (Some(k), Some(v)) = (it.next(), it.next()) {
-        if redis::from_redis_value::<String>(k).ok().as_deref() == Some(name) {
-            return Some(v);
-        }
-    }
-    None
-}
-
-fn cursor_expired(info: &redis::Value, cursor: (u64, u64)) -> bool {
-    let items: Vec<redis::Value> = match info {
-        redis::Value::Array(items) => items.clone(),
-        redis::Value::Map(pairs) => pairs
-            .iter()
-            .flat_map(|(k, v)| [k.clone(), v.clone()])
-            .collect(),
-        _ => return false,
+        _ => Vec::new(),
     };
     let mut fields: HashMap<String, redis::Value> = HashMap::new();
     let mut it = items.into_iter();
@@ -287,6 +271,7 @@ fn cursor_expired(info: &redis::Value, cursor: (u64, u64)) -> bool {
         fields
             .get(name)
             .and_then(|v| redis::from_redis_value::<u64>(v.clone()).ok())
+            .unwrap_or(0)
     };
     let id = |name: &str| {
         fields
@@ -294,18 +279,16 @@ fn cursor_expired(info: &redis::Value, cursor: (u64, u64)) -> bool {
             .and_then(|v| redis::from_redis_value::<String>(v.clone()).ok())
             .and_then(|s| parse_cursor(&s))
     };
-    let (Some(length), Some(added)) = (number("length"), number("entries-added")) else {
-        return false;
-    };
-    if added <= length {
-        return false;
+    let length = number("length");
+    Bounds {
+        trimmed: number("entries-added") > length,
+        oldest_held: if length > 0 {
+            id("recorded-first-entry-id")
+        } else {
+            None
+        },
+        newest: id("last-generated-id").unwrap_or((0, 0)),
     }
-    let oldest_kept = if length > 0 {
-        id("recorded-first-entry-id")
-    } else {
-        id("last-generated-id").map(|(ms, seq)| (ms, seq + 1))
-    };
-    oldest_kept.is_some_and(|oldest| cursor < oldest)
 }
 
 impl RedisStore {
@@ -449,8 +432,6 @@ impl RedisStore {
             After::Oldest => "-".to_owned(),
             After::Now => format!("({}", self.latest_cursor().await?),
             After::Cursor(cursor) => {
-                let id =
-                    parse_cursor(cursor).ok_or_else(|| FeedError::Malformed(cursor.clone()))?;
                 let info: Option<redis::Value> = self
                     .bounded(async {
                         match redis::cmd("XINFO")
@@ -460,26 +441,21 @@ impl RedisStore {
                             .await
                         {
                             Ok(v) => Ok(Some(v)),
-                            // No stream yet: nothing was ever trimmed.
+                            // No stream yet: nothing was given out, nothing trimmed.
                             Err(e) if e.code().is_some() => Ok(None),
                             Err(e) => Err(e),
                         }
                     })
                     .await?;
-                if info.as_ref().is_some_and(|info| cursor_expired(info, id)) {
-                    return Err(FeedError::Expired(cursor.clone()));
-                }
-                // A cursor this feed never gave out would silently skip what comes next.
-                let newest = info
-                    .as_ref()
-                    .and_then(|info| stream_field(info, "last-generated-id"))
-                    .and_then(|v| redis::from_redis_value::<String>(v).ok())
-                    .and_then(|s| parse_cursor(&s))
-                    .unwrap_or((0, 0));
-                if id > newest {
-                    return Err(FeedError::Malformed(cursor.clone()));
-                }
-                format!("({}-{}", id.0, id.1)
+                let bounds = info.as_ref().map_or(
+                    Bounds {
+                        trimmed: false,
+                        oldest_held: None,
+                        newest: (0, 0),
+                    },
+                    bounds,
+                );
+                format!("({}", format_cursor(bounds.check(cursor)?))
             }
         };
         let rows: Vec<(String, Vec<String>)> = self
