@@ -290,10 +290,6 @@ impl Drop for Guarded {
 }
 
 impl Guarded {
-    pub fn tcp(&self) -> &TcpStream {
-        &self.inner
-    }
-
     /// Whether the connection must close now: handshake deadline passed, evicted, or shutdown.
     fn poll_expired(&mut self, cx: &mut Context<'_>) -> Option<io::Error> {
         let h = self.handshake.as_mut()?;

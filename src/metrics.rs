@@ -60,8 +60,9 @@ pub struct Metrics {
     labeled: std::sync::Mutex<std::collections::BTreeMap<(&'static str, String), u64>>,
 }
 
-/// Distinct Meta error codes counted at most (a hostile or broken sender cannot grow the page).
-const MAX_FAILURE_CODES: usize = 64;
+/// Label values kept per labeled metric: Meta's error codes come from outside, and a hostile or
+/// broken sender must not grow the page; the other labels are small fixed sets.
+const MAX_LABELS: usize = 64;
 
 /// One call in progress; dropping it ends the call.
 pub struct CallGuard(std::sync::Arc<Metrics>);
@@ -75,39 +76,39 @@ impl Drop for CallGuard {
 }
 
 impl Metrics {
-    fn count(&self, metric: &'static str, label: String) {
+    /// Adds `n` to `metric{label}`; a metric keeps at most [`MAX_LABELS`] label values.
+    fn count(&self, metric: &'static str, label: String, n: u64) {
         let mut labeled = self
             .labeled
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if metric == "kabar_message_failures_total"
-            && !labeled.contains_key(&(metric, label.clone()))
-            && labeled.keys().filter(|(m, _)| *m == metric).count() >= MAX_FAILURE_CODES
+        if !labeled.contains_key(&(metric, label.clone()))
+            && labeled.keys().filter(|(m, _)| *m == metric).count() >= MAX_LABELS
         {
             return;
         }
-        *labeled.entry((metric, label)).or_insert(0) += 1;
+        *labeled.entry((metric, label)).or_insert(0) += n;
     }
 
     /// A webhook delivery and what became of it (`stored`, `unauthorized`, `bad_request`,
     /// `unavailable`).
     pub fn webhook(&self, outcome: &'static str) {
-        self.count("kabar_webhook_deliveries_total", outcome.to_owned());
+        self.count("kabar_webhook_deliveries_total", outcome.to_owned(), 1);
     }
 
     /// A status update from Meta, and its error code when it failed.
     pub fn status(&self, state: &'static str, meta_code: Option<i64>) {
-        self.count("kabar_message_statuses_total", state.to_owned());
+        self.count("kabar_message_statuses_total", state.to_owned(), 1);
         if let Some(code) = meta_code {
-            self.count("kabar_message_failures_total", code.to_string());
+            self.count("kabar_message_failures_total", code.to_string(), 1);
         }
     }
 
     /// OTP codes through their life: `sent` (Meta accepted), `delivered` (Meta's webhook),
     /// `verified`. Delivered over sent and verified over delivered are the conversion figures.
     pub fn otp(&self, stage: &'static str, n: usize) {
-        for _ in 0..n {
-            self.count("kabar_otp_codes_total", stage.to_owned());
+        if n > 0 {
+            self.count("kabar_otp_codes_total", stage.to_owned(), n as u64);
         }
     }
 

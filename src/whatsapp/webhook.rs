@@ -375,7 +375,7 @@ impl Collector {
 #[derive(Deserialize)]
 struct RawEnvelope {
     object: String,
-    #[serde(deserialize_with = "strict_list")]
+    #[serde(deserialize_with = "in_place_list")]
     entry: Items<RawEntry, MAX_EVENTS>,
 }
 
@@ -639,18 +639,9 @@ impl<'de, T: DeserializeOwned, const CAP: usize> Deserialize<'de> for Items<T, C
     }
 }
 
-/// Reads the envelope's `entry`, which must be an array: without it the body is not a webhook.
-/// Each entry is read in place (see [`InPlaceVisitor`]).
-fn strict_list<'de, D, T>(deserializer: D) -> Result<Items<T, MAX_EVENTS>, D::Error>
-where
-    D: Deserializer<'de>,
-    T: DeserializeOwned,
-{
-    deserializer.deserialize_seq(InPlaceVisitor(PhantomData))
-}
-
 /// Reads an array whose items are read in place: no item is buffered as a JSON tree first, so
-/// memory follows what is kept, not the size of the body. A malformed item fails the whole read.
+/// memory follows what is kept, not the size of the body. Anything but an array, or a malformed
+/// item, fails the whole read (for the envelope's `entry`: the body is not a webhook).
 fn in_place_list<'de, D, T>(deserializer: D) -> Result<Items<T, MAX_EVENTS>, D::Error>
 where
     D: Deserializer<'de>,
