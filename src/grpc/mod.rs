@@ -14,6 +14,7 @@ use tonic::{Request, Response, Status};
 
 use self::calls::CallDetail;
 use crate::{
+    domain::ports::Verdict,
     domain::{
         delivery::Delivery,
         error::Error,
@@ -25,7 +26,6 @@ use crate::{
         self, SendOtpRequest, SendOtpResponse, SendTemplateRequest, SendTemplateResponse,
         VerifyOtpRequest, VerifyOtpResponse, verify_otp_response::Result as VerifyResult,
     },
-    store::Verdict,
 };
 
 /// Runs a call's domain work and maps its error to a status. (The call layer runs it as its

@@ -83,6 +83,28 @@ async fn post_signed(app: &TestApp, body: &Value) -> u16 {
     post(app, &bytes, Some(&sign(&bytes))).await
 }
 
+/// The status a feed opened after `after` is refused with (at once, or as its first item).
+async fn watch_refused(app: &TestApp, after: &str) -> tonic::Status {
+    match app
+        .notifications()
+        .watch_message_status(WatchMessageStatusRequest {
+            after: after.to_owned(),
+        })
+        .await
+    {
+        Err(status) => status,
+        Ok(response) => response.into_inner().message().await.expect_err("refused"),
+    }
+}
+
+/// Asserts that `/metrics` has each of `lines`, exactly.
+async fn assert_metrics(app: &TestApp, lines: &[&str]) {
+    let metrics = crate::support::metrics_text(app.http_addr).await;
+    for line in lines {
+        assert!(metrics.lines().any(|l| l == *line), "{line} in\n{metrics}");
+    }
+}
+
 async fn status_of(app: &TestApp, message_id: &str) -> kabar::pb::MessageStatus {
     app.notifications()
         .get_message_status(GetMessageStatusRequest {
@@ -280,16 +302,7 @@ async fn the_feed_replays_and_resumes_from_a_cursor(redis: Option<&RedisServer>)
     );
 
     // A cursor that is not one of the feed's.
-    let status = app
-        .notifications()
-        .watch_message_status(WatchMessageStatusRequest {
-            after: "yesterday".into(),
-        })
-        .await;
-    let status = match status {
-        Err(status) => status,
-        Ok(response) => response.into_inner().message().await.expect_err("refused"),
-    };
+    let status = watch_refused(&app, "yesterday").await;
     assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
 }
 
@@ -418,16 +431,16 @@ async fn otp_conversion_is_counted() {
             200
         );
     }
-    let metrics = crate::support::metrics_text(app.http_addr).await;
-    for stage in ["sent", "delivered", "verified"] {
-        let line = format!("kabar_otp_codes_total{{stage=\"{stage}\"}} 1");
-        assert!(metrics.lines().any(|l| l == line), "{line} in\n{metrics}");
-    }
-    assert!(
-        metrics
-            .lines()
-            .any(|l| l == "kabar_webhook_deliveries_total{outcome=\"stored\"} 3")
-    );
+    assert_metrics(
+        &app,
+        &[
+            "kabar_otp_codes_total{stage=\"sent\"} 1",
+            "kabar_otp_codes_total{stage=\"delivered\"} 1",
+            "kabar_otp_codes_total{stage=\"verified\"} 1",
+            "kabar_webhook_deliveries_total{outcome=\"stored\"} 3",
+        ],
+    )
+    .await;
 }
 
 /// Replayed, forged and foreign updates leave the record and the feed as they were.
@@ -477,14 +490,15 @@ async fn duplicates_and_forgeries_change_nothing() {
     let record = status_of(&app, &sent.message_id).await;
     assert_eq!(record.state(), State::Delivered);
     assert_eq!(record.history.len(), 2);
-    let metrics = crate::support::metrics_text(app.http_addr).await;
-    for line in [
-        "kabar_webhook_deliveries_total{outcome=\"unauthorized\"} 2",
-        "kabar_webhook_deliveries_total{outcome=\"stored\"} 4",
-        "kabar_message_statuses_total{state=\"delivered\"} 3",
-    ] {
-        assert!(metrics.lines().any(|l| l == line), "{line} in\n{metrics}");
-    }
+    assert_metrics(
+        &app,
+        &[
+            "kabar_webhook_deliveries_total{outcome=\"unauthorized\"} 2",
+            "kabar_webhook_deliveries_total{outcome=\"stored\"} 4",
+            "kabar_message_statuses_total{state=\"delivered\"} 3",
+        ],
+    )
+    .await;
 }
 
 /// Template and quality changes reach the feed as account events, and failures are counted by
@@ -527,15 +541,16 @@ async fn account_events_and_failures_reach_the_feed_and_the_metrics() {
         200
     );
     assert_eq!(post(&app, b"[]", Some(&sign(b"[]"))).await, 400);
-    let metrics = crate::support::metrics_text(app.http_addr).await;
-    for line in [
-        "kabar_message_failures_total{meta_code=\"131049\"} 1",
-        "kabar_message_statuses_total{state=\"failed\"} 1",
-        "kabar_webhook_deliveries_total{outcome=\"bad_request\"} 1",
-        "kabar_grpc_calls_total{method=\"WatchMessageStatus\",code=\"OK\"} 1",
-    ] {
-        assert!(metrics.lines().any(|l| l == line), "{line} in\n{metrics}");
-    }
+    assert_metrics(
+        &app,
+        &[
+            "kabar_message_failures_total{meta_code=\"131049\"} 1",
+            "kabar_message_statuses_total{state=\"failed\"} 1",
+            "kabar_webhook_deliveries_total{outcome=\"bad_request\"} 1",
+            "kabar_grpc_calls_total{method=\"WatchMessageStatus\",code=\"OK\"} 1",
+        ],
+    )
+    .await;
 }
 
 /// Open feeds end when kabar shuts down, so that their clients reconnect elsewhere.
@@ -585,16 +600,7 @@ async fn a_cursor_older_than_the_retention_is_out_of_range() {
         .query_async(&mut con)
         .await
         .unwrap();
-    let status = match app
-        .notifications()
-        .watch_message_status(WatchMessageStatusRequest {
-            after: cursors[0].clone(),
-        })
-        .await
-    {
-        Err(status) => status,
-        Ok(response) => response.into_inner().message().await.expect_err("refused"),
-    };
+    let status = watch_refused(&app, &cursors[0]).await;
     assert_eq!(status.code(), Code::OutOfRange, "{status:?}");
     assert_eq!(error_info(&status).unwrap().0, "CURSOR_EXPIRED");
     // From the oldest still held: the one event kept.
@@ -661,15 +667,6 @@ async fn concurrent_deliveries_are_all_stored() {
     assert_eq!(record.state(), State::Sent);
     assert_eq!(record.history.len(), 2);
 
-    let status = match app
-        .notifications()
-        .watch_message_status(WatchMessageStatusRequest {
-            after: "99999999999999-0".into(),
-        })
-        .await
-    {
-        Err(status) => status,
-        Ok(response) => response.into_inner().message().await.expect_err("refused"),
-    };
+    let status = watch_refused(&app, "99999999999999-0").await;
     assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
 }

@@ -392,9 +392,10 @@ async fn kabar_answers_deadline_exceeded_itself_before_the_callers_timer() {
     let meta = FakeMeta::start().await;
     meta.set_delay(Duration::from_secs(2));
     let app = TestApp::start(meta_vars(&meta)).await;
-    // kabar answers 20 ms before the caller's deadline; the tonic client's own timer answers
-    // CANCELLED at the deadline. On a loaded machine a single call may lose that race, so
-    // several calls are made and at least one must carry kabar's own DEADLINE_EXCEEDED.
+    // kabar answers a quarter of the timeout (at most 250 ms) before the caller's deadline; the
+    // tonic client's own timer answers CANCELLED at the deadline. On a loaded machine a single
+    // call may lose that race, so several calls are made and at least one must carry kabar's
+    // own DEADLINE_EXCEEDED.
     let mut own_answers = 0;
     for _ in 0..5 {
         let mut request = tonic::Request::new(invoice_request());
