@@ -169,7 +169,6 @@ async fn send_test(
             );
             Ok(())
         }
-        Err(kabar::domain::error::Error::InvalidArgument(v)) => Err(anyhow::anyhow!("{v}")),
         Err(kabar::domain::error::Error::Meta(f)) => Err(anyhow::anyhow!(
             "Meta refused the message: code {} ({}), {}\nremedy: {}{}",
             f.meta_code,
