@@ -7,7 +7,7 @@ use std::{collections::HashMap, net::SocketAddr, time::Duration};
 
 use secrecy::{ExposeSecret, SecretBox, SecretString};
 
-use crate::{phone, templates::TemplateRegistry};
+use crate::{domain::pacing::PacingConfig, phone, templates::TemplateRegistry};
 
 /// Settings of the Meta client: configuration owns them, the client in `whatsapp` uses them.
 #[derive(Clone)]
@@ -113,6 +113,9 @@ pub struct Config {
     /// How long a client may take to complete a connection's handshake, an HTTP request's
     /// headers, or one gRPC request message (`KABAR_SLOW_CLIENT_TIMEOUT_SECONDS`).
     pub slow_client_timeout: Duration,
+    /// Pacing within Meta's limits (`KABAR_META_MAX_MPS`, `KABAR_PAIR_INTERVAL_SECONDS`,
+    /// `KABAR_META_DAILY_LIMIT`, ...).
+    pub pacing: PacingConfig,
     /// Warnings to log once logging is up (development defaults in use).
     pub warnings: Vec<String>,
 }
@@ -471,6 +474,8 @@ impl Config {
         let slow_client_timeout =
             Duration::from_secs(r.number("KABAR_SLOW_CLIENT_TIMEOUT_SECONDS", 10, 1..=300)?);
 
+        let pacing = Self::pacing(&r, &mut warnings)?;
+
         if redis_url.is_none() {
             warnings.push(
                 "REDIS_URL is not set: OTP codes and rate limits live in this process only and \
@@ -504,6 +509,7 @@ impl Config {
             max_connections_per_ip,
             message_retention,
             slow_client_timeout,
+            pacing,
             warnings,
         };
         // The token goes into a header: a character a header cannot carry fails here, at start-up.
@@ -516,6 +522,46 @@ impl Config {
             ));
         }
         Ok(config)
+    }
+
+    fn pacing(r: &Reader<'_>, warnings: &mut Vec<String>) -> Result<PacingConfig, ConfigError> {
+        let enabled = r.bool("KABAR_PACING_ENABLED", true)?;
+        if !enabled {
+            warnings.push(
+                "KABAR_PACING_ENABLED=false: sends go to Meta as fast as they come, past Meta's \
+                 limits; for measurements only, never in production"
+                    .to_owned(),
+            );
+        }
+        let daily_limit = match r.get("KABAR_META_DAILY_LIMIT") {
+            None => None,
+            Some(v) if v.eq_ignore_ascii_case("unlimited") => Some(0),
+            Some(v) => match v.parse::<u64>() {
+                Ok(n) if (1..=100_000_000).contains(&n) => Some(n),
+                _ => {
+                    return Err(err(
+                        "KABAR_META_DAILY_LIMIT",
+                        format!(
+                            "needs the number's messaging limit, a whole number from 1 to \
+                             100000000 (250, 2000, 10000, 100000) or \"unlimited\"; leave it \
+                             unset to read it from Meta (got {v:?})"
+                        ),
+                    ));
+                }
+            },
+        };
+        Ok(PacingConfig {
+            enabled,
+            max_mps: r.number("KABAR_META_MAX_MPS", 80, 1..=100_000)? as u32,
+            pair_interval: Duration::from_secs(r.number(
+                "KABAR_PAIR_INTERVAL_SECONDS",
+                6,
+                0..=3600,
+            )?),
+            daily_limit,
+            max_wait: Duration::from_secs(r.number("KABAR_PACING_MAX_WAIT_SECONDS", 5, 0..=60)?),
+            fallback_replicas: r.number("KABAR_PACING_REPLICAS", 2, 1..=1000)? as u32,
+        })
     }
 
     fn otp(

@@ -32,7 +32,7 @@ use tonic_health::{ServingStatus, server::HealthReporter};
 
 use crate::{
     config::Config,
-    domain::{delivery::Delivery, outbox::Outbox},
+    domain::{delivery::Delivery, outbox::Outbox, pacing::Pacer, ports::PacingStore},
     notify::Notifier,
     otp::OtpService,
     store::{MemoryStore, RedisStore, Store},
@@ -118,11 +118,21 @@ pub async fn run(
         .get(&config.otp.template)
         .cloned()
         .context("KABAR_OTP_TEMPLATE is not in the template registry")?;
+    let pacer = Arc::new(Pacer::new(
+        config.pacing.clone(),
+        driver.number().to_owned(),
+        Arc::new(store.clone()),
+        // Pacing alone while Redis is unreachable: this process's share of the limits.
+        store
+            .is_redis()
+            .then(|| Arc::new(Store::Memory(MemoryStore::default())) as Arc<dyn PacingStore>),
+    ));
     let outbox = Arc::new(Outbox::new(
         driver.clone(),
         config.whatsapp_enabled,
         Arc::new(store.clone()),
         Arc::new(store.clone()),
+        pacer.clone(),
         config.message_retention,
     ));
     let otp = Arc::new(OtpService::new(
@@ -134,6 +144,7 @@ pub async fn run(
     let notifier = Arc::new(Notifier::new(config.templates.clone(), outbox.clone()));
     let delivery = Arc::new(Delivery::new(
         Arc::new(store.clone()),
+        pacer.clone(),
         config.message_retention,
     ));
 
@@ -144,7 +155,9 @@ pub async fn run(
         store_reachable: true.into(),
         store_kind: if store.is_redis() { "redis" } else { "memory" },
         driver: driver.name(),
+        pacer: pacer.clone(),
     });
+    let upkeep = tokio::spawn(pacer.clone().upkeep(driver.clone(), shutdown.clone()));
 
     let (reporter, health_service) = tonic_health::server::health_reporter();
     reporter
@@ -367,6 +380,7 @@ pub async fn run(
         }
     };
     monitor.abort();
+    upkeep.abort();
     tracing::info!("kabar stopped");
     result
 }

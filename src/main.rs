@@ -125,11 +125,19 @@ async fn send_test(
     let driver = Driver::from_config(&config).map_err(anyhow::Error::msg)?;
     // One message, no replicas: its record can live in this process and go with it.
     let store = Arc::new(Store::Memory(MemoryStore::default()));
+    // One message paces against nothing but itself.
+    let pacer = Arc::new(kabar::domain::pacing::Pacer::new(
+        config.pacing.clone(),
+        driver.number().to_owned(),
+        store.clone(),
+        None,
+    ));
     let outbox = Arc::new(Outbox::new(
         driver,
         config.whatsapp_enabled,
         store.clone(),
         store,
+        pacer,
         config.message_retention,
     ));
     let notifier = Notifier::new(config.templates.clone(), outbox);

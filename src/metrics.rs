@@ -262,3 +262,63 @@ fn code_name(code: usize) -> &'static str {
     ];
     NAMES[code.min(CODES - 1)]
 }
+
+/// The pacing metrics: the rate in force and achieved, waits, refusals by reason, Meta's
+/// throttling answers, and the daily recipients against the limit.
+pub fn render_pacing(p: &crate::domain::pacing::PacingSnapshot) -> String {
+    let mut out = String::with_capacity(2048);
+    let mut gauge = |name: &str, help: &str, value: String| {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}");
+    };
+    gauge(
+        "kabar_pacing_limit_mps",
+        "Messages per second this process paces at now (its share while Redis is unreachable).",
+        p.effective_mps.to_string(),
+    );
+    gauge(
+        "kabar_pacing_sent_last_second",
+        "Messages this process let go to Meta in the last whole second.",
+        p.sent_last_second.to_string(),
+    );
+    gauge(
+        "kabar_pacing_shared",
+        "1 while the pacing schedule is shared through Redis, 0 while this process paces alone.",
+        u8::from(p.mode == "shared").to_string(),
+    );
+    gauge(
+        "kabar_daily_recipients",
+        "Unique recipients counted toward Meta's daily messaging limit (rolling 24 hours).",
+        p.daily_used.to_string(),
+    );
+    gauge(
+        "kabar_daily_limit",
+        "Meta's daily messaging limit in force (0: unlimited).",
+        p.daily_limit.to_string(),
+    );
+    out.push_str("# HELP kabar_pacing_admitted_total Messages let go to Meta, by priority.\n");
+    out.push_str("# TYPE kabar_pacing_admitted_total counter\n");
+    for (priority, n) in p.admitted {
+        let _ = writeln!(out, "kabar_pacing_admitted_total{{priority=\"{priority}\"}} {n}");
+    }
+    out.push_str("# HELP kabar_pacing_refusals_total Sends refused by pacing, by reason.\n");
+    out.push_str("# TYPE kabar_pacing_refusals_total counter\n");
+    for (reason, n) in p.refused {
+        let _ = writeln!(out, "kabar_pacing_refusals_total{{reason=\"{reason}\"}} {n}");
+    }
+    out.push_str(
+        "# HELP kabar_pacing_meta_throttled_total Meta's throttling answers (130429, 80007, 4) that slowed pacing down.\n",
+    );
+    out.push_str("# TYPE kabar_pacing_meta_throttled_total counter\n");
+    let _ = writeln!(out, "kabar_pacing_meta_throttled_total {}", p.throttled);
+    out.push_str("# HELP kabar_pacing_wait_seconds Time a send waited for its slot.\n");
+    out.push_str("# TYPE kabar_pacing_wait_seconds histogram\n");
+    for (upper, count) in &p.waits {
+        let _ = writeln!(out, "kabar_pacing_wait_seconds_bucket{{le=\"{upper}\"}} {count}");
+    }
+    let _ = writeln!(
+        out,
+        "kabar_pacing_wait_seconds_bucket{{le=\"+Inf\"}} {}\nkabar_pacing_wait_seconds_sum {}\nkabar_pacing_wait_seconds_count {}",
+        p.wait_count, p.wait_seconds, p.wait_count
+    );
+    out
+}

@@ -7,6 +7,7 @@ use crate::{
     domain::{
         error::{Error, Violations, echo, sanitize},
         outbox::{Accepted, Outbox, Outgoing},
+        pacing::Priority,
     },
     phone,
     templates::{self, Category, TemplateRegistry},
@@ -228,6 +229,7 @@ impl Notifier {
                 category: t.category,
                 reference: request.reference.to_owned(),
                 idempotency_key: (!key.is_empty()).then(|| key.to_owned()),
+                priority: Priority::Single,
             }),
             _ => Err(Error::InvalidArgument(violations)),
         }

@@ -8,6 +8,7 @@ use std::{sync::Arc, time::Duration};
 use super::{
     error::{Error, Violations, echo},
     outbox::category_name,
+    pacing::Pacer,
     ports::{Applied, FeedError, MessageStore},
     status::{After, Event, MessageRecord, State, StatusUpdate, StoredEvent},
 };
@@ -44,12 +45,18 @@ pub struct Ingested {
 
 pub struct Delivery {
     store: Arc<dyn MessageStore>,
+    /// Told of customers who wrote: their service window keeps them out of the daily limit.
+    pacer: Arc<Pacer>,
     retention: Duration,
 }
 
 impl Delivery {
-    pub fn new(store: Arc<dyn MessageStore>, retention: Duration) -> Self {
-        Delivery { store, retention }
+    pub fn new(store: Arc<dyn MessageStore>, pacer: Arc<Pacer>, retention: Duration) -> Self {
+        Delivery {
+            store,
+            pacer,
+            retention,
+        }
     }
 
     /// `GetMessageStatus`.
@@ -106,6 +113,14 @@ impl Delivery {
     /// forward whatever comes first, the history is kept in Meta's time order).
     pub async fn ingest(&self, items: Vec<Incoming>) -> Result<Ingested, Error> {
         use futures_util::{StreamExt, TryStreamExt};
+        let wrote: Vec<(String, u64)> = items
+            .iter()
+            .filter_map(|item| match item {
+                Incoming::Event(Event::Inbound(m)) => Some((m.phone.clone(), m.at_ms)),
+                _ => None,
+            })
+            .collect();
+        self.pacer.customers_wrote(&wrote).await;
         let outcomes: Vec<Outcome> = futures_util::stream::iter(items)
             .map(|item| self.apply(item))
             .buffer_unordered(INGEST_IN_FLIGHT)

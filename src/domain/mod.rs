@@ -4,6 +4,7 @@
 pub mod delivery;
 pub mod error;
 pub mod outbox;
+pub mod pacing;
 pub mod ports;
 pub mod reason;
 pub mod status;

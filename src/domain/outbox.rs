@@ -4,11 +4,13 @@
 //! 1. the enabled check (`WHATSAPP_ENABLED=false` refuses every send);
 //! 2. idempotency, when the caller gave a key: one call at a time per key, the first answer
 //!    replayed, a different request with the same key refused;
-//! 3. the send through the driver (Meta, or the `log` driver), with its retries;
-//! 4. the message record, written once Meta has accepted the message, so that its delivery
+//! 3. pacing: the message waits for its slot within Meta's limits (rate, priority, pair interval,
+//!    daily limit), or is refused when the slot does not fit its deadline;
+//! 4. the send through the driver (Meta, or the `log` driver), with its retries; when Meta still
+//!    answers with one of its rate limits, pacing learns from it and the message goes back to
+//!    step 3 (within the deadline and `KABAR_META_MAX_ATTEMPTS`);
+//! 5. the message record, written once Meta has accepted the message, so that its delivery
 //!    statuses from the webhook have something to attach to.
-//!
-//! Pacing (the next step of the pipeline) goes between 2 and 3.
 
 use std::{
     sync::Arc,
@@ -19,13 +21,14 @@ use serde::{Deserialize, Serialize};
 
 use super::{
     error::Error,
+    pacing::{Pacer, Priority},
     ports::{Idempotency, IdempotencyStore, MessageStore},
     status::MessageRecord,
 };
 use crate::{
     store::{idempotency_key, now_ms},
     templates::Category,
-    whatsapp::{Driver, OutboundTemplate},
+    whatsapp::{Driver, OutboundTemplate, SendError},
 };
 
 /// How long an idempotency key remembers its answer.
@@ -41,6 +44,8 @@ pub struct Outgoing {
     pub reference: String,
     /// The caller's idempotency key, already checked.
     pub idempotency_key: Option<String>,
+    /// Its place in the queue when sends must wait for Meta's limits.
+    pub priority: Priority,
 }
 
 /// Meta accepted the message.
@@ -57,6 +62,7 @@ pub struct Outbox {
     enabled: bool,
     idempotency: Arc<dyn IdempotencyStore>,
     records: Arc<dyn MessageStore>,
+    pacer: Arc<Pacer>,
     /// How long a key stays locked by a call in progress: longer than the longest send.
     idempotency_lock: Duration,
     retention: Duration,
@@ -68,6 +74,7 @@ impl Outbox {
         enabled: bool,
         idempotency: Arc<dyn IdempotencyStore>,
         records: Arc<dyn MessageStore>,
+        pacer: Arc<Pacer>,
         retention: Duration,
     ) -> Self {
         Outbox {
@@ -76,6 +83,7 @@ impl Outbox {
             enabled,
             idempotency,
             records,
+            pacer,
             retention,
         }
     }
@@ -154,9 +162,28 @@ impl Outbox {
         }
     }
 
-    /// The send itself, then the record.
+    /// Pacing and the send, then the record.
     async fn deliver(&self, out: &Outgoing, deadline: Option<Instant>) -> Result<Accepted, Error> {
-        let sent = self.driver.send(&out.message, deadline).await?;
+        let phone = out.message.to.e164();
+        self.pacer.admit(phone, out.priority, deadline).await?;
+        let mut attempt = 1;
+        let sent = loop {
+            match self.driver.send(&out.message, deadline).await {
+                Err(SendError::Meta(failure))
+                    if attempt < self.driver.max_attempts()
+                        && self.pacer.meta_refused(&failure, phone).await =>
+                {
+                    // Meta throttled despite pacing (another sender on the number, a lower
+                    // limit than configured): the slowed-down schedule decides when to retry.
+                    // When no slot fits the deadline, Meta's own answer is the more useful one.
+                    attempt += 1;
+                    if self.pacer.admit(phone, out.priority, deadline).await.is_err() {
+                        return Err(SendError::Meta(failure).into());
+                    }
+                }
+                other => break other?,
+            }
+        };
         let accepted = Accepted {
             message_id: sent.message_id,
             wa_id: sent.wa_id,
@@ -231,6 +258,7 @@ mod tests {
             category: Category::Utility,
             reference: reference.into(),
             idempotency_key: None,
+            priority: Priority::Single,
         }
     }
 

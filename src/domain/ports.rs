@@ -6,7 +6,10 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
-use super::status::{After, Event, MessageRecord, StatusUpdate, StoredEvent};
+use super::{
+    pacing::rules::{Answer, Ask},
+    status::{After, Event, MessageRecord, StatusUpdate, StoredEvent},
+};
 
 /// The store could not be reached or answered something unusable.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -179,4 +182,29 @@ pub trait MessageStore: Send + Sync {
         after: &After,
         limit: usize,
     ) -> Result<Vec<StoredEvent>, FeedError>;
+}
+
+/// The shared pacing schedule of one business number (`number`: its phone number ID), with the
+/// rules of [`super::pacing::rules`]. Time is the store's own clock.
+#[async_trait]
+pub trait PacingStore: Send + Sync {
+    /// One admission, atomically: a refusal or a wait changes nothing.
+    async fn admit(&self, number: &str, ask: &Ask<'_>) -> Result<Answer, StoreError>;
+
+    /// Meta throttled the number: back off the shared rate. Returns the new slow-down factor.
+    async fn slow_down(&self, number: &str) -> Result<u64, StoreError>;
+
+    /// Meta refused a message to `phone` for the pair rate: hold the recipient for `hold`.
+    async fn block_pair(&self, number: &str, phone: &str, hold: Duration)
+    -> Result<(), StoreError>;
+
+    /// Customers (E.164) wrote to the business at the given Unix milliseconds.
+    async fn customers_wrote(
+        &self,
+        number: &str,
+        customers: &[(String, u64)],
+    ) -> Result<(), StoreError>;
+
+    /// Recipients counted toward the daily limit now.
+    async fn daily_used(&self, number: &str) -> Result<u64, StoreError>;
 }

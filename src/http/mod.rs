@@ -65,6 +65,7 @@ pub struct HttpState {
     pub store_kind: &'static str,
     pub driver: &'static str,
     pub metrics: Arc<crate::metrics::Metrics>,
+    pub pacer: Arc<crate::domain::pacing::Pacer>,
 }
 
 pub fn router(http_state: Arc<HttpState>) -> Router {
@@ -81,7 +82,7 @@ async fn metrics(State(r): State<Arc<HttpState>>) -> impl axum::response::IntoRe
         r.metrics.render(
             r.store_reachable.load(Ordering::Relaxed),
             r.shutting_down.load(Ordering::Relaxed),
-        ),
+        ) + &crate::metrics::render_pacing(&r.pacer.snapshot()),
     )
 }
 
@@ -103,6 +104,19 @@ async fn ready(State(r): State<Arc<HttpState>>) -> (StatusCode, Json<serde_json:
             "driver": r.driver,
             "otp_store": r.store_kind,
             "otp_store_reachable": store,
+            "pacing": pacing_status(&r.pacer.snapshot()),
         })),
     )
+}
+
+/// Pacing as `/readyz` shows it: where the schedule lives and the limits in force.
+fn pacing_status(p: &crate::domain::pacing::PacingSnapshot) -> serde_json::Value {
+    json!({
+        "mode": p.mode,
+        "max_mps": p.max_mps,
+        "effective_mps": p.effective_mps,
+        "daily_limit": if p.daily_limit == 0 { json!("unlimited") } else { json!(p.daily_limit) },
+        "daily_limit_source": p.daily_limit_source,
+        "daily_recipients": p.daily_used,
+    })
 }

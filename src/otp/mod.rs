@@ -31,6 +31,7 @@ use crate::{
     domain::{
         error::{Error, Violations},
         outbox::{Outbox, Outgoing},
+        pacing::Priority,
         reason::Reason,
     },
     phone::{self, Phone},
@@ -282,6 +283,7 @@ impl OtpService {
             category: Category::Authentication,
             reference: String::new(),
             idempotency_key: None,
+            priority: Priority::Otp,
         };
         match self.outbox.send(&outgoing, deadline).await {
             Ok(delivered) => Ok(OtpSent {

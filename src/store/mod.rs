@@ -43,6 +43,21 @@ pub(crate) fn seen_key(dedupe_key: &str) -> String {
 pub(crate) fn idempotency_key(key: &str) -> String {
     format!("kabar:idem:{{{key}}}")
 }
+/// The pacing keys of one business number (its phone number ID), all in one Cluster slot: the
+/// schedule, one key per recipient's pair interval, the recipients counted toward the daily
+/// limit, and the customers inside their service window.
+pub(crate) fn pace_rate_key(number: &str) -> String {
+    format!("kabar:pace:{{{number}}}:rate")
+}
+pub(crate) fn pace_pair_key(number: &str, phone: &str) -> String {
+    format!("kabar:pace:{{{number}}}:pair:{phone}")
+}
+pub(crate) fn pace_daily_key(number: &str) -> String {
+    format!("kabar:pace:{{{number}}}:daily")
+}
+pub(crate) fn pace_inbound_key(number: &str) -> String {
+    format!("kabar:pace:{{{number}}}:inbound")
+}
 
 /// Wall-clock milliseconds since the Unix epoch: the time base of windows, cooldowns and expiry.
 pub fn now_ms() -> u64 {
@@ -196,5 +211,56 @@ impl crate::domain::ports::OtpStore for Store {
 
     async fn verify(&self, key: &str, hash: &CodeHash) -> Result<Verdict, StoreError> {
         dispatch!(self, s => s.verify(key, hash).await)
+    }
+}
+
+#[async_trait::async_trait]
+impl crate::domain::ports::PacingStore for Store {
+    async fn admit(
+        &self,
+        number: &str,
+        ask: &crate::domain::pacing::rules::Ask<'_>,
+    ) -> Result<crate::domain::pacing::rules::Answer, StoreError> {
+        match self {
+            Store::Redis(s) => s.pace_admit(number, ask).await,
+            Store::Memory(s) => s.pacing().admit(number, ask),
+        }
+    }
+
+    async fn slow_down(&self, number: &str) -> Result<u64, StoreError> {
+        match self {
+            Store::Redis(s) => s.pace_slow_down(number).await,
+            Store::Memory(s) => s.pacing().slow_down(number),
+        }
+    }
+
+    async fn block_pair(
+        &self,
+        number: &str,
+        phone: &str,
+        hold: Duration,
+    ) -> Result<(), StoreError> {
+        match self {
+            Store::Redis(s) => s.pace_block_pair(number, phone, hold).await,
+            Store::Memory(s) => s.pacing().block_pair(number, phone, hold),
+        }
+    }
+
+    async fn customers_wrote(
+        &self,
+        number: &str,
+        customers: &[(String, u64)],
+    ) -> Result<(), StoreError> {
+        match self {
+            Store::Redis(s) => s.pace_customers_wrote(number, customers).await,
+            Store::Memory(s) => s.pacing().customers_wrote(number, customers),
+        }
+    }
+
+    async fn daily_used(&self, number: &str) -> Result<u64, StoreError> {
+        match self {
+            Store::Redis(s) => s.pace_daily_used(number).await,
+            Store::Memory(s) => s.pacing().daily_used(number),
+        }
     }
 }

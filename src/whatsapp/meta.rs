@@ -14,7 +14,7 @@ pub use crate::config::MetaSettings;
 
 use super::{
     OutboundTemplate, SendError, Sent,
-    classify::{MetaErrorBody, SendContext, classify},
+    classify::{MetaErrorBody, MetaErrorKind, SendContext, classify},
 };
 
 #[derive(Clone)]
@@ -25,6 +25,9 @@ pub struct MetaClient {
 struct Inner {
     http: reqwest::Client,
     messages_url: String,
+    /// The phone number's node, for reading its state.
+    number_url: String,
+    phone_number_id: String,
     authorization: HeaderValue,
     request_timeout: Duration,
     max_attempts: u32,
@@ -77,16 +80,19 @@ impl MetaClient {
             HeaderValue::from_str(&format!("Bearer {}", settings.access_token.expose_secret()))
                 .map_err(|_| "WHATSAPP_API_KEY contains characters not allowed in a header")?;
         authorization.set_sensitive(true);
-        let messages_url = format!(
-            "{}/{}/{}/messages",
+        let number_url = format!(
+            "{}/{}/{}",
             settings.graph_api_url.trim_end_matches('/'),
             settings.graph_api_version,
             settings.phone_number_id
         );
+        let messages_url = format!("{number_url}/messages");
         Ok(MetaClient {
             inner: Arc::new(Inner {
                 http,
                 messages_url,
+                number_url,
+                phone_number_id: settings.phone_number_id.clone(),
                 authorization,
                 request_timeout: settings.request_timeout,
                 max_attempts: settings.max_attempts.max(1),
@@ -104,9 +110,56 @@ impl MetaClient {
             + inner.retry_base * (1 << inner.max_attempts.min(16))
     }
 
+    /// The number's messaging limit as Meta spells it (`TIER_250`, ..., `TIER_UNLIMITED`), from
+    /// the field `whatsapp_business_manager_messaging_limit`.
+    pub async fn messaging_limit(&self) -> Result<String, SendError> {
+        #[derive(Deserialize)]
+        struct Number {
+            whatsapp_business_manager_messaging_limit: Option<String>,
+        }
+        let inner = &*self.inner;
+        let response = inner
+            .http
+            .get(&inner.number_url)
+            .query(&[("fields", "whatsapp_business_manager_messaging_limit")])
+            .header(AUTHORIZATION, inner.authorization.clone())
+            .send()
+            .await
+            .map_err(|e| SendError::Unreachable(e.to_string()))?;
+        let status = response.status().as_u16();
+        let bytes = read_bounded(response, None).await?;
+        if !(200..300).contains(&status) {
+            let parsed = serde_json::from_slice::<MetaErrorBody>(&bytes).ok();
+            let ctx = SendContext {
+                template: "",
+                language: "",
+            };
+            return Err(SendError::Meta(classify(
+                status,
+                parsed.as_ref().map(|b| &b.error),
+                &ctx,
+            )));
+        }
+        serde_json::from_slice::<Number>(&bytes)
+            .ok()
+            .and_then(|n| n.whatsapp_business_manager_messaging_limit)
+            .ok_or_else(|| {
+                SendError::Uncertain("Meta's answer has no messaging limit field".into())
+            })
+    }
+
+    pub fn phone_number_id(&self) -> &str {
+        &self.inner.phone_number_id
+    }
+
+    pub fn max_attempts(&self) -> u32 {
+        self.inner.max_attempts
+    }
+
     /// Sends a template message. Retries only failures Meta calls temporary and connections that
     /// failed before the request was sent: a request that timed out after being sent may have
-    /// been delivered, and a second copy would cost the ISP and confuse the customer.
+    /// been delivered, and a second copy would cost the ISP and confuse the customer. Meta's
+    /// rate limits are not retried here: they go back to pacing, which slows every replica down.
     pub async fn send(
         &self,
         message: &OutboundTemplate,
@@ -162,7 +215,7 @@ impl MetaClient {
                     }
                     let parsed = serde_json::from_slice::<MetaErrorBody>(&bytes).ok();
                     let failure = classify(status, parsed.as_ref().map(|b| &b.error), &ctx);
-                    if !failure.retryable {
+                    if !failure.retryable || failure.kind == MetaErrorKind::RateLimited {
                         return Err(SendError::Meta(failure));
                     }
                     SendError::Meta(failure)

@@ -198,6 +198,31 @@ impl Driver {
         }
     }
 
+    /// The number's messaging limit tier from Meta; `None` for the `log` driver.
+    pub async fn messaging_limit(&self) -> Option<Result<String, SendError>> {
+        match self {
+            Driver::Meta(client) => Some(client.messaging_limit().await),
+            Driver::Log => None,
+        }
+    }
+
+    /// The business number whose limits apply: its phone number ID (`log` for the `log`
+    /// driver).
+    pub fn number(&self) -> &str {
+        match self {
+            Driver::Meta(client) => client.phone_number_id(),
+            Driver::Log => "log",
+        }
+    }
+
+    /// Attempts at one message, the first included (`KABAR_META_MAX_ATTEMPTS`).
+    pub fn max_attempts(&self) -> u32 {
+        match self {
+            Driver::Meta(client) => client.max_attempts(),
+            Driver::Log => 1,
+        }
+    }
+
     pub fn name(&self) -> &'static str {
         match self {
             Driver::Meta(_) => "meta",

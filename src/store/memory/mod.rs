@@ -10,6 +10,7 @@ use std::{
 use super::{CodeHash, Gate, Idempotency, StoreError, Verdict, now_ms};
 
 mod messages;
+mod pacing;
 
 enum Value {
     Limits {
@@ -43,9 +44,15 @@ struct Entry {
 pub struct MemoryStore {
     entries: Arc<Mutex<HashMap<String, Entry>>>,
     messages: Arc<Mutex<messages::Messages>>,
+    pacing: Arc<pacing::Schedules>,
 }
 
 impl MemoryStore {
+    /// The pacing schedules of this process.
+    pub(crate) fn pacing(&self) -> &pacing::Schedules {
+        &self.pacing
+    }
+
     fn lock(&self) -> MutexGuard<'_, HashMap<String, Entry>> {
         // A panic while holding the lock cannot leave an entry half-written (each update is one
         // insert), so the data is still consistent.

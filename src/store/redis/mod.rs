@@ -7,6 +7,7 @@ use std::{sync::Arc, time::Duration};
 use ::redis::{AsyncCommands, Script, aio::ConnectionManager};
 
 mod messages;
+mod pacing;
 
 use super::{CodeHash, Gate, HASH_LEN, Idempotency, StoreError, Verdict};
 
@@ -123,6 +124,7 @@ pub struct RedisStore {
     connection: ConnectionManager,
     scripts: Arc<Scripts>,
     message_scripts: Arc<messages::Scripts>,
+    pacing_scripts: Arc<pacing::Scripts>,
     timeout: Duration,
 }
 
@@ -151,6 +153,7 @@ impl RedisStore {
                 idempotency_abort: Script::new(IDEMPOTENCY_ABORT),
             }),
             message_scripts: Arc::new(messages::Scripts::new()),
+            pacing_scripts: Arc::new(pacing::Scripts::new()),
             timeout,
         })
     }
