@@ -113,6 +113,7 @@ start_kabar() { # meta address, log file
         REDIS_URL="unix://$work/redis.sock" KABAR_OTP_SECRET="bench-secret-0123456789abcdef-0123456789" \
         KABAR_OTP_RESEND_SECONDS=0 KABAR_OTP_MAX_SENDS_PER_HOUR=1000 KABAR_OTP_MAX_ATTEMPTS=20 \
         KABAR_OTP_DAILY_LIMIT=10000000 \
+        KABAR_META_MAX_MPS=100000 KABAR_PAIR_INTERVAL_SECONDS=0 KABAR_META_DAILY_LIMIT=unlimited \
         KABAR_LOG_FORMAT=json KABAR_SHUTDOWN_GRACE_SECONDS=2 \
         "$kabar" serve 2>"$2" &
     kabar_pid=$!

@@ -655,6 +655,30 @@ async fn redis_holds_only_keyed_hashes_with_bounded_ttls() {
                     "{key_text} holds a code"
                 );
             }
+        } else if key_text.starts_with("kabar:pace:{") {
+            // Pacing keys: the schedule (times), the recipients counted toward the daily limit
+            // (phone numbers scored by time), a recipient's pair interval (a time).
+            assert!(ttl <= 86_400_000 * 2, "{key_text}: TTL {ttl} ms");
+            let values: Vec<String> = match kind.as_str() {
+                "hash" => redis::cmd("HVALS")
+                    .arg(key)
+                    .query_async(&mut con)
+                    .await
+                    .unwrap(),
+                "zset" => redis::cmd("ZRANGE")
+                    .arg(key)
+                    .arg(0)
+                    .arg(-1)
+                    .query_async(&mut con)
+                    .await
+                    .unwrap(),
+                other => panic!("unexpected type {other} for {key_text}"),
+            };
+            for v in values {
+                let number = v.strip_prefix('+').unwrap_or(&v);
+                // A time, or a recipient's number: nothing else.
+                assert!(number.parse::<u64>().is_ok(), "{key_text}: {v:?}");
+            }
         } else {
             // Rate-limit keys: counters and times only, in known fields.
             assert!(

@@ -71,6 +71,9 @@ impl Kabar {
             "KABAR_HTTP_ADDR".into(),
             format!("127.0.0.1:{}", free_port()),
         );
+        for (k, v) in crate::support::PACING_OUT_OF_THE_WAY {
+            env.insert(k.to_owned(), v.to_owned());
+        }
         for (k, v) in vars {
             env.insert((*k).to_owned(), (*v).to_owned());
         }

@@ -310,6 +310,13 @@ async fn meta_handler(
         .into_response()
 }
 
+/// Pacing settings that never hold up a test that is not about pacing.
+pub const PACING_OUT_OF_THE_WAY: [(&str, &str); 3] = [
+    ("KABAR_META_MAX_MPS", "100000"),
+    ("KABAR_PAIR_INTERVAL_SECONDS", "0"),
+    ("KABAR_META_DAILY_LIMIT", "unlimited"),
+];
+
 /// The whole kabar app, in-process, with gRPC clients connected to it.
 pub struct TestApp {
     pub http_addr: SocketAddr,
@@ -360,6 +367,10 @@ impl TestApp {
         map.insert("KABAR_HTTP_ADDR".into(), "127.0.0.1:0".into());
         map.insert("KABAR_WEBHOOK_ADDR".into(), "127.0.0.1:0".into());
         map.insert("KABAR_SHUTDOWN_GRACE_SECONDS".into(), "5".into());
+        // Pacing far above what a test sends, unless the test is about pacing.
+        for (k, v) in PACING_OUT_OF_THE_WAY {
+            map.insert(k.into(), v.into());
+        }
         for (k, v) in vars {
             map.insert(k, v);
         }

@@ -362,7 +362,8 @@ impl Pacer {
                 );
                 true
             }
-            131056 => {
+            // With the pair interval switched off (0), so is learning it from Meta.
+            131056 if !self.config.pair_interval.is_zero() => {
                 let hold = failure
                     .retry_after
                     .unwrap_or_default()
