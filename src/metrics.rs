@@ -268,7 +268,10 @@ fn code_name(code: usize) -> &'static str {
 pub fn render_pacing(p: &crate::domain::pacing::PacingSnapshot) -> String {
     let mut out = String::with_capacity(2048);
     let mut gauge = |name: &str, help: &str, value: String| {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}");
+        let _ = writeln!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}"
+        );
     };
     gauge(
         "kabar_pacing_limit_mps",
@@ -298,12 +301,18 @@ pub fn render_pacing(p: &crate::domain::pacing::PacingSnapshot) -> String {
     out.push_str("# HELP kabar_pacing_admitted_total Messages let go to Meta, by priority.\n");
     out.push_str("# TYPE kabar_pacing_admitted_total counter\n");
     for (priority, n) in p.admitted {
-        let _ = writeln!(out, "kabar_pacing_admitted_total{{priority=\"{priority}\"}} {n}");
+        let _ = writeln!(
+            out,
+            "kabar_pacing_admitted_total{{priority=\"{priority}\"}} {n}"
+        );
     }
     out.push_str("# HELP kabar_pacing_refusals_total Sends refused by pacing, by reason.\n");
     out.push_str("# TYPE kabar_pacing_refusals_total counter\n");
     for (reason, n) in p.refused {
-        let _ = writeln!(out, "kabar_pacing_refusals_total{{reason=\"{reason}\"}} {n}");
+        let _ = writeln!(
+            out,
+            "kabar_pacing_refusals_total{{reason=\"{reason}\"}} {n}"
+        );
     }
     out.push_str(
         "# HELP kabar_pacing_meta_throttled_total Meta's throttling answers (130429, 80007, 4) that slowed pacing down.\n",
@@ -313,7 +322,10 @@ pub fn render_pacing(p: &crate::domain::pacing::PacingSnapshot) -> String {
     out.push_str("# HELP kabar_pacing_wait_seconds Time a send waited for its slot.\n");
     out.push_str("# TYPE kabar_pacing_wait_seconds histogram\n");
     for (upper, count) in &p.waits {
-        let _ = writeln!(out, "kabar_pacing_wait_seconds_bucket{{le=\"{upper}\"}} {count}");
+        let _ = writeln!(
+            out,
+            "kabar_pacing_wait_seconds_bucket{{le=\"{upper}\"}} {count}"
+        );
     }
     let _ = writeln!(
         out,

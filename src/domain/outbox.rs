@@ -177,7 +177,12 @@ impl Outbox {
                     // limit than configured): the slowed-down schedule decides when to retry.
                     // When no slot fits the deadline, Meta's own answer is the more useful one.
                     attempt += 1;
-                    if self.pacer.admit(phone, out.priority, deadline).await.is_err() {
+                    if self
+                        .pacer
+                        .admit(phone, out.priority, deadline)
+                        .await
+                        .is_err()
+                    {
                         return Err(SendError::Meta(failure).into());
                     }
                 }

@@ -58,6 +58,41 @@ fn each_problem_names_its_variable() {
             "meta or log",
         ),
         (
+            vec![("KABAR_META_MAX_MPS", "0")],
+            "KABAR_META_MAX_MPS",
+            "from 1 to 100000",
+        ),
+        (
+            vec![("KABAR_META_MAX_MPS", "80/s")],
+            "KABAR_META_MAX_MPS",
+            "whole number",
+        ),
+        (
+            vec![("KABAR_PAIR_INTERVAL_SECONDS", "-1")],
+            "KABAR_PAIR_INTERVAL_SECONDS",
+            "from 0 to 3600",
+        ),
+        (
+            vec![("KABAR_META_DAILY_LIMIT", "0")],
+            "KABAR_META_DAILY_LIMIT",
+            "unlimited",
+        ),
+        (
+            vec![("KABAR_META_DAILY_LIMIT", "TIER_2K")],
+            "KABAR_META_DAILY_LIMIT",
+            "unset to read it from Meta",
+        ),
+        (
+            vec![("KABAR_PACING_REPLICAS", "0")],
+            "KABAR_PACING_REPLICAS",
+            "from 1 to 1000",
+        ),
+        (
+            vec![("KABAR_PACING_MAX_WAIT_SECONDS", "600")],
+            "KABAR_PACING_MAX_WAIT_SECONDS",
+            "from 0 to 60",
+        ),
+        (
             vec![("WHATSAPP_ENABLED", "maybe")],
             "WHATSAPP_ENABLED",
             "true or false",

@@ -18,7 +18,7 @@ use crate::{
     support::{FakeMeta, RedisServer, TestApp, error_info, meta_vars, store_vars, vars},
 };
 
-const APP_SECRET: &str = "webhook-test-app-secret";
+pub const APP_SECRET: &str = "webhook-test-app-secret";
 const VERIFY_TOKEN: &str = "verify-me-please";
 
 async fn start(redis: Option<&RedisServer>) -> (FakeMeta, TestApp) {
@@ -38,7 +38,7 @@ fn sign(body: &[u8]) -> String {
     format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
 }
 
-fn sample(name: &str) -> Value {
+pub fn sample(name: &str) -> Value {
     let path = format!(
         "{}/tests/fixtures/webhook/{name}",
         env!("CARGO_MANIFEST_DIR")
@@ -78,7 +78,7 @@ async fn post(app: &TestApp, body: &[u8], signature: Option<&str>) -> u16 {
     request.send().await.unwrap().status().as_u16()
 }
 
-async fn post_signed(app: &TestApp, body: &Value) -> u16 {
+pub async fn post_signed(app: &TestApp, body: &Value) -> u16 {
     let bytes = serde_json::to_vec(body).unwrap();
     post(app, &bytes, Some(&sign(&bytes))).await
 }

@@ -25,6 +25,7 @@ mod delivery;
 mod hardening;
 mod meta_errors;
 mod otp;
+mod pacing;
 mod phone;
 mod process;
 mod promises_config;

@@ -190,6 +190,13 @@ struct MetaState {
     replies: VecDeque<Reply>,
     delay: Duration,
     next_id: u64,
+    /// Messages accepted per sliding second, as Meta's throughput limit: beyond it, 130429.
+    cap: Option<usize>,
+    /// Arrival times of the messages accepted under the cap, and the count of refused ones.
+    accepted_at: Vec<Instant>,
+    throttled: usize,
+    /// The number's `whatsapp_business_manager_messaging_limit` (e.g. `TIER_2K`).
+    messaging_limit: Option<String>,
 }
 
 /// A local HTTP server standing in for `graph.facebook.com`. It records every request and answers
@@ -212,7 +219,7 @@ impl FakeMeta {
     pub async fn start_on(addr: SocketAddr) -> Self {
         let state = Arc::new(Mutex::new(MetaState::default()));
         let app = Router::new()
-            .route("/{*path}", post(meta_handler))
+            .route("/{*path}", post(meta_handler).get(number_handler))
             .with_state(state.clone());
         let listener = TcpListener::bind(addr).await.expect("bind");
         let addr = listener.local_addr().expect("addr");
@@ -242,6 +249,62 @@ impl FakeMeta {
     pub fn count(&self) -> usize {
         self.state.lock().unwrap().received.len()
     }
+
+    /// Refuses messages like Meta beyond `per_second` in any sliding second (130429).
+    pub fn set_cap(&self, per_second: usize) {
+        self.state.lock().unwrap().cap = Some(per_second);
+    }
+
+    /// When each message accepted under the cap arrived.
+    pub fn accepted_at(&self) -> Vec<Instant> {
+        self.state.lock().unwrap().accepted_at.clone()
+    }
+
+    /// Messages refused with 130429 for the cap.
+    pub fn throttled(&self) -> usize {
+        self.state.lock().unwrap().throttled
+    }
+
+    /// The messaging limit the phone number reports (`GET /{version}/{phone-number-id}`).
+    pub fn set_messaging_limit(&self, tier: &str) {
+        self.state.lock().unwrap().messaging_limit = Some(tier.to_owned());
+    }
+}
+
+/// The most arrivals in any window of `window` (sliding over the arrival times).
+pub fn busiest_window(times: &[Instant], window: Duration) -> usize {
+    let mut sorted = times.to_vec();
+    sorted.sort_unstable();
+    let mut best = 0;
+    let mut start = 0;
+    for end in 0..sorted.len() {
+        while sorted[end].duration_since(sorted[start]) >= window {
+            start += 1;
+        }
+        best = best.max(end - start + 1);
+    }
+    best
+}
+
+/// `GET /{version}/{phone-number-id}?fields=...`: the number's state.
+async fn number_handler(State(state): State<Arc<Mutex<MetaState>>>) -> impl IntoResponse {
+    let limit = state.lock().unwrap().messaging_limit.clone();
+    match limit {
+        Some(tier) => (
+            StatusCode::OK,
+            [("content-type", "application/json")],
+            serde_json::json!({
+                "whatsapp_business_manager_messaging_limit": tier,
+                "id": PHONE_NUMBER_ID
+            })
+            .to_string(),
+        ),
+        None => (
+            StatusCode::BAD_REQUEST,
+            [("content-type", "application/json")],
+            meta_error_body(100, "Tried accessing nonexisting field").to_string(),
+        ),
+    }
 }
 
 async fn meta_handler(
@@ -269,14 +332,31 @@ async fn meta_handler(
         });
         s.next_id += 1;
         let delay = s.delay;
-        (
+        let now = Instant::now();
+        let over_cap = s.cap.is_some_and(|cap| {
+            s.accepted_at
+                .iter()
+                .rev()
+                .take_while(|t| now.duration_since(**t) < Duration::from_secs(1))
+                .count()
+                >= cap
+        });
+        let reply = if over_cap {
+            s.throttled += 1;
+            Reply::error(
+                429,
+                130429,
+                "Cloud API message throughput has been reached.",
+            )
+        } else {
+            s.accepted_at.push(now);
             s.replies.pop_front().unwrap_or(Reply {
                 status: 200,
                 body: serde_json::Value::Null,
                 delay,
-            }),
-            s.next_id,
-        )
+            })
+        };
+        (reply, s.next_id)
     };
     if !reply.delay.is_zero() {
         tokio::time::sleep(reply.delay).await;

@@ -63,6 +63,11 @@ impl Priority {
 /// would leave the request to Meta no time to be answered.
 const SEND_MARGIN: Duration = Duration::from_millis(200);
 
+/// The share of `KABAR_META_MAX_MPS` that pacing fills. Slots are spaced exactly, but messages
+/// reach Meta a few milliseconds early or late (scheduling, connections, the network): at the
+/// full rate, one late message and one on time could put one more than the cap into some second.
+pub const HEADROOM: f64 = 0.98;
+
 /// How often a process pacing alone (the store unreachable) tries the shared schedule again.
 const SHARED_RETRY: Duration = Duration::from_secs(1);
 
@@ -181,7 +186,8 @@ pub struct Pacer {
     warned: AtomicU8,
     /// Per priority: one caller polls the schedule at a time; the others queue here.
     turns: [tokio::sync::Mutex<()>; 3],
-    queued: [AtomicUsize; 3],
+    /// Per priority: callers of this process waiting for a slot beyond their horizon.
+    waiting: [AtomicUsize; 3],
     stats: Stats,
 }
 
@@ -207,7 +213,7 @@ impl Pacer {
             limit_source: AtomicU8::new(source as u8),
             warned: AtomicU8::new(0),
             turns: Default::default(),
-            queued: Default::default(),
+            waiting: Default::default(),
             stats: Stats::default(),
         }
     }
@@ -294,13 +300,22 @@ impl Pacer {
             .checked_sub(SEND_MARGIN)
             .unwrap_or(start);
         let p = priority as usize;
-        let mut turn = None;
-        if self.queued[p].load(Ordering::Relaxed) > 0 {
-            turn = Some(self.wait_turn(priority, end).await?);
-        }
+        let mut turn: Option<Waiting<'_>> = None;
         loop {
-            let budget = end.saturating_duration_since(Instant::now());
-            let horizon = priority.horizon().min(budget);
+            let mut budget = end.saturating_duration_since(Instant::now());
+            let mut horizon = priority.horizon().min(budget);
+            let mut ahead = Duration::ZERO;
+            if turn.is_none() {
+                let waiting = self.waiting[p].load(Ordering::Relaxed);
+                if waiting > 0 {
+                    // Others of this priority wait here for slots: a newcomer only takes a slot
+                    // free now, and is refused at once when its slot, behind theirs, cannot
+                    // fit its deadline.
+                    horizon = Duration::ZERO;
+                    ahead = self.interval() * waiting as u32;
+                    budget = budget.saturating_sub(ahead);
+                }
+            }
             match self.ask(phone, horizon, budget).await? {
                 Answer::Admitted {
                     wait_us,
@@ -323,23 +338,33 @@ impl Pacer {
                     tokio::time::sleep(Duration::from_micros(wait_us)).await;
                 }
                 Answer::Refused { limit, retry_us } => {
-                    return Err(self.refuse(limit, Duration::from_micros(retry_us)));
+                    let retry = Duration::from_micros(retry_us);
+                    return Err(self.refuse(
+                        limit,
+                        if limit == Limit::Rate {
+                            retry + ahead
+                        } else {
+                            retry
+                        },
+                    ));
                 }
             }
         }
     }
 
-    /// Waits for this process's turn to poll the schedule at `priority`, until `end`.
-    async fn wait_turn(
-        &self,
-        priority: Priority,
-        end: Instant,
-    ) -> Result<tokio::sync::MutexGuard<'_, ()>, Error> {
+    /// Waits for this process's turn to poll the schedule at `priority`, until `end`. The
+    /// caller counts as waiting until the turn is dropped.
+    async fn wait_turn(&self, priority: Priority, end: Instant) -> Result<Waiting<'_>, Error> {
         let p = priority as usize;
-        self.queued[p].fetch_add(1, Ordering::Relaxed);
-        let turn = tokio::time::timeout_at(end.into(), self.turns[p].lock()).await;
-        self.queued[p].fetch_sub(1, Ordering::Relaxed);
-        turn.map_err(|_| self.refuse(Limit::Rate, self.interval() * 2))
+        self.waiting[p].fetch_add(1, Ordering::Relaxed);
+        let counted = Counted(&self.waiting[p]);
+        match tokio::time::timeout_at(end.into(), self.turns[p].lock()).await {
+            Ok(guard) => Ok(Waiting {
+                _guard: guard,
+                _counted: counted,
+            }),
+            Err(_) => Err(self.refuse(Limit::Rate, self.interval() * 2)),
+        }
     }
 
     /// Meta refused a send for one of its rate limits: learn from it. Returns whether the send
@@ -392,14 +417,15 @@ impl Pacer {
         }
     }
 
+    /// Time between two slots: the configured rate less [`HEADROOM`].
     fn interval(&self) -> Duration {
-        Duration::from_secs_f64(1.0 / f64::from(self.config.max_mps.max(1)))
+        Duration::from_secs_f64(1.0 / (f64::from(self.config.max_mps.max(1)) * HEADROOM))
     }
 
     fn ask_for<'a>(&self, phone: &'a str, horizon: Duration, budget: Duration) -> Ask<'a> {
         Ask {
             phone,
-            interval_us: (1_000_000 / u64::from(self.config.max_mps.max(1))).max(1),
+            interval_us: (self.interval().as_micros() as u64).max(1),
             horizon_us: horizon.as_micros().min(u128::from(u64::MAX)) as u64,
             budget_us: budget.as_micros() as u64,
             pair_us: self.config.pair_interval.as_micros() as u64,
@@ -465,7 +491,8 @@ impl Pacer {
         *self
             .alone_until
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(Instant::now() + SHARED_RETRY);
+            .unwrap_or_else(std::sync::PoisonError::into_inner) =
+            Some(Instant::now() + SHARED_RETRY);
         if !self.alone.swap(true, Ordering::Relaxed) {
             tracing::warn!(
                 error,
@@ -679,8 +706,31 @@ mod tests {
         assert_eq!(parse_tier("TIER_2K"), Some(2_000));
         assert_eq!(parse_tier("TIER_100K"), Some(100_000));
         assert_eq!(parse_tier("TIER_UNLIMITED"), Some(0));
-        for bad in ["", "TIER_", "TIER_K", "TIER_0", "250", "TIER_-5", "TIER_9999999K"] {
+        for bad in [
+            "",
+            "TIER_",
+            "TIER_K",
+            "TIER_0",
+            "250",
+            "TIER_-5",
+            "TIER_9999999K",
+        ] {
             assert_eq!(parse_tier(bad), None, "{bad}");
         }
     }
+}
+
+/// One caller counted as waiting; uncounted when dropped.
+struct Counted<'a>(&'a AtomicUsize);
+
+impl Drop for Counted<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A caller's turn to poll the schedule for its priority.
+struct Waiting<'a> {
+    _guard: tokio::sync::MutexGuard<'a, ()>,
+    _counted: Counted<'a>,
 }

@@ -306,7 +306,13 @@ mod tests {
             Answer::PairWait { wait_us: 4_000_000 }
         );
         // Another recipient is not held up.
-        admitted_wait(s.admit(T0 + 1_000_000, &Ask { pair_us: 6_000_000, ..ask("+628121") }));
+        admitted_wait(s.admit(
+            T0 + 1_000_000,
+            &Ask {
+                pair_us: 6_000_000,
+                ..ask("+628121")
+            },
+        ));
         assert_eq!(admitted_wait(s.admit(T0 + 6_000_000, &pair)), 0);
     }
 
@@ -376,7 +382,10 @@ mod tests {
         assert_eq!(s.slow_down(T0 + 2), 8);
         assert_eq!(s.slow_down(T0 + 3), 8);
         // The pause, then slots eight intervals apart.
-        assert_eq!(admitted_wait(s.admit(T0 + 3, &ask("+628120"))), BACKOFF_PAUSE_US);
+        assert_eq!(
+            admitted_wait(s.admit(T0 + 3, &ask("+628120"))),
+            BACKOFF_PAUSE_US
+        );
         assert_eq!(
             admitted_wait(s.admit(T0 + 3, &ask("+628121"))),
             BACKOFF_PAUSE_US + 8 * 12_500

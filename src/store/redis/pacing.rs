@@ -9,7 +9,9 @@ use redis::Script;
 use super::RedisStore;
 use crate::{
     domain::{
-        pacing::rules::{Answer, Ask, BACKOFF_PAUSE_US, BACKOFF_WINDOW_US, DAY_US, Limit, MAX_BACKOFF},
+        pacing::rules::{
+            Answer, Ask, BACKOFF_PAUSE_US, BACKOFF_WINDOW_US, DAY_US, Limit, MAX_BACKOFF,
+        },
         ports::StoreError,
     },
     store::{pace_daily_key, pace_inbound_key, pace_pair_key, pace_rate_key},
@@ -60,13 +62,11 @@ local pair = tonumber(ARGV[5])
 if pair > 0 then
   redis.call('SET', KEYS[2], f(slot + pair), 'PX', f(math.ceil((slot + pair - now) / 1000) + 1))
 end
-local used = 0
 if counts then
   redis.call('ZADD', KEYS[3], f(now), phone)
   redis.call('PEXPIRE', KEYS[3], f(day / 1000 + 60000))
-  used = redis.call('ZCARD', KEYS[3])
 end
-return {0, f(wait), used}
+return {0, f(wait), redis.call('ZCARD', KEYS[3])}
 "#;
 
 /// KEYS: schedule. ARGV: backoff window, pause, largest factor. Returns the new factor.
