@@ -696,6 +696,21 @@ impl Op<'_> {
     }
 }
 
+/// One caller counted as waiting; uncounted when dropped.
+struct Counted<'a>(&'a AtomicUsize);
+
+impl Drop for Counted<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A caller's turn to poll the schedule for its priority.
+struct Waiting<'a> {
+    _guard: tokio::sync::MutexGuard<'a, ()>,
+    _counted: Counted<'a>,
+}
+
 #[cfg(test)]
 mod tests {
     use super::parse_tier;
@@ -718,19 +733,4 @@ mod tests {
             assert_eq!(parse_tier(bad), None, "{bad}");
         }
     }
-}
-
-/// One caller counted as waiting; uncounted when dropped.
-struct Counted<'a>(&'a AtomicUsize);
-
-impl Drop for Counted<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
-/// A caller's turn to poll the schedule for its priority.
-struct Waiting<'a> {
-    _guard: tokio::sync::MutexGuard<'a, ()>,
-    _counted: Counted<'a>,
 }
