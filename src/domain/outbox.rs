@@ -166,22 +166,28 @@ impl Outbox {
     async fn deliver(&self, out: &Outgoing, deadline: Option<Instant>) -> Result<Accepted, Error> {
         let phone = out.message.to.e164();
         self.pacer.admit(phone, out.priority, deadline).await?;
-        let mut attempt = 1;
+        // One budget of requests for the message, shared by the driver's own retries and the
+        // retries through pacing.
+        let mut attempts = self.driver.max_attempts();
         let sent = loop {
-            match self.driver.send(&out.message, deadline).await {
-                Err(SendError::Meta(failure))
-                    if attempt < self.driver.max_attempts()
-                        && self.pacer.meta_refused(&failure, phone).await =>
-                {
+            match self
+                .driver
+                .send(&out.message, deadline, &mut attempts)
+                .await
+            {
+                Err(SendError::Meta(failure)) => {
                     // Meta throttled despite pacing (another sender on the number, a lower
-                    // limit than configured): the slowed-down schedule decides when to retry.
-                    // When no slot fits the deadline, Meta's own answer is the more useful one.
-                    attempt += 1;
-                    if self
-                        .pacer
-                        .admit(phone, out.priority, deadline)
-                        .await
-                        .is_err()
+                    // limit than configured): pacing learns from every such answer, and the
+                    // slowed-down schedule decides when to retry. When no slot fits the
+                    // deadline, Meta's own answer is the more useful one.
+                    let retry = self.pacer.meta_refused(&failure, phone).await;
+                    if !retry
+                        || attempts == 0
+                        || self
+                            .pacer
+                            .admit(phone, out.priority, deadline)
+                            .await
+                            .is_err()
                     {
                         return Err(SendError::Meta(failure).into());
                     }

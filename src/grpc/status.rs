@@ -105,7 +105,11 @@ impl From<Error> for Status {
             } => {
                 let mut d = info(
                     *reason,
-                    &[("retry_after_seconds", retry_after.as_secs().to_string())],
+                    // Whole seconds, rounded up: RetryInfo carries the exact wait.
+                    &[(
+                        "retry_after_seconds",
+                        retry_after.as_millis().div_ceil(1000).to_string(),
+                    )],
                 );
                 d.set_retry_info(Some(*retry_after));
                 d

@@ -160,10 +160,14 @@ impl MetaClient {
     /// failed before the request was sent: a request that timed out after being sent may have
     /// been delivered, and a second copy would cost the ISP and confuse the customer. Meta's
     /// rate limits are not retried here: they go back to pacing, which slows every replica down.
+    ///
+    /// `attempts` is what is left of the message's `KABAR_META_MAX_ATTEMPTS`: each request made
+    /// takes one from it, so that retries here and through pacing share one budget.
     pub async fn send(
         &self,
         message: &OutboundTemplate,
         deadline: Option<Instant>,
+        attempts: &mut u32,
     ) -> Result<Sent, SendError> {
         let inner = &*self.inner;
         let _slot = match deadline {
@@ -186,6 +190,7 @@ impl MetaClient {
         };
         let mut attempt = 1;
         loop {
+            *attempts = attempts.saturating_sub(1);
             let timeout = match deadline {
                 Some(d) => {
                     let left = d.saturating_duration_since(Instant::now());
@@ -223,7 +228,7 @@ impl MetaClient {
                 Err(e) if e.is_connect() => SendError::Unreachable(e.to_string()),
                 Err(e) => return Err(transport_error(&e, deadline)),
             };
-            if attempt >= inner.max_attempts {
+            if *attempts == 0 {
                 return Err(error);
             }
             let backoff = backoff(inner.retry_base, attempt);

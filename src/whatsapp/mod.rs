@@ -186,15 +186,21 @@ impl Driver {
         }
     }
 
-    /// Sends one template message, retrying what is retryable, never past `deadline`.
+    /// Sends one template message, retrying what is retryable, never past `deadline` and never
+    /// more than `attempts` requests (what is left of the message's attempts; each request
+    /// made takes one).
     pub async fn send(
         &self,
         message: &OutboundTemplate,
         deadline: Option<Instant>,
+        attempts: &mut u32,
     ) -> Result<Sent, SendError> {
         match self {
-            Driver::Meta(client) => client.send(message, deadline).await,
-            Driver::Log => Ok(log_send(message)),
+            Driver::Meta(client) => client.send(message, deadline, attempts).await,
+            Driver::Log => {
+                *attempts = attempts.saturating_sub(1);
+                Ok(log_send(message))
+            }
         }
     }
 

@@ -509,3 +509,32 @@ async fn without_redis_each_replica_paces_at_its_share() {
     }
     assert!(back, "pacing went back to the shared schedule");
 }
+
+#[tokio::test]
+async fn retries_here_and_through_pacing_share_one_budget_of_attempts() {
+    let meta = FakeMeta::start().await;
+    let app = kabar(&meta, None, &[]).await;
+    meta.push(crate::support::Reply::error(
+        503,
+        131016,
+        "Service temporarily unavailable",
+    ));
+    for _ in 0..3 {
+        meta.push(crate::support::Reply::error(
+            429,
+            130429,
+            "Cloud API message throughput has been reached.",
+        ));
+    }
+    let status = app
+        .notifications()
+        .send_template(invoice_request())
+        .await
+        .unwrap_err();
+    assert_eq!(reason(&status), "META_THROUGHPUT_EXCEEDED", "{status:?}");
+    // KABAR_META_MAX_ATTEMPTS (3) requests in all, and pacing learned from each throttling
+    // answer, the last one included.
+    assert_eq!(meta.count(), 3);
+    let text = metrics_text(app.http_addr).await;
+    assert!(text.contains("kabar_pacing_meta_throttled_total 2"), "{text}");
+}

@@ -534,11 +534,9 @@ impl Pacer {
             ),
             Limit::Pair => (
                 Reason::PairRateLimited,
-                format!(
-                    "this recipient was sent a message less than {} s ago (Meta allows about \
-                     one message every 6 s to one recipient)",
-                    self.config.pair_interval.as_secs().max(6)
-                ),
+                "this recipient was sent a message moments ago, and Meta allows about one \
+                 message every 6 s to one recipient (KABAR_PAIR_INTERVAL_SECONDS)"
+                    .to_owned(),
             ),
             Limit::Daily => {
                 let limit = self.daily_limit.load(Ordering::Relaxed);
