@@ -209,13 +209,23 @@ impl Outbox {
             now_ms(),
         );
         // The message has gone out: a record that cannot be written costs its statuses (they
-        // are acknowledged as unknown), never the caller's answer.
-        if let Err(e) = self.records.put_record(&record, self.retention).await {
-            tracing::warn!(
-                error = %e,
-                message_id = %accepted.message_id,
-                "could not store the message record; its delivery statuses will not be tracked"
-            );
+        // are acknowledged as unknown), never the caller's answer. A slow store must not hold
+        // the answer past the deadline either: the write then finishes on its own.
+        let records = self.records.clone();
+        let retention = self.retention;
+        let mut write = tokio::spawn(async move {
+            if let Err(e) = records.put_record(&record, retention).await {
+                tracing::warn!(
+                    error = %e,
+                    message_id = %record.message_id,
+                    "could not store the message record; its delivery statuses will not be tracked"
+                );
+            }
+        });
+        if let Some(deadline) = deadline {
+            let _ = tokio::time::timeout_at(deadline.into(), &mut write).await;
+        } else {
+            let _ = write.await;
         }
         Ok(accepted)
     }

@@ -446,7 +446,10 @@ impl Pacer {
         };
         if !self.pacing_alone() {
             match self.shared.admit(&self.number, &ask).await {
-                Ok(answer) => return Ok(answer),
+                Ok(answer) => {
+                    self.shared_answered();
+                    return Ok(answer);
+                }
                 Err(e) => self.go_alone(&e.0),
             }
         }
@@ -465,25 +468,23 @@ impl Pacer {
             .map_err(|e| Error::StoreUnavailable(e.0))
     }
 
-    /// Whether this process paces alone now; once the retry time has come, the shared schedule
-    /// is tried again (and pacing alone ends when it answers).
+    /// Whether this process paces alone now. Once the retry time has come, the shared schedule
+    /// is tried again; pacing alone ends only when it answers ([`Self::shared_answered`]).
     fn pacing_alone(&self) -> bool {
-        let mut until = self
+        let until = self
             .alone_until
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        match *until {
-            Some(t) if Instant::now() < t => true,
-            Some(_) => {
-                *until = None;
-                false
-            }
-            None => {
-                if self.alone.swap(false, Ordering::Relaxed) {
-                    tracing::info!("the shared pacing schedule (Redis) answers again");
-                }
-                false
-            }
+        until.is_some_and(|t| Instant::now() < t)
+    }
+
+    fn shared_answered(&self) {
+        if self.alone.swap(false, Ordering::Relaxed) {
+            *self
+                .alone_until
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner) = None;
+            tracing::info!("the shared pacing schedule (Redis) answers again");
         }
     }
 
@@ -510,7 +511,10 @@ impl Pacer {
                 return op.run(fallback.as_ref(), &self.number).await;
             }
             match op.run(self.shared.as_ref(), &self.number).await {
-                Ok(v) => Ok(v),
+                Ok(v) => {
+                    self.shared_answered();
+                    Ok(v)
+                }
                 Err(e) => {
                     self.go_alone(&e.0);
                     op.run(fallback.as_ref(), &self.number).await
