@@ -536,5 +536,8 @@ async fn retries_here_and_through_pacing_share_one_budget_of_attempts() {
     // answer, the last one included.
     assert_eq!(meta.count(), 3);
     let text = metrics_text(app.http_addr).await;
-    assert!(text.contains("kabar_pacing_meta_throttled_total 2"), "{text}");
+    assert!(
+        text.contains("kabar_pacing_meta_throttled_total 2"),
+        "{text}"
+    );
 }
