@@ -4,9 +4,12 @@
 //! loadgen run --scenario health --target http://127.0.0.1:50051 -c 64 -m 4 -d 10
 //! loadgen bare-health --addr 127.0.0.1:50061          # tonic with only the health service
 //! loadgen meta-standin --addr 127.0.0.1:18080 --latency-ms 200
+//! loadgen meta-standin --addr 127.0.0.1:18081 --cap 80   # records arrivals, 130429 beyond 80/s
 //! loadgen redis-memory --url unix:///tmp/redis.sock   # bytes per pending OTP and message record
 //! loadgen run --scenario webhook --target http://127.0.0.1:50051 \
 //!     --webhook http://127.0.0.1:8081 --app-secret SECRET -c 16 -d 10
+//! loadgen run --scenario pacing --targets http://127.0.0.1:50051,http://127.0.0.1:50052 \
+//!     --meta http://127.0.0.1:18081 --cap 80 --rate 240 --otp-every-ms 200 -d 10 --warmup 1
 //! ```
 //!
 //! `run` keeps N unary calls in flight over M HTTP/2 connections for a duration (or a count),
@@ -47,7 +50,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Drive one scenario and print the figures.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// A bare tonic server with only grpc.health.v1.Health: the framework's ceiling.
     BareHealth {
         #[arg(long, default_value = "127.0.0.1:50061")]
@@ -64,6 +67,11 @@ enum Command {
         latency_ms: u64,
         #[arg(long, default_value_t = 0)]
         threads: usize,
+        /// Meta's throughput limit: records the arrival of every POST (`GET /_bench/arrivals`)
+        /// and answers HTTP 429 with Meta's error 130429 to a POST that finds this many already
+        /// accepted in the second before it (a sliding 1-second window).
+        #[arg(long)]
+        cap: Option<usize>,
     },
     /// Reads the JSON lines of a benchmark run and prints the targets table (markdown); given
     /// the files of several runs, prints the lowest and highest value of every target instead.
@@ -111,6 +119,13 @@ enum Scenario {
     /// GetMessageStatus over messages sent through kabar beforehand and then reported sent,
     /// delivered and read through the webhook.
     GetStatus,
+    /// Pacing: SendTemplate open-loop at `--rate` calls/s, each to a new phone with a deadline
+    /// of `--deadline-ms`, spread round-robin over `--targets` (kabar replicas sharing one
+    /// schedule) against a stand-in started with `--cap`; RATE_LIMITED refusals are results.
+    /// Then reads the stand-in's arrivals: the busiest 1-second window, the throughput after
+    /// the warm-up, Meta's 130429 answers. With `--otp-every-ms`, also one SendOtp that often to
+    /// the first target, timed (a second JSON line, labelled `<label>-otp`).
+    Pacing,
 }
 
 #[derive(clap::Args, Clone)]
@@ -172,18 +187,34 @@ struct RunArgs {
     /// A label for the JSON output.
     #[arg(long, default_value = "")]
     label: String,
+    /// pacing: the kabar replicas, comma-separated gRPC addresses (default: --target).
+    #[arg(long, value_delimiter = ',')]
+    targets: Vec<String>,
+    /// pacing: SendTemplate calls issued per second, whatever the answers (open loop).
+    #[arg(long, default_value_t = 0.0)]
+    rate: f64,
+    /// pacing: the gRPC deadline of every SendTemplate call, in milliseconds.
+    #[arg(long, default_value_t = 2000)]
+    deadline_ms: u64,
+    /// pacing: KABAR_META_MAX_MPS of the replicas and the stand-in's --cap.
+    #[arg(long)]
+    cap: Option<f64>,
+    /// pacing: one SendOtp every this many milliseconds to the first target (0: none).
+    #[arg(long, default_value_t = 0)]
+    otp_every_ms: u64,
 }
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
-        Command::Run(args) => runtime(args.threads)?.block_on(run(args)),
+        Command::Run(args) => runtime(args.threads)?.block_on(run(*args)),
         Command::BareHealth { addr, threads } => runtime(threads)?.block_on(bare_health(addr)),
         Command::MetaStandin {
             addr,
             latency_ms,
             threads,
-        } => runtime(threads)?.block_on(meta_standin(addr, Duration::from_millis(latency_ms))),
+            cap,
+        } => runtime(threads)?.block_on(meta_standin(addr, Duration::from_millis(latency_ms), cap)),
         Command::Summarize { results } => summarize(&results),
         Command::RedisMemory {
             url,
@@ -221,16 +252,71 @@ async fn bare_health(addr: SocketAddr) -> anyhow::Result<()> {
 /// The last OTP code the stand-in received per recipient, for the verify scenario's right codes.
 type Codes = Arc<std::sync::Mutex<std::collections::HashMap<String, String>>>;
 
-async fn meta_standin(addr: SocketAddr, latency: Duration) -> anyhow::Result<()> {
+/// The POSTs a capped stand-in received: when (Unix microseconds), accepted or refused.
+#[derive(Default)]
+struct Arrivals {
+    accepted: Vec<u64>,
+    refused: Vec<u64>,
+    /// The accepted ones of the last second, oldest first.
+    window: std::collections::VecDeque<u64>,
+}
+
+impl Arrivals {
+    /// Records a POST arriving at `now`; false when it finds `cap` accepted in the second
+    /// before it (Meta's answer is then 130429).
+    fn admit(&mut self, now: u64, cap: usize) -> bool {
+        while self.window.front().is_some_and(|&at| at + 1_000_000 <= now) {
+            self.window.pop_front();
+        }
+        if self.window.len() >= cap {
+            self.refused.push(now);
+            return false;
+        }
+        self.window.push_back(now);
+        self.accepted.push(now);
+        true
+    }
+}
+
+fn unix_micros() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
+}
+
+async fn meta_standin(
+    addr: SocketAddr,
+    latency: Duration,
+    cap: Option<usize>,
+) -> anyhow::Result<()> {
     use axum::{
         Router,
         body::Bytes,
+        http::StatusCode,
+        response::IntoResponse,
         routing::{get, post},
     };
     let counter = Arc::new(AtomicU64::new(0));
     let codes: Codes = Arc::default();
     let recorded = codes.clone();
+    let arrivals = Arc::new(std::sync::Mutex::new(Arrivals::default()));
+    let arrivals_read = arrivals.clone();
     let app = Router::new()
+        .route(
+            "/_bench/arrivals",
+            get(move || {
+                let arrivals = arrivals_read.clone();
+                async move {
+                    let a = arrivals.lock().expect("not poisoned");
+                    serde_json::json!({
+                        "cap": cap,
+                        "accepted_us": a.accepted,
+                        "refused_us": a.refused,
+                    })
+                    .to_string()
+                }
+            }),
+        )
         .route(
             "/_bench/codes",
             get(move || {
@@ -246,7 +332,31 @@ async fn meta_standin(addr: SocketAddr, latency: Duration) -> anyhow::Result<()>
             post(move |body: Bytes| {
                 let counter = counter.clone();
                 let recorded = recorded.clone();
+                let arrivals = arrivals.clone();
                 async move {
+                    if let Some(cap) = cap {
+                        let now = unix_micros();
+                        if !arrivals.lock().expect("not poisoned").admit(now, cap) {
+                            // Meta's answer past the number's throughput, as Meta words it.
+                            let trace = counter.fetch_add(1, Ordering::Relaxed);
+                            return (
+                                StatusCode::TOO_MANY_REQUESTS,
+                                [("content-type", "application/json")],
+                                serde_json::json!({"error": {
+                                    "message": "(#130429) Rate limit hit",
+                                    "type": "OAuthException",
+                                    "code": 130429,
+                                    "error_data": {
+                                        "messaging_product": "whatsapp",
+                                        "details": "Cloud API message throughput has been reached."
+                                    },
+                                    "fbtrace_id": format!("ABench{trace:016X}")
+                                }})
+                                .to_string(),
+                            )
+                                .into_response();
+                        }
+                    }
                     if !latency.is_zero() {
                         tokio::time::sleep(latency).await;
                     }
@@ -278,11 +388,18 @@ async fn meta_standin(addr: SocketAddr, latency: Duration) -> anyhow::Result<()>
                         })
                         .to_string(),
                     )
+                        .into_response()
                 }
             }),
         );
     let listener = tokio::net::TcpListener::bind(addr).await?;
-    eprintln!("Meta stand-in on {addr}, latency {latency:?}");
+    match cap {
+        Some(cap) => eprintln!(
+            "Meta stand-in on {addr}, latency {latency:?}, at most {cap} messages in any second \
+             (130429 beyond), arrivals recorded"
+        ),
+        None => eprintln!("Meta stand-in on {addr}, latency {latency:?}"),
+    }
     axum::serve(listener, app)
         .with_graceful_shutdown(async {
             let _ = tokio::signal::ctrl_c().await;
@@ -477,6 +594,9 @@ struct Tally {
 }
 
 async fn run(args: RunArgs) -> anyhow::Result<()> {
+    if args.scenario == Scenario::Pacing {
+        return run_pacing(args).await;
+    }
     let args = Arc::new(args);
     let channels = if args.scenario == Scenario::MetaDirect {
         Vec::new()
@@ -605,6 +725,360 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         args.label,
         failed + answered,
         all.errors
+    );
+    Ok(())
+}
+
+/// What a call of the pacing scenario was.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum PacedCall {
+    Template,
+    Otp,
+}
+
+/// One call of the pacing scenario.
+struct PacedOutcome {
+    kind: PacedCall,
+    latency_us: u32,
+    outcome: Outcome,
+}
+
+/// The OTP phones of a pacing run start this far past its --phone-offset.
+const PACING_OTP_PHONES: u64 = 5_000_000;
+
+/// A paced SendTemplate refused: RATE_LIMITED (no slot before the call's deadline) is the
+/// expected answer to a load past the cap; Meta's throughput answer passed back
+/// (META_THROUGHPUT_EXCEEDED) and a call kabar answered only after its deadline (tonic's server
+/// then ends it as CANCELLED, "Timeout expired") are counted apart; anything else is an error.
+fn paced_refusal(status: &tonic::Status) -> Outcome {
+    if status.code() == tonic::Code::Cancelled && status.message() == "Timeout expired" {
+        return Ok("past_deadline");
+    }
+    use tonic_types::StatusExt;
+    let reason = status
+        .get_error_details()
+        .error_info()
+        .map(|info| info.reason.clone())
+        .unwrap_or_default();
+    match (status.code(), reason.as_str()) {
+        (tonic::Code::ResourceExhausted, "RATE_LIMITED") => Ok("rate_limited"),
+        (tonic::Code::ResourceExhausted, "META_THROUGHPUT_EXCEEDED") => Ok("meta_throttled"),
+        (code, "") => Err(format!("{code:?}")),
+        (code, reason) => Err(format!("{code:?} {reason}")),
+    }
+}
+
+/// The p-th percentile of sorted microseconds, in milliseconds.
+fn percentile_ms(sorted_us: &[u32], p: f64) -> f64 {
+    if sorted_us.is_empty() {
+        return 0.0;
+    }
+    let idx = ((p / 100.0) * sorted_us.len() as f64).ceil() as usize;
+    f64::from(sorted_us[idx.clamp(1, sorted_us.len()) - 1]) / 1000.0
+}
+
+/// The most times in any window [t, t + 1 s) over sorted Unix microseconds, and the time that
+/// window starts at (a busiest window can always be made to start at an arrival).
+fn busiest_second(sorted_us: &[u64]) -> (usize, u64) {
+    let (mut best, mut at, mut end) = (0, 0, 0);
+    for (i, &t) in sorted_us.iter().enumerate() {
+        while end < sorted_us.len() && sorted_us[end] < t + 1_000_000 {
+            end += 1;
+        }
+        if end - i > best {
+            (best, at) = (end - i, t);
+        }
+    }
+    (best, at)
+}
+
+/// What a stand-in started with --cap recorded.
+#[derive(serde::Deserialize)]
+struct Recorded {
+    accepted_us: Vec<u64>,
+    refused_us: Vec<u64>,
+}
+
+/// The pacing scenario (open loop): `--rate` SendTemplate calls a second for `--warmup` plus
+/// `-d` seconds, whatever the answers, round-robin over the replicas; then the stand-in's
+/// record of what kabar sent it.
+async fn run_pacing(args: RunArgs) -> anyhow::Result<()> {
+    let targets = if args.targets.is_empty() {
+        vec![args.target.clone()]
+    } else {
+        args.targets.clone()
+    };
+    let cap = args.cap.ok_or_else(|| {
+        anyhow::anyhow!(
+            "--cap is required for the pacing scenario: the replicas' KABAR_META_MAX_MPS"
+        )
+    })?;
+    anyhow::ensure!(
+        args.rate > 0.0 && cap > 0.0,
+        "--rate and --cap must be above 0"
+    );
+    let deadline = Duration::from_millis(args.deadline_ms);
+    // A refused call holds its stream until its deadline: about rate x deadline / replicas
+    // calls are in flight on each replica, and kabar takes 256 streams per HTTP/2 connection.
+    let in_flight = args.rate * deadline.as_secs_f64() / targets.len() as f64;
+    let per_target = args
+        .connections
+        .max((in_flight / 200.0).ceil() as usize + 1);
+    let mut channels = Vec::with_capacity(per_target * targets.len());
+    for _ in 0..per_target {
+        // Replica-minor order: call n goes to replica n % replicas.
+        for target in &targets {
+            channels.push(
+                Endpoint::from_shared(target.clone())?
+                    .tcp_nodelay(true)
+                    .connect()
+                    .await?,
+            );
+        }
+    }
+    let warmup = Duration::from_secs_f64(args.warmup);
+    let measured = Duration::from_secs_f64(args.duration);
+    let otp_every = Duration::from_millis(args.otp_every_ms);
+    // A call kabar never answers ends here, as an error.
+    let give_up = deadline + Duration::from_secs(5);
+    let otp_give_up = Duration::from_secs(15);
+
+    let started_us = unix_micros();
+    let started = Instant::now();
+    let end = started + warmup + measured;
+    let mut calls = Vec::new();
+    let (mut issued, mut otps) = (0u64, 0u64);
+    let mut next_otp = started + warmup;
+    while Instant::now() < end {
+        let due = (started.elapsed().as_secs_f64() * args.rate) as u64 + 1;
+        while issued < due {
+            let channel = channels[issued as usize % channels.len()].clone();
+            let mut request = tonic::Request::new(invoice_request(args.phone_offset + issued));
+            request.set_timeout(deadline);
+            calls.push(tokio::spawn(async move {
+                let start = Instant::now();
+                let mut client = NotificationServiceClient::new(channel);
+                let outcome =
+                    match tokio::time::timeout(give_up, client.send_template(request)).await {
+                        Ok(Ok(_)) => Ok("sent"),
+                        Ok(Err(status)) => paced_refusal(&status),
+                        Err(_) => Err("no answer".to_owned()),
+                    };
+                PacedOutcome {
+                    kind: PacedCall::Template,
+                    latency_us: start.elapsed().as_micros().min(u128::from(u32::MAX)) as u32,
+                    outcome,
+                }
+            }));
+            issued += 1;
+        }
+        if !otp_every.is_zero() && Instant::now() >= next_otp {
+            next_otp += otp_every;
+            let mut client = OtpServiceClient::new(channels[0].clone());
+            let request = SendOtpRequest {
+                phone: distinct_phone(args.phone_offset + PACING_OTP_PHONES + otps),
+                purpose: "login".into(),
+                client_ip: String::new(),
+            };
+            otps += 1;
+            calls.push(tokio::spawn(async move {
+                let start = Instant::now();
+                let outcome =
+                    match tokio::time::timeout(otp_give_up, client.send_otp(request)).await {
+                        Ok(Ok(_)) => Ok("sent"),
+                        Ok(Err(status)) => match paced_refusal(&status) {
+                            Ok(answer) => Err(answer.to_owned()),
+                            Err(e) => Err(e),
+                        },
+                        Err(_) => Err("no answer".to_owned()),
+                    };
+                PacedOutcome {
+                    kind: PacedCall::Otp,
+                    latency_us: start.elapsed().as_micros().min(u128::from(u32::MAX)) as u32,
+                    outcome,
+                }
+            }));
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let offered_secs = started.elapsed().as_secs_f64();
+
+    let (mut templates, mut otp) = (Tally::default(), Tally::default());
+    let mut sent_us = Vec::new();
+    for call in calls {
+        let call = call.await?;
+        let tally = match call.kind {
+            PacedCall::Template => &mut templates,
+            PacedCall::Otp => &mut otp,
+        };
+        tally.latencies_us.push(call.latency_us);
+        match call.outcome {
+            Ok(label) => {
+                if call.kind == PacedCall::Template && label == "sent" {
+                    sent_us.push(call.latency_us);
+                }
+                *tally.results.entry(label).or_default() += 1;
+            }
+            Err(code) => *tally.errors.entry(code).or_default() += 1,
+        }
+    }
+    sent_us.sort_unstable();
+    otp.latencies_us.sort_unstable();
+
+    let recorded: Recorded = reqwest::get(format!(
+        "{}/_bench/arrivals",
+        args.meta.trim_end_matches('/')
+    ))
+    .await?
+    .error_for_status()?
+    .json()
+    .await?;
+    let accepted: Vec<u64> = recorded
+        .accepted_us
+        .into_iter()
+        .filter(|&t| t >= started_us)
+        .collect();
+    let refused = recorded
+        .refused_us
+        .iter()
+        .filter(|&&t| t >= started_us)
+        .count();
+    let mut posts: Vec<u64> = accepted.clone();
+    posts.extend(recorded.refused_us.iter().filter(|&&t| t >= started_us));
+    posts.sort_unstable();
+    let (busiest, busiest_at) = busiest_second(&posts);
+    let steady_from = started_us + warmup.as_micros() as u64;
+    let steady_to = steady_from + measured.as_micros() as u64;
+    let steady = accepted
+        .iter()
+        .filter(|&&t| (steady_from..steady_to).contains(&t))
+        .count() as f64
+        / measured.as_secs_f64();
+    let mut per_second = vec![0u64; (offered_secs.ceil() as usize).max(1) + 5];
+    for &t in &accepted {
+        let s = ((t - started_us) / 1_000_000) as usize;
+        if s < per_second.len() {
+            per_second[s] += 1;
+        }
+    }
+    while per_second.len() > 1 && per_second.last() == Some(&0) {
+        per_second.pop();
+    }
+    let busiest_at_s = busiest_at.saturating_sub(started_us) as f64 / 1e6;
+
+    let figures = serde_json::json!({
+        "label": args.label,
+        "scenario": "pacing",
+        "targets": targets,
+        "replicas": targets.len(),
+        "cap": cap,
+        "offered_per_sec": args.rate,
+        "deadline_ms": args.deadline_ms,
+        "warmup": args.warmup,
+        "seconds": args.duration,
+        "offered_seconds": offered_secs,
+        "calls": issued,
+        "results": templates.results,
+        "errors": templates.errors,
+        "sent_p50_ms": percentile_ms(&sent_us, 50.0),
+        "sent_p99_ms": percentile_ms(&sent_us, 99.0),
+        "meta_posts": posts.len(),
+        "meta_accepted": accepted.len(),
+        "meta_130429": refused,
+        "busiest_window": busiest,
+        "busiest_window_ratio": busiest as f64 / cap,
+        "busiest_window_at_s": busiest_at_s,
+        "steady_per_sec": steady,
+        "steady_ratio": steady / cap,
+        "accepted_per_second": per_second,
+    });
+    let otp_figures = (!otp_every.is_zero()).then(|| {
+        let calls = otp.latencies_us.len();
+        serde_json::json!({
+            "label": format!("{}-otp", args.label),
+            "scenario": "send-otp",
+            "target": targets[0],
+            "every_ms": args.otp_every_ms,
+            "under": args.label,
+            "seconds": args.duration,
+            "calls": calls,
+            "calls_per_sec": calls as f64 / measured.as_secs_f64(),
+            "p50_ms": percentile_ms(&otp.latencies_us, 50.0),
+            "p90_ms": percentile_ms(&otp.latencies_us, 90.0),
+            "p99_ms": percentile_ms(&otp.latencies_us, 99.0),
+            "max_ms": percentile_ms(&otp.latencies_us, 100.0),
+            "results": otp.results,
+            "errors": otp.errors,
+        })
+    });
+    if args.json {
+        println!("{figures}");
+        if let Some(otp_figures) = &otp_figures {
+            println!("{otp_figures}");
+        }
+    } else {
+        println!(
+            "pacing {}: {} replicas, cap {cap}/s, {issued} SendTemplate calls offered at {}/s \
+             for {offered_secs:.1} s (deadline {} ms)",
+            args.label,
+            targets.len(),
+            args.rate,
+            args.deadline_ms
+        );
+        println!("  kabar's answers: {:?}", templates.results);
+        println!("  errors: {:?}", templates.errors);
+        println!(
+            "  Meta stand-in: {} POSTs, {} accepted, {refused} answered 130429",
+            posts.len(),
+            accepted.len()
+        );
+        println!(
+            "  busiest 1-second window: {busiest} = {:.1}% of the cap (from {busiest_at_s:.2} s)",
+            100.0 * busiest as f64 / cap
+        );
+        println!(
+            "  accepted after the first {:.1} s: {steady:.1}/s = {:.1}% of the cap",
+            args.warmup,
+            100.0 * steady / cap
+        );
+        println!(
+            "  accepted per second: {:?}",
+            figures["accepted_per_second"]
+        );
+        if let Some(o) = &otp_figures {
+            println!(
+                "  SendOtp every {} ms: {} calls, p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms, \
+                 results {}, errors {}",
+                args.otp_every_ms,
+                o["calls"],
+                o["p50_ms"],
+                o["p99_ms"],
+                o["max_ms"],
+                o["results"],
+                o["errors"]
+            );
+        }
+    }
+    let sent = templates.results.get("sent").copied().unwrap_or(0);
+    let failed: u64 = templates.errors.values().chain(otp.errors.values()).sum();
+    anyhow::ensure!(
+        sent > 0,
+        "{}: no SendTemplate call was sent ({:?})",
+        args.label,
+        templates.errors
+    );
+    anyhow::ensure!(
+        !posts.is_empty(),
+        "{}: the stand-in at {} recorded no POST (start it with --cap)",
+        args.label,
+        args.meta
+    );
+    anyhow::ensure!(
+        failed == 0 || args.allow_errors,
+        "{}: {failed} calls ended in an error: {:?} {:?} (--allow-errors to accept them)",
+        args.label,
+        templates.errors,
+        otp.errors
     );
     Ok(())
 }
@@ -1138,6 +1612,7 @@ impl Caller {
                     Err(e) => Err(e),
                 }
             }
+            Scenario::Pacing => unreachable!("run_pacing drives the pacing scenario"),
             Scenario::GetStatus => {
                 let messages = &prepared.messages;
                 let (id, _) = &messages[(self.next() % messages.len() as u64) as usize];
@@ -1223,6 +1698,39 @@ fn nanos(v: f64) -> String {
 
 fn per_sec(v: f64) -> String {
     format!("{v:.0} calls/s")
+}
+
+fn percent1(v: f64) -> String {
+    format!("{:.1}%", v * 100.0)
+}
+
+/// A pacing run's figure against its cap: `field` counts, `ratio` is it divided by the cap.
+fn of_cap(
+    run: &RunFigures,
+    label: &str,
+    field: &str,
+    ratio: &str,
+    unit: &str,
+    met: fn(f64) -> bool,
+) -> Option<Measured> {
+    let v = run.get(label)?;
+    let (n, r, cap) = (v[field].as_f64()?, v[ratio].as_f64()?, v["cap"].as_f64()?);
+    Some(Measured {
+        value: r,
+        text: format!("{n:.0}{unit} / {cap:.0} = {}", percent1(r)),
+        met: met(r),
+    })
+}
+
+/// The 130429 answers the capped stand-in gave during a pacing run.
+fn throttled(run: &RunFigures, label: &str) -> Option<Measured> {
+    let v = run.get(label)?;
+    let (n, posts) = (v["meta_130429"].as_f64()?, v["meta_posts"].as_f64()?);
+    Some(Measured {
+        value: n,
+        text: format!("{n:.0} of {posts:.0} POSTs"),
+        met: n == 0.0,
+    })
 }
 
 fn ratio(a: Option<f64>, b: Option<f64>, goal: f64) -> Option<Measured> {
@@ -1327,6 +1835,18 @@ fn targets(run: &RunFigures) -> Vec<Target> {
             measured: ratio(rate("send-otp"), rate("health"), 0.12),
         },
         Target {
+            name: "pacing overhead: send-template paced / unpaced (KABAR_PACING_ENABLED=false), cap far above the load",
+            goal: Some(">= 80%"),
+            show: percent,
+            measured: ratio(rate("send-template"), rate("send-template-unpaced"), 0.80),
+        },
+        Target {
+            name: "pacing overhead: send-otp paced / unpaced (KABAR_PACING_ENABLED=false), cap far above the load",
+            goal: Some(">= 80%"),
+            show: percent,
+            measured: ratio(rate("send-otp"), rate("send-otp-unpaced"), 0.80),
+        },
+        Target {
             name: "send-template, 200 ms Meta, 256 in flight: calls/s",
             goal: Some(">= 1000"),
             show: per_sec,
@@ -1415,6 +1935,82 @@ fn targets(run: &RunFigures) -> Vec<Target> {
             measured: plain(memory("feed_entry_bytes"), bytes, |_| true),
         },
         Target {
+            name: "pacing accuracy, cap 80, 3 replicas, 3x offered: busiest 1-s window of POSTs at Meta / cap",
+            goal: Some("<= 101%"),
+            show: percent1,
+            measured: of_cap(
+                run,
+                "pacing-80",
+                "busiest_window",
+                "busiest_window_ratio",
+                "",
+                |r| r <= 1.01,
+            ),
+        },
+        Target {
+            name: "pacing accuracy, cap 80: messages/s Meta accepted after the first second / cap",
+            goal: Some(">= 97%"),
+            show: percent1,
+            measured: of_cap(
+                run,
+                "pacing-80",
+                "steady_per_sec",
+                "steady_ratio",
+                "/s",
+                |r| r >= 0.97,
+            ),
+        },
+        Target {
+            name: "pacing accuracy, cap 80: Meta's 130429 answers",
+            goal: Some("0"),
+            show: |v| format!("{v:.0}"),
+            measured: throttled(run, "pacing-80"),
+        },
+        Target {
+            name: "pacing accuracy, cap 1,000, 3 replicas, 3x offered: busiest 1-s window of POSTs at Meta / cap",
+            goal: Some("<= 101%"),
+            show: percent1,
+            measured: of_cap(
+                run,
+                "pacing-1000",
+                "busiest_window",
+                "busiest_window_ratio",
+                "",
+                |r| r <= 1.01,
+            ),
+        },
+        Target {
+            name: "pacing accuracy, cap 1,000: messages/s Meta accepted after the first second / cap",
+            goal: Some(">= 97%"),
+            show: percent1,
+            measured: of_cap(
+                run,
+                "pacing-1000",
+                "steady_per_sec",
+                "steady_ratio",
+                "/s",
+                |r| r >= 0.97,
+            ),
+        },
+        Target {
+            name: "pacing accuracy, cap 1,000: Meta's 130429 answers",
+            goal: Some("0"),
+            show: |v| format!("{v:.0}"),
+            measured: throttled(run, "pacing-1000"),
+        },
+        Target {
+            name: "SendOtp every 200 ms while SendTemplate saturates cap 80 (3 replicas): p50",
+            goal: None,
+            show: ms,
+            measured: plain(p50("pacing-80-otp"), ms, |_| true),
+        },
+        Target {
+            name: "SendOtp every 200 ms while SendTemplate saturates cap 80 (3 replicas): p99",
+            goal: Some("< 1000 ms"),
+            show: ms,
+            measured: plain(p99("pacing-80-otp"), ms, |p| p < 1000.0),
+        },
+        Target {
             name: "phone::normalize, Indonesian mobile number (micro-benchmark)",
             goal: None,
             show: nanos,
@@ -1463,10 +2059,12 @@ fn summarize_one(run: &RunFigures) {
         if v.get("calls_per_sec").is_none() {
             continue;
         }
+        let shape = match v["every_ms"].as_u64() {
+            Some(every) => format!("one every {every} ms"),
+            None => format!("c={}, m={}", v["concurrency"], v["connections"]),
+        };
         println!(
-            "| {label} (c={}, m={}) | {:.0} | {:.2} | {:.2} | {:.2} | {:.2} | {} | {} |",
-            v["concurrency"],
-            v["connections"],
+            "| {label} ({shape}) | {:.0} | {:.2} | {:.2} | {:.2} | {:.2} | {} | {} |",
             v["calls_per_sec"].as_f64().unwrap_or(0.0),
             v["p50_ms"].as_f64().unwrap_or(0.0),
             v["p90_ms"].as_f64().unwrap_or(0.0),
@@ -1490,6 +2088,32 @@ fn summarize_one(run: &RunFigures) {
             ),
             None => println!("| {} | not measured | {goal} | - |", target.name),
         }
+    }
+    for (label, v) in run {
+        if v["scenario"] != "pacing" {
+            continue;
+        }
+        println!(
+            "\n{label}: {} replicas at KABAR_META_MAX_MPS={}, SendTemplate offered at {:.0} calls/s \
+             for {:.1} s (deadline {} ms, a new phone each): kabar answered {} (errors {}); sent \
+             p50 {:.0} ms, p99 {:.0} ms. The stand-in got {} POSTs, {} accepted and {} answered \
+             130429; busiest 1-s window {} (from {:.2} s); accepted per second {}.",
+            v["replicas"],
+            v["cap"],
+            v["offered_per_sec"].as_f64().unwrap_or(0.0),
+            v["offered_seconds"].as_f64().unwrap_or(0.0),
+            v["deadline_ms"],
+            v["results"],
+            v["errors"],
+            v["sent_p50_ms"].as_f64().unwrap_or(0.0),
+            v["sent_p99_ms"].as_f64().unwrap_or(0.0),
+            v["meta_posts"],
+            v["meta_accepted"],
+            v["meta_130429"],
+            v["busiest_window"],
+            v["busiest_window_at_s"].as_f64().unwrap_or(0.0),
+            v["accepted_per_second"]
+        );
     }
     if let Some(rss) = run.get("rss") {
         println!();

@@ -5,11 +5,14 @@
 #   scripts/bench.sh --smoke       # debug build, 1 s per scenario: checks that it all works
 #   DURATION=20 scripts/bench.sh   # longer runs
 #   RUNS=6 scripts/bench.sh        # six runs, then the lowest and highest value of every target
+#   scripts/bench.sh --pacing      # only pacing: its overhead and its accuracy (with --smoke too)
 #
 # It starts, all on this machine: a private redis-server (unix socket), two Meta stand-ins
 # (0 ms and 200 ms), a bare tonic health server, and kabar (with Meta's webhook on); then drives
 # each scenario with the project's load generator (examples/loadgen.rs), and times phone parsing
-# (benches/phone.rs).
+# (benches/phone.rs). Pacing: a second kabar with pacing off beside the first (the overhead), then
+# three replicas on one Redis against a stand-in that answers 130429 beyond its cap (accuracy, and
+# OTP latency under a saturating SendTemplate load), at caps 80 and 1,000 (--smoke: 80 only).
 # Results: target/bench/results.jsonl (run N of several: results-N.jsonl).
 #
 # It fails when any call of any scenario ends in an error or none is answered (the load
@@ -25,15 +28,29 @@ phones="${PHONES:-200000}"
 # once: enough that the measured seconds post no duplicates) and before get-status.
 webhook_messages="${WEBHOOK_MESSAGES:-150000}"
 status_messages="${STATUS_MESSAGES:-10000}"
+# Pacing accuracy: seconds measured per cap, after one second of warm-up at the same load.
+pacing_seconds="${PACING_SECONDS:-10}"
+pacing_caps=(80 1000)
 runs="${RUNS:-1}"
 [[ "$runs" =~ ^[1-9][0-9]*$ ]] || { echo "bench: RUNS must be a whole number from 1" >&2; exit 2; }
-if [[ "${1:-}" == "--smoke" ]]; then
+smoke=0
+pacing_only=0
+for arg in "$@"; do
+    case "$arg" in
+        --smoke) smoke=1 ;;
+        --pacing) pacing_only=1 ;;
+        *) echo "bench: unknown argument $arg (--smoke, --pacing)" >&2; exit 2 ;;
+    esac
+done
+if [[ "$smoke" == 1 ]]; then
     profile=dev
     phones=2000
     webhook_messages=2000
     status_messages=500
     duration=1
     warmup=0.3
+    pacing_seconds=2
+    pacing_caps=(80)
 fi
 cargo_flags=()
 bin_dir=target/debug
@@ -46,7 +63,9 @@ fi
 . scripts/ensure-redis.sh
 
 cargo build "${cargo_flags[@]}" --bin kabar --example loadgen
-if [[ "$profile" == release ]]; then
+if [[ "$pacing_only" == 1 ]]; then
+    phone_bench=(true)
+elif [[ "$profile" == release ]]; then
     cargo bench --no-run --bench phone
     phone_bench=(cargo bench --quiet --bench phone -- --json)
 else
@@ -93,6 +112,10 @@ bare="127.0.0.1:$(free_port)"
 grpc="127.0.0.1:$(free_port)"
 http="127.0.0.1:$(free_port)"
 webhook="127.0.0.1:$(free_port)"
+# The second kabar, with pacing off: the overhead's denominator.
+grpc_unpaced="127.0.0.1:$(free_port)"
+http_unpaced="127.0.0.1:$(free_port)"
+webhook_unpaced="127.0.0.1:$(free_port)"
 app_secret="bench-app-secret-0123456789abcdef"
 "$loadgen" meta-standin --addr "$meta0" --latency-ms 0 2>>"$work/meta.log" &
 pids+=($!)
@@ -104,28 +127,37 @@ wait_tcp "$meta0"
 wait_tcp "$meta200"
 wait_tcp "$bare"
 
-start_kabar() { # meta address, log file
+# Pacing stays on, its cap far above any scenario's load (scenarios send thousands a second and
+# reuse phones); the variables after the log file override these (later assignments win in env).
+launch_kabar() { # grpc http webhook meta-address log-file [VAR=value ...]
+    local grpc_addr=$1 http_addr=$2 webhook_addr=$3 meta=$4 log=$5
+    shift 5
     env -i PATH="$PATH" HOME="${HOME:-/root}" \
-        KABAR_GRPC_ADDR="$grpc" KABAR_HTTP_ADDR="$http" \
-        KABAR_WEBHOOK_ADDR="$webhook" META_APP_SECRET="$app_secret" \
+        KABAR_GRPC_ADDR="$grpc_addr" KABAR_HTTP_ADDR="$http_addr" \
+        KABAR_WEBHOOK_ADDR="$webhook_addr" META_APP_SECRET="$app_secret" \
         WHATSAPP_DRIVER=meta WHATSAPP_API_KEY=bench-token META_WA_PHONE_NUMBER_ID=1 \
-        META_GRAPH_API_URL="http://$1" \
+        META_GRAPH_API_URL="http://$meta" \
         REDIS_URL="unix://$work/redis.sock" KABAR_OTP_SECRET="bench-secret-0123456789abcdef-0123456789" \
         KABAR_OTP_RESEND_SECONDS=0 KABAR_OTP_MAX_SENDS_PER_HOUR=1000 KABAR_OTP_MAX_ATTEMPTS=20 \
         KABAR_OTP_DAILY_LIMIT=10000000 \
         KABAR_META_MAX_MPS=100000 KABAR_PAIR_INTERVAL_SECONDS=0 KABAR_META_DAILY_LIMIT=unlimited \
         KABAR_LOG_FORMAT=json KABAR_SHUTDOWN_GRACE_SECONDS=2 \
-        "$kabar" serve 2>"$2" &
-    kabar_pid=$!
-    pids+=("$kabar_pid")
-    wait_tcp "$grpc"
-    wait_tcp "$webhook"
+        "$@" "$kabar" serve 2>"$log" &
+    launched=$!
+    pids+=("$launched")
+    wait_tcp "$grpc_addr"
+    wait_tcp "$webhook_addr"
+}
+start_kabar() { # meta address, log file
+    launch_kabar "$grpc" "$http" "$webhook" "$1" "$2"
+    kabar_pid=$launched
 }
 peak_rss_kb() { awk '/VmHWM/ {print $2}' "/proc/$1/status"; }
-stop_kabar() {
-    kill -TERM "$kabar_pid"
-    wait "$kabar_pid" || { echo "bench: kabar did not exit 0 on SIGTERM" >&2; exit 1; }
+stop_pid() {
+    kill -TERM "$1"
+    wait "$1" || { echo "bench: kabar did not exit 0 on SIGTERM" >&2; exit 1; }
 }
+stop_kabar() { stop_pid "$kabar_pid"; }
 run() { # label scenario target [extra args]
     local label=$1 scenario=$2 target=$3
     shift 3
@@ -134,10 +166,98 @@ run() { # label scenario target [extra args]
         -d "$duration" --warmup "$warmup" --json "$@" | tee -a "$results"
 }
 
+# Pacing accuracy at one cap: a stand-in that records every POST and answers 130429 beyond the
+# cap in any sliding second; three kabar replicas on the one Redis and phone number ID (their own
+# ID per cap, so that no earlier schedule carries over), pair interval at its default (6 s; every
+# message goes to a new phone), no daily limit; SendTemplate offered at 3x the cap, open loop,
+# round-robin over the replicas, each call with a 2 s deadline. Extra arguments go to loadgen.
+pacing_run() { # cap [loadgen args]
+    local cap=$1 standin replicas=() targets=() r
+    shift
+    standin="127.0.0.1:$(free_port)"
+    "$loadgen" meta-standin --addr "$standin" --cap "$cap" 2>>"$work/meta.log" &
+    local standin_pid=$!
+    pids+=("$standin_pid")
+    wait_tcp "$standin"
+    for r in 1 2 3; do
+        local g="127.0.0.1:$(free_port)"
+        launch_kabar "$g" "127.0.0.1:$(free_port)" "127.0.0.1:$(free_port)" "$standin" \
+            "$work/kabar-pacing-$cap-$r.log" \
+            META_WA_PHONE_NUMBER_ID="$((9000 + cap))" KABAR_META_MAX_MPS="$cap" \
+            KABAR_PAIR_INTERVAL_SECONDS=6 KABAR_META_DAILY_LIMIT=unlimited
+        replicas+=("$launched")
+        targets+=("http://$g")
+    done
+    echo "== pacing-$cap" >&2
+    "$loadgen" run --scenario pacing --label "pacing-$cap" --cap "$cap" --rate "$((3 * cap))" \
+        --deadline-ms 2000 --targets "$(IFS=,; echo "${targets[*]}")" --meta "http://$standin" \
+        -d "$pacing_seconds" --warmup 1 --json "$@" | tee -a "$results"
+    kill -TERM "${replicas[@]}"
+    for r in "${replicas[@]}"; do
+        wait "$r" || { echo "bench: kabar did not exit 0 on SIGTERM" >&2; exit 1; }
+    done
+    kill "$standin_pid"
+    wait "$standin_pid" 2>/dev/null || true
+}
+
+# Pacing's overhead: the same kabar with KABAR_PACING_ENABLED=false (same Redis, same 0 ms
+# stand-in), started beside the first and idle until its turn.
+start_unpaced() {
+    launch_kabar "$grpc_unpaced" "$http_unpaced" "$webhook_unpaced" "$meta0" \
+        "$work/kabar-unpaced.log" KABAR_PACING_ENABLED=false
+    unpaced_pid=$launched
+    warm "$grpc_unpaced"
+}
+# A kabar's first calls are slow (a debug build's take up to a second): 64 of each send first,
+# unrecorded, so that no measured run pays for them.
+warm() { # grpc address
+    "$loadgen" run --scenario send-otp --target "http://$1" -c 16 -m 1 -n 64 -d 30 --warmup 0 \
+        --phone-offset 4000000 >/dev/null
+    "$loadgen" run --scenario send-template --target "http://$1" -c 16 -m 1 -n 64 -d 30 \
+        --warmup 0 --phone-offset 54000000 >/dev/null
+}
+# Paced and unpaced sends interleaved, twice, in the order A B B A, so that drift on a shared
+# machine weighs on both alike (--smoke: once); every run to phones of its own. Stops the
+# unpaced kabar.
+send_runs() {
+    run send-otp send-otp "http://$grpc" -c 64 -m 4 --phone-offset 0
+    run send-otp-unpaced send-otp "http://$grpc_unpaced" -c 64 -m 4 --phone-offset 1000000
+    run send-template send-template "http://$grpc" -c 64 -m 4 --phone-offset 50000000
+    run send-template-unpaced send-template "http://$grpc_unpaced" -c 64 -m 4 --phone-offset 51000000
+    if [[ "$smoke" == 0 ]]; then
+        run 'send-template-unpaced#2' send-template "http://$grpc_unpaced" -c 64 -m 4 \
+            --phone-offset 52000000
+        run 'send-template#2' send-template "http://$grpc" -c 64 -m 4 --phone-offset 53000000
+        run 'send-otp-unpaced#2' send-otp "http://$grpc_unpaced" -c 64 -m 4 --phone-offset 2000000
+        run 'send-otp#2' send-otp "http://$grpc" -c 64 -m 4 --phone-offset 3000000
+    fi
+    stop_pid "$unpaced_pid"
+}
+# Pacing's accuracy; at cap 80 also one SendOtp every 200 ms to the first replica, timed.
+pacing_runs() {
+    for cap in "${pacing_caps[@]}"; do
+        if [[ "$cap" == 80 ]]; then
+            pacing_run "$cap" --phone-offset 90000000 --otp-every-ms 200
+        else
+            pacing_run "$cap" --phone-offset 96000000
+        fi
+    done
+}
+
 bench_once() {
+    if [[ "$pacing_only" == 1 ]]; then
+        start_kabar "$meta0" "$work/kabar.log"
+        warm "$grpc"
+        start_unpaced
+        send_runs
+        stop_kabar
+        pacing_runs
+        return
+    fi
     "${phone_bench[@]}" | tee -a "$results"
 
     start_kabar "$meta0" "$work/kabar.log"
+    start_unpaced
     run meta-direct-0ms meta-direct "http://$meta0" -c 64
     # kabar's health check is tonic's own health service, as on the bare server: the two differ
     # only by machine noise, which this pair measures. Ratios divide by kabar's health; kabar's
@@ -150,8 +270,7 @@ bench_once() {
     run 'health#2' health "http://$grpc" -c 64 -m 4
     run 'verify-invalid#2' verify-invalid "http://$grpc" -c 64 -m 4
     run verify verify "http://$grpc" -c 64 -m 4 --phones "$phones" --meta "http://$meta0"
-    run send-otp send-otp "http://$grpc" -c 64 -m 4 --phone-offset 0
-    run send-template send-template "http://$grpc" -c 64 -m 4 --phone-offset 50000000
+    send_runs
     # Meta's webhook: signed POSTs of 100 statuses for messages sent through kabar first, a new
     # connection per POST (kabar's webhook listener answers one request per connection).
     run webhook webhook "http://$grpc" -c 16 --webhook "http://$webhook" --app-secret "$app_secret" \
@@ -172,6 +291,8 @@ bench_once() {
     run send-template-200ms-1024 send-template "http://$grpc" -c 1024 -m 4 --phone-offset 80000000
     rss1024=$(peak_rss_kb "$kabar_pid")
     stop_kabar
+
+    pacing_runs
 
     echo "{\"label\":\"rss\",\"kabar_peak_rss_kb\":$rss0,\"kabar_200ms_peak_rss_kb\":$rss200,\"kabar_200ms_1024_peak_rss_kb\":$rss1024}" |
         tee -a "$results"
