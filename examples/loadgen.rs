@@ -198,10 +198,14 @@ struct RunArgs {
     deadline_ms: u64,
     /// pacing: KABAR_META_MAX_MPS of the replicas and the stand-in's --cap.
     #[arg(long)]
-    cap: Option<f64>,
+    cap: Option<u32>,
     /// pacing: one SendOtp every this many milliseconds to the first target (0: none).
     #[arg(long, default_value_t = 0)]
     otp_every_ms: u64,
+    /// pacing: writes the stand-in's record of this run here (JSON: when the run started, and
+    /// the arrival of every POST accepted and refused, in Unix microseconds).
+    #[arg(long)]
+    arrivals_out: Option<std::path::PathBuf>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -808,11 +812,11 @@ async fn run_pacing(args: RunArgs) -> anyhow::Result<()> {
     } else {
         args.targets.clone()
     };
-    let cap = args.cap.ok_or_else(|| {
+    let cap = f64::from(args.cap.ok_or_else(|| {
         anyhow::anyhow!(
             "--cap is required for the pacing scenario: the replicas' KABAR_META_MAX_MPS"
         )
-    })?;
+    })?);
     anyhow::ensure!(
         args.rate > 0.0 && cap > 0.0,
         "--rate and --cap must be above 0"
@@ -938,13 +942,25 @@ async fn run_pacing(args: RunArgs) -> anyhow::Result<()> {
         .into_iter()
         .filter(|&t| t >= started_us)
         .collect();
-    let refused = recorded
+    let refused_us: Vec<u64> = recorded
         .refused_us
         .iter()
-        .filter(|&&t| t >= started_us)
-        .count();
+        .copied()
+        .filter(|&t| t >= started_us)
+        .collect();
+    if let Some(path) = &args.arrivals_out {
+        let record = serde_json::json!({
+            "label": args.label,
+            "cap": args.cap,
+            "started_us": started_us,
+            "accepted_us": accepted,
+            "refused_us": refused_us,
+        });
+        std::fs::write(path, record.to_string())
+            .map_err(|e| anyhow::anyhow!("writing {}: {e}", path.display()))?;
+    }
     let mut posts: Vec<u64> = accepted.clone();
-    posts.extend(recorded.refused_us.iter().filter(|&&t| t >= started_us));
+    posts.extend(&refused_us);
     posts.sort_unstable();
     let (busiest, busiest_at) = busiest_second(&posts);
     let steady_from = started_us + warmup.as_micros() as u64;
@@ -971,7 +987,7 @@ async fn run_pacing(args: RunArgs) -> anyhow::Result<()> {
         "scenario": "pacing",
         "targets": targets,
         "replicas": targets.len(),
-        "cap": cap,
+        "cap": args.cap,
         "offered_per_sec": args.rate,
         "deadline_ms": args.deadline_ms,
         "warmup": args.warmup,
@@ -984,7 +1000,7 @@ async fn run_pacing(args: RunArgs) -> anyhow::Result<()> {
         "sent_p99_ms": percentile_ms(&sent_us, 99.0),
         "meta_posts": posts.len(),
         "meta_accepted": accepted.len(),
-        "meta_130429": refused,
+        "meta_130429": refused_us.len(),
         "busiest_window": busiest,
         "busiest_window_ratio": busiest as f64 / cap,
         "busiest_window_at_s": busiest_at_s,
@@ -1028,9 +1044,10 @@ async fn run_pacing(args: RunArgs) -> anyhow::Result<()> {
         println!("  kabar's answers: {:?}", templates.results);
         println!("  errors: {:?}", templates.errors);
         println!(
-            "  Meta stand-in: {} POSTs, {} accepted, {refused} answered 130429",
+            "  Meta stand-in: {} POSTs, {} accepted, {} answered 130429",
             posts.len(),
-            accepted.len()
+            accepted.len(),
+            refused_us.len()
         );
         println!(
             "  busiest 1-second window: {busiest} = {:.1}% of the cap (from {busiest_at_s:.2} s)",

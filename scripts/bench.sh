@@ -13,7 +13,8 @@
 # (benches/phone.rs). Pacing: a second kabar with pacing off beside the first (the overhead), then
 # three replicas on one Redis against a stand-in that answers 130429 beyond its cap (accuracy, and
 # OTP latency under a saturating SendTemplate load), at caps 80 and 1,000 (--smoke: 80 only).
-# Results: target/bench/results.jsonl (run N of several: results-N.jsonl).
+# Results: target/bench/results.jsonl (run N of several: results-N.jsonl); every POST the capped
+# stand-in received in a pacing run: results.arrivals-<cap>.json (results-N.arrivals-<cap>.json).
 #
 # It fails when any call of any scenario ends in an error or none is answered (the load
 # generator exits non-zero), and when kabar does not exit 0 on SIGTERM. It asserts no speed.
@@ -191,7 +192,8 @@ pacing_run() { # cap [loadgen args]
     echo "== pacing-$cap" >&2
     "$loadgen" run --scenario pacing --label "pacing-$cap" --cap "$cap" --rate "$((3 * cap))" \
         --deadline-ms 2000 --targets "$(IFS=,; echo "${targets[*]}")" --meta "http://$standin" \
-        -d "$pacing_seconds" --warmup 1 --json "$@" | tee -a "$results"
+        -d "$pacing_seconds" --warmup 1 --arrivals-out "${results%.jsonl}.arrivals-$cap.json" \
+        --json "$@" | tee -a "$results"
     kill -TERM "${replicas[@]}"
     for r in "${replicas[@]}"; do
         wait "$r" || { echo "bench: kabar did not exit 0 on SIGTERM" >&2; exit 1; }
