@@ -44,10 +44,13 @@ pub(crate) fn idempotency_key(key: &str) -> String {
     format!("kabar:idem:{{{key}}}")
 }
 /// The pacing keys of one business number (its phone number ID), all in one Cluster slot: the
-/// schedule, one key per recipient's pair interval, the recipients counted toward the daily
-/// limit, and the customers inside their service window.
+/// schedule, its backoff after Meta's throttling, one key per recipient's pair interval, the
+/// recipients counted toward the daily limit, and the customers inside their service window.
 pub(crate) fn pace_rate_key(number: &str) -> String {
     format!("kabar:pace:{{{number}}}:rate")
+}
+pub(crate) fn pace_backoff_key(number: &str) -> String {
+    format!("kabar:pace:{{{number}}}:backoff")
 }
 pub(crate) fn pace_pair_key(number: &str, phone: &str) -> String {
     format!("kabar:pace:{{{number}}}:pair:{phone}")

@@ -660,6 +660,15 @@ async fn redis_holds_only_keyed_hashes_with_bounded_ttls() {
             // (phone numbers scored by time), a recipient's pair interval (a time).
             assert!(ttl <= 86_400_000 * 2, "{key_text}: TTL {ttl} ms");
             let values: Vec<String> = match kind.as_str() {
+                // The schedule's next slot, the backoff ("factor:since"), a pair interval's end.
+                "string" => {
+                    let v: String = redis::cmd("GET")
+                        .arg(key)
+                        .query_async(&mut con)
+                        .await
+                        .unwrap();
+                    v.split(':').map(str::to_owned).collect()
+                }
                 "hash" => redis::cmd("HVALS")
                     .arg(key)
                     .query_async(&mut con)

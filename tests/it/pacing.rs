@@ -432,10 +432,11 @@ async fn a_send_whose_slot_is_past_its_deadline_is_refused_at_once(redis: Option
     assert!(gap >= Duration::from_millis(950), "one per second: {gap:?}");
 }
 
-#[tokio::test]
-async fn meta_throttling_slows_down_and_the_send_is_retried() {
+on_both_stores!(meta_throttling_slows_down_and_the_send_is_retried);
+
+async fn meta_throttling_slows_down_and_the_send_is_retried(redis: Option<&RedisServer>) {
     let meta = FakeMeta::start().await;
-    let app = kabar(&meta, None, &[]).await;
+    let app = kabar(&meta, redis, &[]).await;
     meta.push(crate::support::Reply::error(
         429,
         130429,

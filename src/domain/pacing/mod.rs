@@ -322,7 +322,9 @@ impl Pacer {
                     daily_used,
                 } => {
                     drop(turn);
-                    self.note_daily(daily_used);
+                    if daily_used > 0 {
+                        self.note_daily(daily_used);
+                    }
                     tokio::time::sleep(Duration::from_micros(wait_us)).await;
                     self.count_admitted(priority, start.elapsed());
                     return Ok(());

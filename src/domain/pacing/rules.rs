@@ -10,8 +10,10 @@
 //! - **Pair interval**: per recipient, the time before which no other message may go.
 //! - **Daily limit**: the recipients reached in the last 24 hours, each with its latest send;
 //!   customers who wrote in the last 24 hours are inside their service window and not counted.
+//!   Nothing is counted while the limit is unlimited.
 //! - **Backoff**: after Meta's own throttling answer, the interval is multiplied (2, 4, 8) for
-//!   a while and the schedule pauses, so that every replica slows down together.
+//!   a while and the schedule pauses, so that every replica slows down together. Answers within
+//!   a second of the last slow-down are one episode and slow it no further.
 //!
 //! A refusal or a "wait and ask again" changes nothing.
 
@@ -22,6 +24,9 @@ pub const DAY_US: u64 = 24 * 3600 * 1_000_000;
 pub const BACKOFF_WINDOW_US: u64 = 10_000_000;
 /// The schedule's pause after a throttling answer.
 pub const BACKOFF_PAUSE_US: u64 = 200_000;
+/// Throttling answers within this time of the one that last slowed the schedule belong to the
+/// same episode (answers to messages already on their way): they do not slow it further.
+pub const BACKOFF_EPISODE_US: u64 = 1_000_000;
 /// The slowest backoff: an eighth of the configured rate.
 pub const MAX_BACKOFF: u64 = 8;
 
@@ -52,7 +57,8 @@ pub enum Limit {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Answer {
-    /// The send has its slot `wait_us` from now; `daily_used` recipients are counted now.
+    /// The send has its slot `wait_us` from now; `daily_used` recipients are counted now (0 when
+    /// the store did not count them on this admission).
     Admitted { wait_us: u64, daily_used: u64 },
     /// The schedule is full as far as this priority may look: ask again in `wait_us`.
     Queue { wait_us: u64 },
@@ -107,6 +113,8 @@ pub struct PaceState {
     tat: u64,
     backoff_factor: u64,
     backoff_until: u64,
+    /// When the backoff was last made slower.
+    backoff_since: u64,
     /// When the next message to a recipient may go.
     pair: Recent,
     /// When each recipient counted toward the daily limit was last sent to.
@@ -122,7 +130,7 @@ impl PaceState {
         self.daily.drop_until(since);
         self.pair.drop_until(now);
 
-        let counts = self.inbound.get(ask.phone).is_none();
+        let counts = ask.daily_limit > 0 && self.inbound.get(ask.phone).is_none();
         if counts && ask.daily_limit > 0 && self.daily.get(ask.phone).is_none() {
             let used = self.daily.len();
             if used >= ask.daily_limit {
@@ -133,7 +141,7 @@ impl PaceState {
                 };
             }
         }
-        if let Some(next) = self.pair.get(ask.phone) {
+        if let Some(next) = self.pair.get(ask.phone).filter(|_| ask.pair_us > 0) {
             let wait_us = next - now;
             return if wait_us > ask.budget_us {
                 Answer::Refused {
@@ -177,11 +185,13 @@ impl PaceState {
 
     /// Meta throttled the number: slow every sender down for a while. Returns the factor.
     pub fn slow_down(&mut self, now: u64) -> u64 {
-        self.backoff_factor = if self.backoff_until > now {
-            (self.backoff_factor * 2).clamp(2, MAX_BACKOFF)
-        } else {
-            2
-        };
+        if self.backoff_until <= now {
+            self.backoff_factor = 2;
+            self.backoff_since = now;
+        } else if now >= self.backoff_since + BACKOFF_EPISODE_US {
+            self.backoff_factor = (self.backoff_factor * 2).clamp(2, MAX_BACKOFF);
+            self.backoff_since = now;
+        }
         self.backoff_until = now + BACKOFF_WINDOW_US;
         self.tat = self.tat.max(now + BACKOFF_PAUSE_US);
         self.backoff_factor
@@ -378,19 +388,20 @@ mod tests {
     fn throttling_slows_the_schedule_then_wears_off() {
         let mut s = PaceState::default();
         assert_eq!(s.slow_down(T0), 2);
-        assert_eq!(s.slow_down(T0 + 1), 4);
-        assert_eq!(s.slow_down(T0 + 2), 8);
-        assert_eq!(s.slow_down(T0 + 3), 8);
+        // Answers to messages already on their way: the same episode.
+        assert_eq!(s.slow_down(T0 + 300_000), 2);
+        assert_eq!(s.slow_down(T0 + 1_000_000), 4);
+        assert_eq!(s.slow_down(T0 + 2_000_000), 8);
+        let t = T0 + 2_000_000;
+        assert_eq!(s.slow_down(t + 1_000_000), 8);
+        let t = t + 1_000_000;
         // The pause, then slots eight intervals apart.
+        assert_eq!(admitted_wait(s.admit(t, &ask("+628120"))), BACKOFF_PAUSE_US);
         assert_eq!(
-            admitted_wait(s.admit(T0 + 3, &ask("+628120"))),
-            BACKOFF_PAUSE_US
-        );
-        assert_eq!(
-            admitted_wait(s.admit(T0 + 3, &ask("+628121"))),
+            admitted_wait(s.admit(t, &ask("+628121"))),
             BACKOFF_PAUSE_US + 8 * 12_500
         );
-        let later = T0 + 3 + BACKOFF_WINDOW_US + 1;
+        let later = t + BACKOFF_WINDOW_US + 1;
         admitted_wait(s.admit(later, &ask("+628122")));
         assert_eq!(admitted_wait(s.admit(later, &ask("+628123"))), 12_500);
     }
@@ -399,8 +410,12 @@ mod tests {
     fn a_pair_refusal_from_meta_holds_the_recipient() {
         let mut s = PaceState::default();
         s.block_pair(T0, "+628120", 6_000_000);
+        let pair = Ask {
+            pair_us: 6_000_000,
+            ..ask("+628120")
+        };
         assert_eq!(
-            s.admit(T0, &ask("+628120")),
+            s.admit(T0, &pair),
             Answer::Refused {
                 limit: Limit::Pair,
                 retry_us: 6_000_000

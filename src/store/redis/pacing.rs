@@ -10,78 +10,94 @@ use super::RedisStore;
 use crate::{
     domain::{
         pacing::rules::{
-            Answer, Ask, BACKOFF_PAUSE_US, BACKOFF_WINDOW_US, DAY_US, Limit, MAX_BACKOFF,
+            Answer, Ask, BACKOFF_EPISODE_US, BACKOFF_PAUSE_US, BACKOFF_WINDOW_US, DAY_US, Limit,
+            MAX_BACKOFF,
         },
         ports::StoreError,
     },
-    store::{pace_daily_key, pace_inbound_key, pace_pair_key, pace_rate_key},
+    store::{pace_backoff_key, pace_daily_key, pace_inbound_key, pace_pair_key, pace_rate_key},
 };
 
-/// KEYS: schedule (hash: t = next free slot, f = backoff factor, u = backoff until), the
-/// recipient's pair key, daily recipients (zset by last send), customers who wrote (zset by when).
-/// ARGV: phone, interval, horizon, budget, pair interval, daily limit (0: unlimited), day.
-/// Returns {0, wait, daily used} admitted | {1, wait} queue | {2, wait} pair wait |
-/// {3, limit (1 rate, 2 pair, 3 daily), retry}.
+/// KEYS: the schedule (the next free slot), the backoff ("factor:since", expiring when the
+/// backoff ends), the recipient's pair key, daily recipients (zset by last send), customers who
+/// wrote (zset by when). ARGV: phone, interval, horizon, budget, pair interval (0: off), daily
+/// limit (0: unlimited, nothing counted), day. Returns {0, wait, daily used (0: not counted
+/// now)} admitted | {1, wait} queue | {2, wait} pair wait | {3, limit (1 rate, 2 pair, 3 daily),
+/// retry}. With the pair interval off and no daily limit it is three commands: TIME, MGET, SET.
 const ADMIT: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local phone = ARGV[1]
-local day = tonumber(ARGV[7])
-local since = now - day
 local function f(x) return string.format('%.0f', x) end
-local counts = true
-local wrote = redis.call('ZSCORE', KEYS[4], phone)
-if wrote and tonumber(wrote) > since then counts = false end
-if counts then
-  redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', f(since))
-  local limit = tonumber(ARGV[6])
-  if limit > 0 and not redis.call('ZSCORE', KEYS[3], phone) then
-    if redis.call('ZCARD', KEYS[3]) >= limit then
-      local oldest = redis.call('ZRANGE', KEYS[3], 0, 0, 'WITHSCORES')
-      return {3, 3, f(math.max(tonumber(oldest[2]) + day - now, 0))}
+local limit = tonumber(ARGV[6])
+local counts = false
+local used = 0
+if limit > 0 then
+  local day = tonumber(ARGV[7])
+  local since = now - day
+  local wrote = redis.call('ZSCORE', KEYS[5], phone)
+  counts = not (wrote and tonumber(wrote) > since)
+  if counts then
+    redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', f(since))
+    if not redis.call('ZSCORE', KEYS[4], phone) then
+      used = redis.call('ZCARD', KEYS[4])
+      if used >= limit then
+        local oldest = redis.call('ZRANGE', KEYS[4], 0, 0, 'WITHSCORES')
+        return {3, 3, f(math.max(tonumber(oldest[2]) + day - now, 0))}
+      end
+      used = used + 1
     end
   end
 end
 local budget = tonumber(ARGV[4])
-local pair_next = tonumber(redis.call('GET', KEYS[2]) or '0')
-if pair_next > now then
-  if pair_next - now > budget then return {3, 2, f(pair_next - now)} end
-  return {2, f(pair_next - now)}
+local pair = tonumber(ARGV[5])
+if pair > 0 then
+  local pair_next = tonumber(redis.call('GET', KEYS[3]) or '0')
+  if pair_next > now then
+    if pair_next - now > budget then return {3, 2, f(pair_next - now)} end
+    return {2, f(pair_next - now)}
+  end
 end
-local s = redis.call('HMGET', KEYS[1], 't', 'f', 'u')
+local v = redis.call('MGET', KEYS[1], KEYS[2])
 local factor = 1
-if (tonumber(s[3]) or 0) > now then factor = tonumber(s[2]) or 1 end
-local slot = math.max(tonumber(s[1]) or 0, now)
+if v[2] then factor = tonumber(string.match(v[2], '^(%d+)')) or 1 end
+local slot = math.max(tonumber(v[1]) or 0, now)
 local wait = slot - now
 if wait > budget then return {3, 1, f(wait)} end
 local horizon = tonumber(ARGV[3])
 if wait > horizon then return {1, f(wait - horizon)} end
-redis.call('HSET', KEYS[1], 't', f(slot + tonumber(ARGV[2]) * factor))
-redis.call('PEXPIRE', KEYS[1], 3600000)
-local pair = tonumber(ARGV[5])
+redis.call('SET', KEYS[1], f(slot + tonumber(ARGV[2]) * factor), 'PX', 3600000)
 if pair > 0 then
-  redis.call('SET', KEYS[2], f(slot + pair), 'PX', f(math.ceil((slot + pair - now) / 1000) + 1))
+  redis.call('SET', KEYS[3], f(slot + pair), 'PX', f(math.ceil((slot + pair - now) / 1000) + 1))
 end
 if counts then
-  redis.call('ZADD', KEYS[3], f(now), phone)
-  redis.call('PEXPIRE', KEYS[3], f(day / 1000 + 60000))
+  if redis.call('ZADD', KEYS[4], f(now), phone) == 1 then
+    redis.call('PEXPIRE', KEYS[4], f(tonumber(ARGV[7]) / 1000 + 60000))
+  end
 end
-return {0, f(wait), redis.call('ZCARD', KEYS[3])}
+return {0, f(wait), used}
 "#;
 
-/// KEYS: schedule. ARGV: backoff window, pause, largest factor. Returns the new factor.
+/// KEYS: the schedule, the backoff. ARGV: backoff window, pause, largest factor, episode.
+/// Returns the factor in force.
 const SLOW_DOWN: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local function f(x) return string.format('%.0f', x) end
-local s = redis.call('HMGET', KEYS[1], 't', 'f', 'u')
-local factor = 2
-if (tonumber(s[3]) or 0) > now then
-  factor = math.min(math.max((tonumber(s[2]) or 1) * 2, 2), tonumber(ARGV[3]))
+local factor, since = 2, now
+local v = redis.call('GET', KEYS[2])
+if v then
+  local f0, s0 = string.match(v, '^(%d+):(%d+)$')
+  f0, s0 = tonumber(f0) or 1, tonumber(s0) or 0
+  if now < s0 + tonumber(ARGV[4]) then
+    factor, since = f0, s0
+  else
+    factor = math.min(math.max(f0 * 2, 2), tonumber(ARGV[3]))
+  end
 end
-local slot = math.max(tonumber(s[1]) or 0, now + tonumber(ARGV[2]))
-redis.call('HSET', KEYS[1], 't', f(slot), 'f', factor, 'u', f(now + tonumber(ARGV[1])))
-redis.call('PEXPIRE', KEYS[1], 3600000)
+redis.call('SET', KEYS[2], factor .. ':' .. f(since), 'PX', f(tonumber(ARGV[1]) / 1000))
+local slot = math.max(tonumber(redis.call('GET', KEYS[1]) or '0'), now + tonumber(ARGV[2]))
+redis.call('SET', KEYS[1], f(slot), 'PX', 3600000)
 return factor
 "#;
 
@@ -153,6 +169,7 @@ impl RedisStore {
                 self.pacing_scripts
                     .admit
                     .key(pace_rate_key(number))
+                    .key(pace_backoff_key(number))
                     .key(pace_pair_key(number, ask.phone))
                     .key(pace_daily_key(number))
                     .key(pace_inbound_key(number))
@@ -187,9 +204,11 @@ impl RedisStore {
             self.pacing_scripts
                 .slow_down
                 .key(pace_rate_key(number))
+                .key(pace_backoff_key(number))
                 .arg(BACKOFF_WINDOW_US)
                 .arg(BACKOFF_PAUSE_US)
                 .arg(MAX_BACKOFF)
+                .arg(BACKOFF_EPISODE_US)
                 .invoke_async(&mut con),
         )
         .await
