@@ -188,8 +188,9 @@ pub trait MessageStore: Send + Sync {
 /// rules of [`super::pacing::rules`]. Time is the store's own clock.
 #[async_trait]
 pub trait PacingStore: Send + Sync {
-    /// One admission, atomically: a refusal or a wait changes nothing.
-    async fn admit(&self, number: &str, ask: &Ask<'_>) -> Result<Answer, StoreError>;
+    /// Admissions in order, as one atomic step (one answer per ask): a refusal or a wait changes
+    /// nothing. The asks share their interval, pair interval and daily limit (the first ask's).
+    async fn admit(&self, number: &str, asks: &[Ask<'_>]) -> Result<Vec<Answer>, StoreError>;
 
     /// Meta throttled the number: back off the shared rate. Returns the new slow-down factor.
     async fn slow_down(&self, number: &str) -> Result<u64, StoreError>;

@@ -222,11 +222,11 @@ impl crate::domain::ports::PacingStore for Store {
     async fn admit(
         &self,
         number: &str,
-        ask: &crate::domain::pacing::rules::Ask<'_>,
-    ) -> Result<crate::domain::pacing::rules::Answer, StoreError> {
+        asks: &[crate::domain::pacing::rules::Ask<'_>],
+    ) -> Result<Vec<crate::domain::pacing::rules::Answer>, StoreError> {
         match self {
-            Store::Redis(s) => s.pace_admit(number, ask).await,
-            Store::Memory(s) => s.pacing().admit(number, ask),
+            Store::Redis(s) => s.pace_admit(number, asks).await,
+            Store::Memory(s) => s.pacing().admit(number, asks),
         }
     }
 

@@ -11,6 +11,7 @@
 //! once with the time a slot frees, and is never sent later. When the shared store (Redis) is
 //! unreachable, each process paces alone at its share of the limits.
 
+mod gather;
 pub mod rules;
 
 use std::{
@@ -177,6 +178,8 @@ pub struct Pacer {
     /// The per-process schedule used while `shared` (Redis) is unreachable; `None` when
     /// `shared` is already in-process.
     fallback: Option<Arc<dyn PacingStore>>,
+    /// Gathers this process's admissions into batches for the shared store (Redis).
+    gatherer: Option<Arc<gather::Gatherer>>,
     /// Until when the fallback is used before the shared schedule is tried again.
     alone_until: Mutex<Option<Instant>>,
     alone: AtomicBool,
@@ -202,11 +205,15 @@ impl Pacer {
             Some(limit) => (limit, LimitSource::Configured),
             None => (DEFAULT_DAILY_LIMIT, LimitSource::Default),
         };
+        let gatherer = fallback
+            .is_some()
+            .then(|| gather::Gatherer::new(shared.clone(), number.clone()));
         Pacer {
             config,
             number,
             shared,
             fallback,
+            gatherer,
             alone_until: Mutex::new(None),
             alone: AtomicBool::new(false),
             daily_limit: AtomicU64::new(limit),
@@ -439,15 +446,12 @@ impl Pacer {
     /// shared one is unreachable.
     async fn ask(&self, phone: &str, horizon: Duration, budget: Duration) -> Result<Answer, Error> {
         let ask = self.ask_for(phone, horizon, budget);
-        let Some(fallback) = &self.fallback else {
-            return self
-                .shared
-                .admit(&self.number, &ask)
-                .await
+        let (Some(fallback), Some(gatherer)) = (&self.fallback, &self.gatherer) else {
+            return one(self.shared.admit(&self.number, &[ask]).await)
                 .map_err(|e| Error::StoreUnavailable(e.0));
         };
         if !self.pacing_alone() {
-            match self.shared.admit(&self.number, &ask).await {
+            match gatherer.admit(&ask).await {
                 Ok(answer) => {
                     self.shared_answered();
                     return Ok(answer);
@@ -464,10 +468,7 @@ impl Pacer {
             },
             ..ask
         };
-        fallback
-            .admit(&self.number, &alone)
-            .await
-            .map_err(|e| Error::StoreUnavailable(e.0))
+        one(fallback.admit(&self.number, &[alone]).await).map_err(|e| Error::StoreUnavailable(e.0))
     }
 
     /// Whether this process paces alone now. Once the retry time has come, the shared schedule
@@ -677,6 +678,14 @@ impl Pacer {
             daily_limit_source: SOURCES[usize::from(self.limit_source.load(Ordering::Relaxed))],
         }
     }
+}
+
+/// The one answer to a batch of one.
+fn one(answers: Result<Vec<Answer>, StoreError>) -> Result<Answer, StoreError> {
+    answers?
+        .into_iter()
+        .next()
+        .ok_or_else(|| StoreError("the pacing store gave no answer".into()))
 }
 
 /// A store call that is not an admission.

@@ -31,8 +31,10 @@ impl Schedules {
         f(state, now_us())
     }
 
-    pub fn admit(&self, number: &str, ask: &Ask<'_>) -> Result<Answer, StoreError> {
-        Ok(self.with(number, |s, now| s.admit(now, ask)))
+    pub fn admit(&self, number: &str, asks: &[Ask<'_>]) -> Result<Vec<Answer>, StoreError> {
+        Ok(self.with(number, |s, now| {
+            asks.iter().map(|ask| s.admit(now, ask)).collect()
+        }))
     }
 
     pub fn slow_down(&self, number: &str) -> Result<u64, StoreError> {

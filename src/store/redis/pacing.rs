@@ -18,64 +18,88 @@ use crate::{
     store::{pace_backoff_key, pace_daily_key, pace_inbound_key, pace_pair_key, pace_rate_key},
 };
 
-/// KEYS: the schedule (the next free slot), the backoff ("factor:since", expiring when the
-/// backoff ends), the recipient's pair key, daily recipients (zset by last send), customers who
-/// wrote (zset by when). ARGV: phone, interval, horizon, budget, pair interval (0: off), daily
-/// limit (0: unlimited, nothing counted), day. Returns {0, wait, daily used (0: not counted
-/// now)} admitted | {1, wait} queue | {2, wait} pair wait | {3, limit (1 rate, 2 pair, 3 daily),
-/// retry}. With the pair interval off and no daily limit it is three commands: TIME, MGET, SET.
+/// Admissions in order, on one reading of the clock. KEYS: the schedule (the next free slot),
+/// the backoff ("factor:since", expiring when the backoff ends), daily recipients (zset by last
+/// send), customers who wrote (zset by when), then each ask's recipient pair key. ARGV:
+/// interval, pair interval (0: off), daily limit (0: unlimited, nothing counted), day, then per
+/// ask: phone, horizon, budget. Returns three numbers per ask: {0, wait, daily used (0: not
+/// counted now)} admitted | {1, wait, 0} queue | {2, wait, 0} pair wait | {3, limit (1 rate,
+/// 2 pair, 3 daily), retry}. With the pair interval off and no daily limit, a batch is three
+/// commands: TIME, MGET, SET.
 const ADMIT: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local phone = ARGV[1]
 local function f(x) return string.format('%.0f', x) end
-local limit = tonumber(ARGV[6])
-local counts = false
-local used = 0
-if limit > 0 then
-  local day = tonumber(ARGV[7])
-  local since = now - day
-  local wrote = redis.call('ZSCORE', KEYS[5], phone)
-  counts = not (wrote and tonumber(wrote) > since)
-  if counts then
-    redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', f(since))
-    if not redis.call('ZSCORE', KEYS[4], phone) then
-      used = redis.call('ZCARD', KEYS[4])
-      if used >= limit then
-        local oldest = redis.call('ZRANGE', KEYS[4], 0, 0, 'WITHSCORES')
-        return {3, 3, f(math.max(tonumber(oldest[2]) + day - now, 0))}
-      end
-      used = used + 1
-    end
-  end
-end
-local budget = tonumber(ARGV[4])
-local pair = tonumber(ARGV[5])
-if pair > 0 then
-  local pair_next = tonumber(redis.call('GET', KEYS[3]) or '0')
-  if pair_next > now then
-    if pair_next - now > budget then return {3, 2, f(pair_next - now)} end
-    return {2, f(pair_next - now)}
-  end
-end
+local interval = tonumber(ARGV[1])
+local pair = tonumber(ARGV[2])
+local limit = tonumber(ARGV[3])
+local day = tonumber(ARGV[4])
+local since = now - day
 local v = redis.call('MGET', KEYS[1], KEYS[2])
 local factor = 1
 if v[2] then factor = tonumber(string.match(v[2], '^(%d+)')) or 1 end
-local slot = math.max(tonumber(v[1]) or 0, now)
-local wait = slot - now
-if wait > budget then return {3, 1, f(wait)} end
-local horizon = tonumber(ARGV[3])
-if wait > horizon then return {1, f(wait - horizon)} end
-redis.call('SET', KEYS[1], f(slot + tonumber(ARGV[2]) * factor), 'PX', 3600000)
-if pair > 0 then
-  redis.call('SET', KEYS[3], f(slot + pair), 'PX', f(math.ceil((slot + pair - now) / 1000) + 1))
+local tat = tonumber(v[1]) or 0
+local moved = false
+if limit > 0 then redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', f(since)) end
+local out = {}
+local function answer(a, b, c)
+  out[#out + 1] = a
+  out[#out + 1] = f(b)
+  out[#out + 1] = c
 end
-if counts then
-  if redis.call('ZADD', KEYS[4], f(now), phone) == 1 then
-    redis.call('PEXPIRE', KEYS[4], f(tonumber(ARGV[7]) / 1000 + 60000))
+for i = 1, (#ARGV - 4) / 3 do
+  local phone = ARGV[3 * i + 2]
+  local horizon = tonumber(ARGV[3 * i + 3])
+  local budget = tonumber(ARGV[3 * i + 4])
+  local pair_key = KEYS[4 + i]
+  local counts = false
+  local new = false
+  local used = 0
+  local refused = false
+  if limit > 0 then
+    local wrote = redis.call('ZSCORE', KEYS[4], phone)
+    counts = not (wrote and tonumber(wrote) > since)
+    if counts and not redis.call('ZSCORE', KEYS[3], phone) then
+      used = redis.call('ZCARD', KEYS[3])
+      if used >= limit then
+        local oldest = redis.call('ZRANGE', KEYS[3], 0, 0, 'WITHSCORES')
+        answer(3, 3, f(math.max(tonumber(oldest[2]) + day - now, 0)))
+        refused = true
+      end
+      new = true
+      used = used + 1
+    end
+  end
+  local pair_next = 0
+  if not refused and pair > 0 then
+    pair_next = tonumber(redis.call('GET', pair_key) or '0')
+    if pair_next > now then
+      if pair_next - now > budget then answer(3, 2, f(pair_next - now))
+      else answer(2, pair_next - now, 0) end
+      refused = true
+    end
+  end
+  if not refused then
+    local slot = math.max(tat, now)
+    local wait = slot - now
+    if wait > budget then answer(3, 1, f(wait))
+    elseif wait > horizon then answer(1, wait - horizon, 0)
+    else
+      tat = slot + interval * factor
+      moved = true
+      if pair > 0 then
+        redis.call('SET', pair_key, f(slot + pair), 'PX', f(math.ceil((slot + pair - now) / 1000) + 1))
+      end
+      if counts then
+        redis.call('ZADD', KEYS[3], f(now), phone)
+        if new then redis.call('PEXPIRE', KEYS[3], f(day / 1000 + 60000)) end
+      end
+      answer(0, wait, used)
+    end
   end
 end
-return {0, f(wait), used}
+if moved then redis.call('SET', KEYS[1], f(tat), 'PX', 3600000) end
+return out
 "#;
 
 /// KEYS: the schedule, the backoff. ARGV: backoff window, pause, largest factor, episode.
@@ -162,40 +186,51 @@ fn unexpected(script: &str, answer: &[u64]) -> StoreError {
 }
 
 impl RedisStore {
-    pub async fn pace_admit(&self, number: &str, ask: &Ask<'_>) -> Result<Answer, StoreError> {
+    pub async fn pace_admit(
+        &self,
+        number: &str,
+        asks: &[Ask<'_>],
+    ) -> Result<Vec<Answer>, StoreError> {
+        let Some(first) = asks.first() else {
+            return Ok(Vec::new());
+        };
         let mut con = self.connection.clone();
-        let answer: Vec<u64> = self
-            .bounded(
-                self.pacing_scripts
-                    .admit
-                    .key(pace_rate_key(number))
-                    .key(pace_backoff_key(number))
-                    .key(pace_pair_key(number, ask.phone))
-                    .key(pace_daily_key(number))
-                    .key(pace_inbound_key(number))
-                    .arg(ask.phone)
-                    .arg(ask.interval_us)
-                    .arg(ask.horizon_us)
-                    .arg(ask.budget_us)
-                    .arg(ask.pair_us)
-                    .arg(ask.daily_limit)
-                    .arg(DAY_US)
-                    .invoke_async(&mut con),
-            )
-            .await?;
-        match answer[..] {
-            [0, wait_us, daily_used] => Ok(Answer::Admitted {
-                wait_us,
-                daily_used,
-            }),
-            [1, wait_us] => Ok(Answer::Queue { wait_us }),
-            [2, wait_us] => Ok(Answer::PairWait { wait_us }),
-            [3, limit @ 1..=3, retry_us] => Ok(Answer::Refused {
-                limit: [Limit::Rate, Limit::Pair, Limit::Daily][limit as usize - 1],
-                retry_us,
-            }),
-            _ => Err(unexpected("pacing", &answer)),
+        let mut invocation = self.pacing_scripts.admit.prepare_invoke();
+        invocation
+            .key(pace_rate_key(number))
+            .key(pace_backoff_key(number))
+            .key(pace_daily_key(number))
+            .key(pace_inbound_key(number))
+            .arg(first.interval_us)
+            .arg(first.pair_us)
+            .arg(first.daily_limit)
+            .arg(DAY_US);
+        for ask in asks {
+            invocation
+                .key(pace_pair_key(number, ask.phone))
+                .arg(ask.phone)
+                .arg(ask.horizon_us)
+                .arg(ask.budget_us);
         }
+        let flat: Vec<u64> = self.bounded(invocation.invoke_async(&mut con)).await?;
+        if flat.len() != asks.len() * 3 {
+            return Err(unexpected("pacing", &flat));
+        }
+        flat.chunks(3)
+            .map(|answer| match *answer {
+                [0, wait_us, daily_used] => Ok(Answer::Admitted {
+                    wait_us,
+                    daily_used,
+                }),
+                [1, wait_us, _] => Ok(Answer::Queue { wait_us }),
+                [2, wait_us, _] => Ok(Answer::PairWait { wait_us }),
+                [3, limit @ 1..=3, retry_us] => Ok(Answer::Refused {
+                    limit: [Limit::Rate, Limit::Pair, Limit::Daily][limit as usize - 1],
+                    retry_us,
+                }),
+                _ => Err(unexpected("pacing", answer)),
+            })
+            .collect()
     }
 
     pub async fn pace_slow_down(&self, number: &str) -> Result<u64, StoreError> {
