@@ -542,3 +542,43 @@ async fn retries_here_and_through_pacing_share_one_budget_of_attempts() {
         "{text}"
     );
 }
+
+#[tokio::test]
+async fn calls_queued_for_one_recipient_are_refused_at_once_when_their_turn_is_too_late() {
+    let meta = FakeMeta::start().await;
+    let app = kabar(&meta, None, &[("KABAR_PAIR_INTERVAL_SECONDS", "2")]).await;
+    app.notifications()
+        .send_template(invoice_request())
+        .await
+        .expect("first message");
+    // Two more to the same customer, each with 3 s: the first of them fits after the interval,
+    // the second would come another interval later and is refused without waiting.
+    let send = |reference: &'static str| {
+        let mut client = app.notifications();
+        async move {
+            let started = Instant::now();
+            let answer = client
+                .send_template(with_deadline(
+                    SendTemplateRequest {
+                        reference: reference.into(),
+                        ..invoice_request()
+                    },
+                    Duration::from_secs(3),
+                ))
+                .await;
+            (answer, started.elapsed())
+        }
+    };
+    let second = send("INV-2");
+    let third = async {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        send("INV-3").await
+    };
+    let ((second, _), (third, took)) = tokio::join!(second, third);
+    second.expect("sent after the interval");
+    let status = third.unwrap_err();
+    assert_eq!(reason(&status), "PAIR_RATE_LIMITED", "{status:?}");
+    assert!(took < Duration::from_millis(500), "{took:?}");
+    assert!(retry_delay(&status).unwrap() > Duration::from_secs(3));
+    assert_eq!(meta.count(), 2);
+}

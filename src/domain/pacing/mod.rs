@@ -191,6 +191,8 @@ pub struct Pacer {
     turns: [tokio::sync::Mutex<()>; 3],
     /// Per priority: callers of this process waiting for a slot beyond their horizon.
     waiting: [AtomicUsize; 3],
+    /// Per recipient: callers of this process waiting for the pair interval to end.
+    pair_waiting: Mutex<std::collections::HashMap<String, u32>>,
     stats: Stats,
 }
 
@@ -221,6 +223,7 @@ impl Pacer {
             warned: AtomicU8::new(0),
             turns: Default::default(),
             waiting: Default::default(),
+            pair_waiting: Mutex::default(),
             stats: Stats::default(),
         }
     }
@@ -308,6 +311,7 @@ impl Pacer {
             .unwrap_or(start);
         let p = priority as usize;
         let mut turn: Option<Waiting<'_>> = None;
+        let mut pair_turn: Option<PairWaiting<'_>> = None;
         loop {
             let mut budget = end.saturating_duration_since(Instant::now());
             let mut horizon = priority.horizon().min(budget);
@@ -329,6 +333,7 @@ impl Pacer {
                     daily_used,
                 } => {
                     drop(turn);
+                    drop(pair_turn);
                     if daily_used > 0 {
                         self.note_daily(daily_used);
                     }
@@ -344,7 +349,22 @@ impl Pacer {
                     tokio::time::sleep(Duration::from_micros(wait_us.max(100)).min(budget)).await;
                 }
                 Answer::PairWait { wait_us } => {
-                    tokio::time::sleep(Duration::from_micros(wait_us)).await;
+                    // Others of this process waiting for the same recipient go first, one
+                    // pair interval each: a wait that cannot fit behind them is refused now.
+                    let wait = Duration::from_micros(wait_us);
+                    let ahead = match &pair_turn {
+                        Some(_) => 0,
+                        None => {
+                            let (waiting, ahead) = self.wait_for_pair(phone);
+                            pair_turn = Some(waiting);
+                            ahead
+                        }
+                    };
+                    let behind = wait + self.config.pair_interval * ahead;
+                    if behind > budget {
+                        return Err(self.refuse(Limit::Pair, behind));
+                    }
+                    tokio::time::sleep(wait).await;
                 }
                 Answer::Refused { limit, retry_us } => {
                     let retry = Duration::from_micros(retry_us);
@@ -374,6 +394,25 @@ impl Pacer {
             }),
             Err(_) => Err(self.refuse(Limit::Rate, self.interval() * 2)),
         }
+    }
+
+    /// Counts this caller as waiting for `phone`'s pair interval; answers how many of this
+    /// process were waiting for it already.
+    fn wait_for_pair(&self, phone: &str) -> (PairWaiting<'_>, u32) {
+        let mut waiting = self
+            .pair_waiting
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let count = waiting.entry(phone.to_owned()).or_insert(0);
+        let ahead = *count;
+        *count += 1;
+        (
+            PairWaiting {
+                pacer: self,
+                phone: phone.to_owned(),
+            },
+            ahead,
+        )
     }
 
     /// Meta refused a send for one of its rate limits: learn from it. Returns whether the send
@@ -715,6 +754,28 @@ struct Counted<'a>(&'a AtomicUsize);
 impl Drop for Counted<'_> {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A caller counted as waiting for a recipient's pair interval; uncounted when dropped.
+struct PairWaiting<'a> {
+    pacer: &'a Pacer,
+    phone: String,
+}
+
+impl Drop for PairWaiting<'_> {
+    fn drop(&mut self) {
+        let mut waiting = self
+            .pacer
+            .pair_waiting
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(count) = waiting.get_mut(&self.phone) {
+            *count -= 1;
+            if *count == 0 {
+                waiting.remove(&self.phone);
+            }
+        }
     }
 }
 
