@@ -183,6 +183,8 @@ pub struct Pacer {
     /// Until when the fallback is used before the shared schedule is tried again.
     alone_until: Mutex<Option<Instant>>,
     alone: AtomicBool,
+    /// The shared daily count last seen before this process began pacing alone.
+    used_when_alone: AtomicU64,
     daily_limit: AtomicU64,
     limit_source: AtomicU8,
     /// The last daily-limit warning given: 0, 80 or 100 (percent).
@@ -218,6 +220,7 @@ impl Pacer {
             gatherer,
             alone_until: Mutex::new(None),
             alone: AtomicBool::new(false),
+            used_when_alone: AtomicU64::new(0),
             daily_limit: AtomicU64::new(limit),
             limit_source: AtomicU8::new(source as u8),
             warned: AtomicU8::new(0),
@@ -313,8 +316,7 @@ impl Pacer {
         let mut turn: Option<Waiting<'_>> = None;
         let mut pair_turn: Option<PairWaiting<'_>> = None;
         loop {
-            let mut budget = end.saturating_duration_since(Instant::now());
-            let mut horizon = priority.horizon().min(budget);
+            let mut horizon = priority.horizon();
             let mut ahead = Duration::ZERO;
             if turn.is_none() {
                 let waiting = self.waiting[p].load(Ordering::Relaxed);
@@ -324,10 +326,10 @@ impl Pacer {
                     // fit its deadline.
                     horizon = Duration::ZERO;
                     ahead = self.interval() * waiting as u32;
-                    budget = budget.saturating_sub(ahead);
                 }
             }
-            match self.ask(phone, horizon, budget).await? {
+            let budget = end.saturating_duration_since(Instant::now());
+            match self.ask(phone, horizon, end, ahead).await? {
                 Answer::Admitted {
                     wait_us,
                     daily_used,
@@ -349,8 +351,12 @@ impl Pacer {
                     tokio::time::sleep(Duration::from_micros(wait_us.max(100)).min(budget)).await;
                 }
                 Answer::PairWait { wait_us } => {
+                    // The rate schedule is not this caller's to hold while it waits for the
+                    // recipient: others of its priority go on.
+                    turn = None;
                     // Others of this process waiting for the same recipient go first, one
-                    // pair interval each: a wait that cannot fit behind them is refused now.
+                    // pair interval each: a wait that cannot fit behind them is refused now,
+                    // and the others wake one interval apart instead of racing.
                     let wait = Duration::from_micros(wait_us);
                     let ahead = match &pair_turn {
                         Some(_) => 0,
@@ -364,7 +370,7 @@ impl Pacer {
                     if behind > budget {
                         return Err(self.refuse(Limit::Pair, behind));
                     }
-                    tokio::time::sleep(wait).await;
+                    tokio::time::sleep(behind).await;
                 }
                 Answer::Refused { limit, retry_us } => {
                     let retry = Duration::from_micros(retry_us);
@@ -470,7 +476,19 @@ impl Pacer {
         Duration::from_secs_f64(1.0 / (f64::from(self.config.max_mps.max(1)) * HEADROOM))
     }
 
-    fn ask_for<'a>(&self, phone: &'a str, horizon: Duration, budget: Duration) -> Ask<'a> {
+    /// The ask for a slot now: within `end` less the slots of the `ahead` waiters, and at most
+    /// `horizon` ahead.
+    fn ask_for<'a>(
+        &self,
+        phone: &'a str,
+        horizon: Duration,
+        end: Instant,
+        ahead: Duration,
+    ) -> Ask<'a> {
+        let budget = end
+            .saturating_duration_since(Instant::now())
+            .saturating_sub(ahead);
+        let horizon = horizon.min(budget);
         Ask {
             phone,
             interval_us: (self.interval().as_micros() as u64).max(1),
@@ -483,13 +501,23 @@ impl Pacer {
 
     /// One admission, on the shared schedule, or on this process's own share of it while the
     /// shared one is unreachable.
-    async fn ask(&self, phone: &str, horizon: Duration, budget: Duration) -> Result<Answer, Error> {
-        let ask = self.ask_for(phone, horizon, budget);
+    /// Asks for the slot again on this process's own share when the shared schedule fails:
+    /// with the time that failure took already spent (a stalled Redis answers after its
+    /// timeout).
+    async fn ask(
+        &self,
+        phone: &str,
+        horizon: Duration,
+        end: Instant,
+        ahead: Duration,
+    ) -> Result<Answer, Error> {
         let (Some(fallback), Some(gatherer)) = (&self.fallback, &self.gatherer) else {
+            let ask = self.ask_for(phone, horizon, end, ahead);
             return one(self.shared.admit(&self.number, &[ask]).await)
                 .map_err(|e| Error::StoreUnavailable(e.0));
         };
         if !self.pacing_alone() {
+            let ask = self.ask_for(phone, horizon, end, ahead);
             match gatherer.admit(&ask).await {
                 Ok(answer) => {
                     self.shared_answered();
@@ -498,12 +526,17 @@ impl Pacer {
                 Err(e) => self.go_alone(&e.0),
             }
         }
+        let ask = self.ask_for(phone, horizon, end, ahead);
         let share = u64::from(self.config.fallback_replicas.max(1));
         let alone = Ask {
             interval_us: ask.interval_us * share,
+            // What was left of the shared limit when last seen, shared out: the recipients
+            // this process admits alone are not in the shared count.
             daily_limit: match ask.daily_limit {
                 0 => 0,
-                n => (n / share).max(1),
+                n => {
+                    (n.saturating_sub(self.used_when_alone.load(Ordering::Relaxed)) / share).max(1)
+                }
             },
             ..ask
         };
@@ -537,6 +570,10 @@ impl Pacer {
             .unwrap_or_else(std::sync::PoisonError::into_inner) =
             Some(Instant::now() + SHARED_RETRY);
         if !self.alone.swap(true, Ordering::Relaxed) {
+            self.used_when_alone.store(
+                self.stats.daily_used.load(Ordering::Relaxed),
+                Ordering::Relaxed,
+            );
             tracing::warn!(
                 error,
                 replicas = self.config.fallback_replicas,
