@@ -183,6 +183,8 @@ pub struct Pacer {
     /// Until when the fallback is used before the shared schedule is tried again.
     alone_until: Mutex<Option<Instant>>,
     alone: AtomicBool,
+    /// The backoff factor last logged (top 16 bits) and when (Unix ms, low 48 bits).
+    throttle_logged: AtomicU64,
     /// The shared daily count last seen before this process began pacing alone.
     used_when_alone: AtomicU64,
     daily_limit: AtomicU64,
@@ -220,6 +222,7 @@ impl Pacer {
             gatherer,
             alone_until: Mutex::new(None),
             alone: AtomicBool::new(false),
+            throttle_logged: AtomicU64::new(0),
             used_when_alone: AtomicU64::new(0),
             daily_limit: AtomicU64::new(limit),
             limit_source: AtomicU8::new(source as u8),
@@ -432,6 +435,17 @@ impl Pacer {
             130429 | 80007 | 4 => {
                 self.stats.throttled.fetch_add(1, Ordering::Relaxed);
                 let factor = self.with_store(Op::SlowDown).await.unwrap_or(2);
+                // Once per step of the backoff: the answers of one episode say nothing new.
+                let now_ms = crate::store::now_ms();
+                let last = self
+                    .throttle_logged
+                    .swap(factor << 48 | now_ms, Ordering::Relaxed);
+                let (last_factor, last_ms) = (last >> 48, last & ((1 << 48) - 1));
+                if last_factor == factor
+                    && now_ms.saturating_sub(last_ms) < rules::BACKOFF_WINDOW_US / 1000
+                {
+                    return true;
+                }
                 tracing::warn!(
                     meta_code = failure.meta_code,
                     slow_down = factor,
