@@ -64,9 +64,14 @@ pub(crate) fn pace_inbound_key(number: &str) -> String {
 
 /// Wall-clock milliseconds since the Unix epoch: the time base of windows, cooldowns and expiry.
 pub fn now_ms() -> u64 {
+    now_us() / 1000
+}
+
+/// Wall-clock microseconds since the Unix epoch: the time base of the in-process pacing schedule.
+pub fn now_us() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
+        .map_or(0, |d| d.as_micros() as u64)
 }
 pub use crate::domain::ports::{CodeHash, Gate, HASH_LEN, Idempotency, StoreError, Verdict};
 

@@ -14,7 +14,7 @@ pub use crate::config::MetaSettings;
 
 use super::{
     OutboundTemplate, SendError, Sent,
-    classify::{MetaErrorBody, MetaErrorKind, SendContext, classify},
+    classify::{MetaErrorBody, MetaErrorKind, MetaFailure, SendContext, classify},
 };
 
 #[derive(Clone)]
@@ -129,16 +129,11 @@ impl MetaClient {
         let status = response.status().as_u16();
         let bytes = read_bounded(response, None).await?;
         if !(200..300).contains(&status) {
-            let parsed = serde_json::from_slice::<MetaErrorBody>(&bytes).ok();
             let ctx = SendContext {
                 template: "",
                 language: "",
             };
-            return Err(SendError::Meta(classify(
-                status,
-                parsed.as_ref().map(|b| &b.error),
-                &ctx,
-            )));
+            return Err(SendError::Meta(failure_of(status, &bytes, &ctx)));
         }
         serde_json::from_slice::<Number>(&bytes)
             .ok()
@@ -218,8 +213,7 @@ impl MetaClient {
                     if (200..300).contains(&status) {
                         return parse_success(&bytes);
                     }
-                    let parsed = serde_json::from_slice::<MetaErrorBody>(&bytes).ok();
-                    let failure = classify(status, parsed.as_ref().map(|b| &b.error), &ctx);
+                    let failure = failure_of(status, &bytes, &ctx);
                     if !failure.retryable || failure.kind == MetaErrorKind::RateLimited {
                         return Err(SendError::Meta(failure));
                     }
@@ -277,6 +271,12 @@ async fn read_bounded(
             Err(e) => return Err(transport_error(&e, deadline)),
         }
     }
+}
+
+/// Meta's refusal, classified from its status and body (which may not be Meta's error JSON).
+fn failure_of(status: u16, body: &[u8], ctx: &SendContext<'_>) -> MetaFailure {
+    let parsed = serde_json::from_slice::<MetaErrorBody>(body).ok();
+    classify(status, parsed.as_ref().map(|b| &b.error), ctx)
 }
 
 fn parse_success(bytes: &[u8]) -> Result<Sent, SendError> {

@@ -90,19 +90,24 @@ impl Gatherer {
                     ..p.ask
                 })
                 .collect();
-            let result = self.store.admit(&self.number, &asks).await;
+            let result = self
+                .store
+                .admit(&self.number, &asks)
+                .await
+                .and_then(|answers| {
+                    if answers.len() == asks.len() {
+                        Ok(answers)
+                    } else {
+                        Err(StoreError(
+                            "the pacing store answered a batch with the wrong count".into(),
+                        ))
+                    }
+                });
             drop(asks);
             match result {
-                Ok(answers) if answers.len() == batch.len() => {
+                Ok(answers) => {
                     for (pending, answer) in batch.into_iter().zip(answers) {
                         let _ = pending.reply.send(Ok(answer));
-                    }
-                }
-                Ok(_) => {
-                    for pending in batch {
-                        let _ = pending.reply.send(Err(StoreError(
-                            "the pacing store answered a batch with the wrong count".into(),
-                        )));
                     }
                 }
                 Err(e) => {

@@ -17,7 +17,7 @@ pub mod rules;
 use std::{
     sync::{
         Arc, Mutex,
-        atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering},
+        atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering},
     },
     time::{Duration, Instant},
 };
@@ -53,10 +53,6 @@ impl Priority {
             Priority::Single => Duration::from_millis(500),
             Priority::Batch => Duration::from_millis(100),
         }
-    }
-
-    pub fn name(self) -> &'static str {
-        PRIORITIES[self as usize]
     }
 }
 
@@ -180,11 +176,10 @@ pub struct Pacer {
     fallback: Option<Arc<dyn PacingStore>>,
     /// Gathers this process's admissions into batches for the shared store (Redis).
     gatherer: Option<Arc<gather::Gatherer>>,
-    /// Until when the fallback is used before the shared schedule is tried again.
-    alone_until: Mutex<Option<Instant>>,
-    alone: AtomicBool,
-    /// The backoff factor last logged (top 16 bits) and when (Unix ms, low 48 bits).
-    throttle_logged: AtomicU64,
+    /// While this process paces alone: when the shared schedule is tried again.
+    alone: Mutex<Option<Instant>>,
+    /// The backoff factor last logged, and when.
+    throttle_logged: Mutex<Option<(u64, Instant)>>,
     /// The shared daily count last seen before this process began pacing alone.
     used_when_alone: AtomicU64,
     daily_limit: AtomicU64,
@@ -220,9 +215,8 @@ impl Pacer {
             shared,
             fallback,
             gatherer,
-            alone_until: Mutex::new(None),
-            alone: AtomicBool::new(false),
-            throttle_logged: AtomicU64::new(0),
+            alone: Mutex::new(None),
+            throttle_logged: Mutex::new(None),
             used_when_alone: AtomicU64::new(0),
             daily_limit: AtomicU64::new(limit),
             limit_source: AtomicU8::new(source as u8),
@@ -408,10 +402,7 @@ impl Pacer {
     /// Counts this caller as waiting for `phone`'s pair interval; answers how many of this
     /// process were waiting for it already.
     fn wait_for_pair(&self, phone: &str) -> (PairWaiting<'_>, u32) {
-        let mut waiting = self
-            .pair_waiting
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut waiting = lock(&self.pair_waiting);
         let count = waiting.entry(phone.to_owned()).or_insert(0);
         let ahead = *count;
         *count += 1;
@@ -436,14 +427,12 @@ impl Pacer {
                 self.stats.throttled.fetch_add(1, Ordering::Relaxed);
                 let factor = self.with_store(Op::SlowDown).await.unwrap_or(2);
                 // Once per step of the backoff: the answers of one episode say nothing new.
-                let now_ms = crate::store::now_ms();
-                let last = self
-                    .throttle_logged
-                    .swap(factor << 48 | now_ms, Ordering::Relaxed);
-                let (last_factor, last_ms) = (last >> 48, last & ((1 << 48) - 1));
-                if last_factor == factor
-                    && now_ms.saturating_sub(last_ms) < rules::BACKOFF_WINDOW_US / 1000
-                {
+                let now = Instant::now();
+                let last = lock(&self.throttle_logged).replace((factor, now));
+                if last.is_some_and(|(f, at)| {
+                    f == factor
+                        && now.duration_since(at) < Duration::from_micros(rules::BACKOFF_WINDOW_US)
+                }) {
                     return true;
                 }
                 tracing::warn!(
@@ -514,10 +503,8 @@ impl Pacer {
     }
 
     /// One admission, on the shared schedule, or on this process's own share of it while the
-    /// shared one is unreachable.
-    /// Asks for the slot again on this process's own share when the shared schedule fails:
-    /// with the time that failure took already spent (a stalled Redis answers after its
-    /// timeout).
+    /// shared one is unreachable. After a failed shared ask, the time the failure took counts
+    /// (a stalled Redis answers after its timeout).
     async fn ask(
         &self,
         phone: &str,
@@ -560,30 +547,20 @@ impl Pacer {
     /// Whether this process paces alone now. Once the retry time has come, the shared schedule
     /// is tried again; pacing alone ends only when it answers ([`Self::shared_answered`]).
     fn pacing_alone(&self) -> bool {
-        let until = self
-            .alone_until
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        until.is_some_and(|t| Instant::now() < t)
+        lock(&self.alone).is_some_and(|retry| Instant::now() < retry)
     }
 
     fn shared_answered(&self) {
-        if self.alone.swap(false, Ordering::Relaxed) {
-            *self
-                .alone_until
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner) = None;
+        if lock(&self.alone).take().is_some() {
             tracing::info!("the shared pacing schedule (Redis) answers again");
         }
     }
 
     fn go_alone(&self, error: &str) {
-        *self
-            .alone_until
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) =
-            Some(Instant::now() + SHARED_RETRY);
-        if !self.alone.swap(true, Ordering::Relaxed) {
+        let already = lock(&self.alone)
+            .replace(Instant::now() + SHARED_RETRY)
+            .is_some();
+        if !already {
             self.used_when_alone.store(
                 self.stats.daily_used.load(Ordering::Relaxed),
                 Ordering::Relaxed,
@@ -620,38 +597,29 @@ impl Pacer {
 
     fn refuse(&self, limit: Limit, retry: Duration) -> Error {
         let retry_after = Duration::from_millis(retry.as_millis().max(1) as u64);
-        let (reason, message) = match limit {
-            Limit::Rate => (
-                Reason::RateLimited,
-                format!(
-                    "kabar sends at most {} messages/s to Meta for this number \
+        let message = match limit {
+            Limit::Rate => format!(
+                "kabar sends at most {} messages/s to Meta for this number \
                      (KABAR_META_MAX_MPS) and no slot is free before the call's deadline",
-                    self.config.max_mps
-                ),
+                self.config.max_mps
             ),
-            Limit::Pair => (
-                Reason::PairRateLimited,
-                "this recipient was sent a message moments ago, and Meta allows about one \
-                 message every 6 s to one recipient (KABAR_PAIR_INTERVAL_SECONDS)"
-                    .to_owned(),
-            ),
+            Limit::Pair => "this recipient was sent a message moments ago, and Meta allows about \
+                            one message every 6 s to one recipient (KABAR_PAIR_INTERVAL_SECONDS)"
+                .to_owned(),
             Limit::Daily => {
                 let limit = self.daily_limit.load(Ordering::Relaxed);
                 self.stats.daily_used.store(limit, Ordering::Relaxed);
                 self.warn_daily(100, limit, limit);
-                (
-                    Reason::DailyLimitReached,
-                    format!(
-                        "the daily limit of {limit} unique recipients in 24 hours is reached \
-                         (Meta's messaging limit for this number); recipients already sent to \
-                         today still go through, new ones when the oldest drops out of the window"
-                    ),
+                format!(
+                    "the daily limit of {limit} unique recipients in 24 hours is reached \
+                     (Meta's messaging limit for this number); recipients already sent to \
+                     today still go through, new ones when the oldest drops out of the window"
                 )
             }
         };
         self.stats.refused[limit as usize].fetch_add(1, Ordering::Relaxed);
         Error::Limited {
-            reason,
+            reason: reason_of(limit),
             message: format!(
                 "{message}; retry in {:.1} s",
                 retry_after.as_secs_f64().max(0.1)
@@ -725,7 +693,7 @@ impl Pacer {
                 (*upper, cumulative)
             })
             .collect();
-        let alone = self.alone.load(Ordering::Relaxed);
+        let alone = lock(&self.alone).is_some();
         let mode = match (&self.fallback, alone) {
             _ if !self.config.enabled => "off",
             (None, _) => "process",
@@ -756,18 +724,30 @@ impl Pacer {
             wait_count: s.waits.iter().map(load).sum(),
             waits,
             wait_seconds: load(&s.wait_micros) as f64 / 1e6,
-            refused: std::array::from_fn(|i| {
-                (
-                    ["RATE_LIMITED", "PAIR_RATE_LIMITED", "DAILY_LIMIT_REACHED"][i],
-                    load(&s.refused[i]),
-                )
-            }),
+            refused: [Limit::Rate, Limit::Pair, Limit::Daily]
+                .map(|limit| (reason_of(limit).as_str(), load(&s.refused[limit as usize]))),
             throttled: load(&s.throttled),
             daily_used: load(&s.daily_used),
             daily_limit: self.daily_limit.load(Ordering::Relaxed),
             daily_limit_source: SOURCES[usize::from(self.limit_source.load(Ordering::Relaxed))],
         }
     }
+}
+
+/// What callers are told a limit is.
+fn reason_of(limit: Limit) -> Reason {
+    match limit {
+        Limit::Rate => Reason::RateLimited,
+        Limit::Pair => Reason::PairRateLimited,
+        Limit::Daily => Reason::DailyLimitReached,
+    }
+}
+
+/// A lock whose data stays whole across a panic (each change under it is one step).
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// The one answer to a batch of one.
@@ -816,11 +796,7 @@ struct PairWaiting<'a> {
 
 impl Drop for PairWaiting<'_> {
     fn drop(&mut self) {
-        let mut waiting = self
-            .pacer
-            .pair_waiting
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut waiting = lock(&self.pacer.pair_waiting);
         if let Some(count) = waiting.get_mut(&self.phone) {
             *count -= 1;
             if *count == 0 {

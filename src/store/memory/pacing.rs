@@ -3,17 +3,13 @@
 
 use std::{collections::HashMap, sync::Mutex, time::Duration};
 
-use crate::domain::{
-    pacing::rules::{Answer, Ask, PaceState},
-    ports::StoreError,
+use crate::{
+    domain::{
+        pacing::rules::{Answer, Ask, PaceState},
+        ports::StoreError,
+    },
+    store::now_us,
 };
-
-/// Microseconds since the Unix epoch.
-fn now_us() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_micros() as u64)
-}
 
 /// One schedule per business number.
 #[derive(Default)]
