@@ -21,8 +21,8 @@ use crate::{
     delivery::{APP_SECRET, post_signed, sample},
     send_template::invoice_request,
     support::{
-        FakeMeta, PHONE_NUMBER_ID, RedisServer, TestApp, busiest_window, error_info, meta_vars,
-        metrics_text, readyz, retry_delay, store_vars, vars,
+        FakeMeta, PHONE_NUMBER_ID, RedisServer, TestApp, busiest_window, error_info, eventually,
+        meta_vars, metrics_text, readyz, retry_delay, store_vars, vars,
     },
 };
 
@@ -360,17 +360,14 @@ async fn metas_messaging_limit_is_read_when_none_is_configured() {
     // Unset (blank) instead of the tests' default, so that kabar asks Meta.
     v.push(("KABAR_META_DAILY_LIMIT".into(), String::new()));
     let app = TestApp::start(v).await;
-    let (_, ready) = readyz(app.http_addr).await;
     // The upkeep reads it at start-up.
-    let mut limit = ready["pacing"]["daily_limit"].clone();
-    for _ in 0..50 {
-        if limit == json!(2000) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        limit = readyz(app.http_addr).await.1["pacing"]["daily_limit"].clone();
-    }
-    assert_eq!(limit, json!(2000));
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            readyz(app.http_addr).await.1["pacing"]["daily_limit"] == json!(2000)
+        })
+        .await,
+        "the limit read from Meta is in force"
+    );
     let (_, ready) = readyz(app.http_addr).await;
     assert_eq!(ready["pacing"]["daily_limit_source"], "meta");
 }
@@ -381,7 +378,14 @@ async fn without_a_limit_from_meta_the_default_is_250() {
     let mut v = meta_vars(&meta);
     v.push(("KABAR_META_DAILY_LIMIT".into(), String::new()));
     let app = TestApp::start(v).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Meta was asked, and refused (the stand-in knows no limit until one is set).
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            meta.number_reads() >= 1
+        })
+        .await,
+        "kabar asked Meta for the messaging limit"
+    );
     let (_, ready) = readyz(app.http_addr).await;
     assert_eq!(ready["pacing"]["daily_limit"], json!(250));
     assert_eq!(ready["pacing"]["daily_limit_source"], "default");

@@ -197,6 +197,8 @@ struct MetaState {
     throttled: usize,
     /// The number's `whatsapp_business_manager_messaging_limit` (e.g. `TIER_2K`).
     messaging_limit: Option<String>,
+    /// Reads of the number's state (`GET /{version}/{phone-number-id}`).
+    number_reads: usize,
 }
 
 /// A local HTTP server standing in for `graph.facebook.com`. It records every request and answers
@@ -269,6 +271,11 @@ impl FakeMeta {
     pub fn set_messaging_limit(&self, tier: &str) {
         self.state.lock().unwrap().messaging_limit = Some(tier.to_owned());
     }
+
+    /// How often the number's state was read.
+    pub fn number_reads(&self) -> usize {
+        self.state.lock().unwrap().number_reads
+    }
 }
 
 /// The most arrivals in any window of `window` (sliding over the arrival times).
@@ -288,7 +295,11 @@ pub fn busiest_window(times: &[Instant], window: Duration) -> usize {
 
 /// `GET /{version}/{phone-number-id}?fields=...`: the number's state.
 async fn number_handler(State(state): State<Arc<Mutex<MetaState>>>) -> impl IntoResponse {
-    let limit = state.lock().unwrap().messaging_limit.clone();
+    let limit = {
+        let mut s = state.lock().unwrap();
+        s.number_reads += 1;
+        s.messaging_limit.clone()
+    };
     match limit {
         Some(tier) => (
             StatusCode::OK,
