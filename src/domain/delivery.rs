@@ -64,8 +64,7 @@ impl Delivery {
         check_message_id(message_id)?;
         self.store
             .get_record(message_id)
-            .await
-            .map_err(|e| Error::StoreUnavailable(e.0))?
+            .await?
             .ok_or_else(|| Error::MessageNotFound(echo(message_id)))
     }
 
@@ -74,11 +73,7 @@ impl Delivery {
     pub async fn start(&self, after: &str) -> Result<After, Error> {
         match After::parse(after) {
             After::Now => {
-                let cursor = self
-                    .store
-                    .latest_cursor()
-                    .await
-                    .map_err(|e| Error::StoreUnavailable(e.0))?;
+                let cursor = self.store.latest_cursor().await?;
                 Ok(After::Cursor(cursor))
             }
             After::Cursor(c) if c.len() > 64 || !c.bytes().all(|b| b.is_ascii_graphic()) => {
@@ -150,8 +145,7 @@ impl Delivery {
                 match self
                     .store
                     .apply_status(&update, &error_reason, self.retention)
-                    .await
-                    .map_err(|e| Error::StoreUnavailable(e.0))?
+                    .await?
                 {
                     Applied::Changed { category, previous } => Outcome::Changed {
                         // Counted once per code: when its state first reaches delivered (a
@@ -165,12 +159,7 @@ impl Delivery {
                 },
             ),
             Incoming::Event(event) => {
-                if self
-                    .store
-                    .append_event(&event, self.retention)
-                    .await
-                    .map_err(|e| Error::StoreUnavailable(e.0))?
-                {
+                if self.store.append_event(&event, self.retention).await? {
                     Ok(Outcome::Event)
                 } else {
                     Ok(Outcome::Duplicate)

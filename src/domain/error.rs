@@ -249,6 +249,12 @@ impl Error {
     }
 }
 
+impl From<super::ports::StoreError> for Error {
+    fn from(e: super::ports::StoreError) -> Self {
+        Error::StoreUnavailable(e.0)
+    }
+}
+
 impl From<SendError> for Error {
     fn from(e: SendError) -> Self {
         match e {

@@ -118,8 +118,7 @@ impl Outbox {
         match self
             .idempotency
             .begin(&store_key, &digest, &token, self.idempotency_lock)
-            .await
-            .map_err(|e| Error::StoreUnavailable(e.0))?
+            .await?
         {
             Idempotency::Done(bytes) => {
                 return serde_json::from_slice(&bytes).map_err(|_| {

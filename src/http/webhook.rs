@@ -25,7 +25,6 @@ use secrecy::{ExposeSecret, SecretString};
 use crate::{
     domain::{
         delivery::{Delivery, Incoming},
-        error::Error,
         status::{AccountEvent, Event, InboundMessage, MetaError, State as DeliveryStatus},
     },
     metrics::Metrics,
@@ -176,14 +175,12 @@ async fn receive(
             );
             StatusCode::OK
         }
-        Err(Error::StoreUnavailable(e)) => {
-            state.metrics.webhook("unavailable");
-            tracing::error!(error = %e, "webhook delivery not stored: the store is unavailable; Meta will send it again");
-            StatusCode::SERVICE_UNAVAILABLE
-        }
         Err(e) => {
             state.metrics.webhook("unavailable");
-            tracing::error!(error = %e.summary(), "webhook delivery not stored");
+            tracing::error!(
+                error = %e.summary(),
+                "webhook delivery not stored; Meta will send it again"
+            );
             StatusCode::SERVICE_UNAVAILABLE
         }
     }

@@ -22,7 +22,7 @@ use secrecy::{ExposeSecret, SecretBox, SecretString};
 use sha2::Sha256;
 
 use crate::{
-    domain::ports::{CodeHash, Gate, OtpStore, StoreError, Verdict},
+    domain::ports::{CodeHash, Gate, OtpStore, Verdict},
     store::{self, now_ms},
 };
 
@@ -151,8 +151,7 @@ impl OtpService {
                 self.max_sends_per_hour,
                 HOUR,
             )
-            .await
-            .map_err(unavailable)?
+            .await?
         {
             Gate::Allowed { resend_at_ms } => resend_at_ms,
             Gate::Cooldown(wait) => {
@@ -195,7 +194,7 @@ impl OtpService {
                 Ok(gate) => gate,
                 Err(e) => {
                     self.release(&limits_key, resend_at_ms, true).await;
-                    return Err(unavailable(e));
+                    return Err(e.into());
                 }
             };
             if let Gate::Cooldown(wait) | Gate::CapReached(wait) = gate {
@@ -242,7 +241,7 @@ impl OtpService {
                     }
                     Err(e) => {
                         self.release(&limits_key, resend_at_ms, true).await;
-                        return Err(unavailable(e));
+                        return Err(e.into());
                     }
                 }
                 generate_code(self.code_length)
@@ -257,7 +256,7 @@ impl OtpService {
             .await
         {
             self.release(&limits_key, resend_at_ms, true).await;
-            return Err(unavailable(e));
+            return Err(e.into());
         }
         let sent = OtpSent {
             expires_in: self.ttl,
@@ -334,7 +333,7 @@ impl OtpService {
         self.store
             .verify(&store::code_key(purpose, phone.digits()), &hash)
             .await
-            .map_err(unavailable)
+            .map_err(Error::from)
     }
 
     fn hash(&self, purpose: &str, phone: &Phone, code: &str) -> CodeHash {
@@ -370,10 +369,6 @@ fn limited(reason: Reason, message: String, wait: Duration) -> Error {
         message: format!("{message}; retry in {} s", retry_after.as_secs()),
         retry_after,
     }
-}
-
-fn unavailable(e: StoreError) -> Error {
-    Error::StoreUnavailable(e.0)
 }
 
 /// `login` when empty; otherwise 1 to 32 of `a-z 0-9 _ -`.

@@ -514,8 +514,7 @@ impl Pacer {
     ) -> Result<Answer, Error> {
         let (Some(fallback), Some(gatherer)) = (&self.fallback, &self.gatherer) else {
             let ask = self.ask_for(phone, horizon, end, ahead);
-            return one(self.shared.admit(&self.number, &[ask]).await)
-                .map_err(|e| Error::StoreUnavailable(e.0));
+            return one(self.shared.admit(&self.number, &[ask]).await).map_err(Error::from);
         };
         if !self.pacing_alone() {
             let ask = self.ask_for(phone, horizon, end, ahead);
@@ -541,7 +540,7 @@ impl Pacer {
             },
             ..ask
         };
-        one(fallback.admit(&self.number, &[alone]).await).map_err(|e| Error::StoreUnavailable(e.0))
+        one(fallback.admit(&self.number, &[alone]).await).map_err(Error::from)
     }
 
     /// Whether this process paces alone now. Once the retry time has come, the shared schedule

@@ -155,9 +155,11 @@ impl MemoryStore {
             }
             .check(cursor)?,
         };
+        // Ids only grow: the first event after `start` is found by bisection, not by a scan of
+        // the whole retained feed on every poll.
+        let first = m.events.partition_point(|(id, _)| *id <= start);
         Ok(m.events
-            .iter()
-            .filter(|(id, _)| *id > start)
+            .range(first..)
             .take(limit)
             .map(|(id, event)| StoredEvent {
                 cursor: format_cursor(*id),
