@@ -20,11 +20,8 @@ const MAX_MESSAGE_ID_CHARS: usize = 256;
 /// One item of a webhook delivery, in kabar's terms.
 #[derive(Debug, Clone)]
 pub enum Incoming {
-    /// A status update, with the reason kabar gives its error code (if it failed).
-    Status {
-        update: StatusUpdate,
-        error_reason: String,
-    },
+    /// A status update (its error, if it failed, carries the reason kabar gives the code).
+    Status(StatusUpdate),
     /// An inbound message or an account event.
     Event(Event),
 }
@@ -138,15 +135,8 @@ impl Delivery {
 
     async fn apply(&self, item: Incoming) -> Result<Outcome, Error> {
         match item {
-            Incoming::Status {
-                update,
-                error_reason,
-            } => Ok(
-                match self
-                    .store
-                    .apply_status(&update, &error_reason, self.retention)
-                    .await?
-                {
+            Incoming::Status(update) => Ok(
+                match self.store.apply_status(&update, self.retention).await? {
                     Applied::Changed { category, previous } => Outcome::Changed {
                         // Counted once per code: when its state first reaches delivered (a
                         // `read` that came without a `delivered` counts too).

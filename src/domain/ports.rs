@@ -165,7 +165,6 @@ pub trait MessageStore: Send + Sync {
     async fn apply_status(
         &self,
         update: &StatusUpdate,
-        error_reason: &str,
         retention: Duration,
     ) -> Result<Applied, StoreError>;
 

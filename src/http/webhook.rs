@@ -155,7 +155,7 @@ async fn receive(
         })
         .collect();
     for item in &items {
-        if let Incoming::Status { update, .. } = item {
+        if let Incoming::Status(update) = item {
             state
                 .metrics
                 .status(update.state.as_str(), update.error.as_ref().map(|e| e.code));
@@ -213,25 +213,18 @@ fn incoming(event: WebhookEvent, now: u64) -> Option<Incoming> {
             };
             let error = s.errors.first().map(|e| MetaError {
                 code: e.code,
-                reason: String::new(),
+                reason: reason_of_code(e.code).as_str().to_owned(),
                 title: e.title.clone(),
                 details: e.details.clone().unwrap_or_else(|| e.message.clone()),
             });
-            let error_reason = error
-                .as_ref()
-                .map(|e| reason_of_code(e.code).as_str().to_owned())
-                .unwrap_or_default();
-            Incoming::Status {
-                update: crate::domain::status::StatusUpdate {
-                    message_id: s.message_id,
-                    state,
-                    at_ms,
-                    error,
-                    pricing_category: s.pricing.as_ref().and_then(|p| p.category.clone()),
-                    billable: s.pricing.as_ref().and_then(|p| p.billable),
-                },
-                error_reason,
-            }
+            Incoming::Status(crate::domain::status::StatusUpdate {
+                message_id: s.message_id,
+                state,
+                at_ms,
+                error,
+                pricing_category: s.pricing.as_ref().and_then(|p| p.category.clone()),
+                billable: s.pricing.as_ref().and_then(|p| p.billable),
+            })
         }
         WebhookEvent::Inbound(m) => Incoming::Event(Event::Inbound(InboundMessage {
             at_ms: plausible(m.timestamp, now)?,

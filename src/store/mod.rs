@@ -150,10 +150,9 @@ impl crate::domain::ports::MessageStore for Store {
     async fn apply_status(
         &self,
         update: &crate::domain::status::StatusUpdate,
-        error_reason: &str,
         retention: Duration,
     ) -> Result<crate::domain::ports::Applied, StoreError> {
-        dispatch!(self, s => s.apply_status(update, error_reason, retention).await)
+        dispatch!(self, s => s.apply_status(update, retention).await)
     }
 
     async fn append_event(

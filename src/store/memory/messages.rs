@@ -94,7 +94,6 @@ impl MemoryStore {
     pub async fn apply_status(
         &self,
         update: &StatusUpdate,
-        error_reason: &str,
         retention: Duration,
     ) -> Result<Applied, StoreError> {
         let now = now_ms();
@@ -105,12 +104,8 @@ impl MemoryStore {
         if *expires <= now {
             return Ok(Applied::Unknown);
         }
-        let mut update = update.clone();
-        if let Some(error) = &mut update.error {
-            error.reason = error_reason.to_owned();
-        }
         let previous = record.state;
-        if !record.apply(&update) {
+        if !record.apply(update) {
             return Ok(Applied::Unchanged);
         }
         let snapshot = record.clone();

@@ -329,7 +329,6 @@ impl RedisStore {
     pub async fn apply_status(
         &self,
         update: &StatusUpdate,
-        error_reason: &str,
         retention: Duration,
     ) -> Result<Applied, StoreError> {
         let mut con = self.connection.clone();
@@ -343,7 +342,7 @@ impl RedisStore {
                     .arg(update.state.as_u8())
                     .arg(update.at_ms)
                     .arg(error.map(|e| e.code.to_string()).unwrap_or_default())
-                    .arg(if error.is_some() { error_reason } else { "" })
+                    .arg(error.map(|e| e.reason.as_str()).unwrap_or_default())
                     .arg(error.map(|e| e.title.as_str()).unwrap_or_default())
                     .arg(error.map(|e| e.details.as_str()).unwrap_or_default())
                     .arg(update.pricing_category.as_deref().unwrap_or_default())
