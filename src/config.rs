@@ -77,6 +77,16 @@ pub enum DriverKind {
     Log,
 }
 
+/// Batch runs.
+#[derive(Debug, Clone)]
+pub struct BatchConfig {
+    /// Items one replica sends at once.
+    pub concurrency: usize,
+    /// How long a replica may hold an item before another takes it over (it died); each send
+    /// gets half of it.
+    pub claim_timeout: Duration,
+}
+
 pub struct Config {
     pub grpc_addr: SocketAddr,
     pub http_addr: SocketAddr,
@@ -116,6 +126,8 @@ pub struct Config {
     /// Pacing within Meta's limits (`KABAR_META_MAX_MPS`, `KABAR_PAIR_INTERVAL_SECONDS`,
     /// `KABAR_META_DAILY_LIMIT`, ...).
     pub pacing: PacingConfig,
+    /// Batch runs (`KABAR_BATCH_CONCURRENCY`, `KABAR_BATCH_CLAIM_TIMEOUT_SECONDS`).
+    pub batch: BatchConfig,
     /// Warnings to log once logging is up (development defaults in use).
     pub warnings: Vec<String>,
 }
@@ -475,11 +487,20 @@ impl Config {
             Duration::from_secs(r.number("KABAR_SLOW_CLIENT_TIMEOUT_SECONDS", 10, 1..=300)?);
 
         let pacing = Self::pacing(&r, &mut warnings)?;
+        let batch = BatchConfig {
+            concurrency: r.number("KABAR_BATCH_CONCURRENCY", 256, 1..=10_000)? as usize,
+            claim_timeout: Duration::from_secs(r.number(
+                "KABAR_BATCH_CLAIM_TIMEOUT_SECONDS",
+                60,
+                4..=3600,
+            )?),
+        };
 
         if redis_url.is_none() {
             warnings.push(
-                "REDIS_URL is not set: OTP codes and rate limits live in this process only and \
-                 are lost on restart; a development setup, not for production"
+                "REDIS_URL is not set: OTP codes, rate limits and batch runs live in this \
+                 process only and are lost on restart (a batch run in progress is lost with \
+                 them); a development setup, not for production"
                     .to_owned(),
             );
         }
@@ -510,6 +531,7 @@ impl Config {
             message_retention,
             slow_client_timeout,
             pacing,
+            batch,
             warnings,
         };
         // The token goes into a header: a character a header cannot carry fails here, at start-up.

@@ -32,7 +32,16 @@ use tonic_health::{ServingStatus, server::HealthReporter};
 
 use crate::{
     config::Config,
-    domain::{delivery::Delivery, outbox::Outbox, pacing::Pacer, ports::PacingStore},
+    domain::{
+        batch::{
+            Batches,
+            worker::{Worker, WorkerConfig},
+        },
+        delivery::Delivery,
+        outbox::Outbox,
+        pacing::Pacer,
+        ports::PacingStore,
+    },
     notify::Notifier,
     otp::OtpService,
     store::{MemoryStore, RedisStore, Store},
@@ -48,6 +57,7 @@ pub mod pb {
 
 pub const NOTIFICATION_SERVICE: &str = "kabar.v1.NotificationService";
 pub const OTP_SERVICE: &str = "kabar.v1.OtpService";
+pub const BATCH_SERVICE: &str = "kabar.v1.BatchService";
 
 /// The two sockets kabar serves on.
 pub struct Listeners {
@@ -144,8 +154,26 @@ pub async fn run(
     let notifier = Arc::new(Notifier::new(config.templates.clone(), outbox.clone()));
     let delivery = Arc::new(Delivery::new(
         Arc::new(store.clone()),
+        Arc::new(store.clone()),
         pacer.clone(),
         config.message_retention,
+    ));
+    let batch_wake = Arc::new(tokio::sync::Notify::new());
+    let batches = Arc::new(Batches::new(
+        Arc::new(store.clone()),
+        notifier.clone(),
+        pacer.clone(),
+        config.message_retention,
+        batch_wake.clone(),
+    ));
+    let batch_worker = Arc::new(Worker::new(
+        Arc::new(store.clone()),
+        outbox.clone(),
+        WorkerConfig {
+            concurrency: config.batch.concurrency,
+            claim_timeout: config.batch.claim_timeout,
+            retention: config.message_retention,
+        },
     ));
 
     let metrics = Arc::new(metrics::Metrics::default());
@@ -158,14 +186,19 @@ pub async fn run(
         pacer: pacer.clone(),
     });
     let upkeep = tokio::spawn(pacer.clone().upkeep(driver.clone(), shutdown.clone()));
+    // On shutdown the worker takes no new items, gives back those not yet being sent, and
+    // finishes the sends under way.
+    let worker = tokio::spawn(batch_worker.run(batch_wake, shutdown.clone()));
 
     let (reporter, health_service) = tonic_health::server::health_reporter();
     reporter
         .set_service_status("", ServingStatus::Serving)
         .await;
-    reporter
-        .set_service_status(NOTIFICATION_SERVICE, ServingStatus::Serving)
-        .await;
+    for service in [NOTIFICATION_SERVICE, BATCH_SERVICE] {
+        reporter
+            .set_service_status(service, ServingStatus::Serving)
+            .await;
+    }
     let store_ok = store.ping().await.is_ok();
     http_state
         .store_reachable
@@ -212,7 +245,7 @@ pub async fn run(
         tokio::spawn(async move {
             shutdown.cancelled().await;
             http_state.shutting_down.store(true, Ordering::Relaxed);
-            for service in ["", NOTIFICATION_SERVICE, OTP_SERVICE] {
+            for service in ["", NOTIFICATION_SERVICE, OTP_SERVICE, BATCH_SERVICE] {
                 reporter
                     .set_service_status(service, ServingStatus::NotServing)
                     .await;
@@ -277,6 +310,13 @@ pub async fn run(
         .add_service(
             pb::otp_service_server::OtpServiceServer::new(grpc::OtpGrpc::new(otp, metrics.clone()))
                 .max_decoding_message_size(grpc::limits::MAX_MESSAGE_BYTES),
+        )
+        .add_service(
+            pb::batch_service_server::BatchServiceServer::new(grpc::batch::BatchGrpc::new(
+                batches,
+                drain.clone(),
+            ))
+            .max_decoding_message_size(grpc::limits::MAX_BATCH_MESSAGE_BYTES),
         )
         .serve_with_incoming_shutdown(
             listen::incoming(listeners.grpc, grpc_admission),
@@ -379,6 +419,12 @@ pub async fn run(
             Ok(())
         }
     };
+    if tokio::time::timeout(grace, worker).await.is_err() {
+        tracing::warn!(
+            "batch items were still being sent after the shutdown grace period; another \
+             replica settles them as unknown"
+        );
+    }
     monitor.abort();
     upkeep.abort();
     tracing::info!("kabar stopped");

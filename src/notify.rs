@@ -230,6 +230,7 @@ impl Notifier {
                 reference: request.reference.to_owned(),
                 idempotency_key: (!key.is_empty()).then(|| key.to_owned()),
                 priority: Priority::Single,
+                batch_id: String::new(),
             }),
             _ => Err(Error::InvalidArgument(violations)),
         }

@@ -9,7 +9,8 @@ use super::{
     error::{Error, Violations, echo},
     outbox::category_name,
     pacing::Pacer,
-    ports::{Applied, FeedError, MessageStore},
+    batch::rules::ItemState,
+    ports::{Applied, BatchStore, FeedError, MessageStore},
     status::{After, Event, MessageRecord, State, StatusUpdate, StoredEvent},
 };
 use crate::templates::Category;
@@ -42,15 +43,23 @@ pub struct Ingested {
 
 pub struct Delivery {
     store: Arc<dyn MessageStore>,
+    /// Told when a message of a batch item moves on.
+    batches: Arc<dyn BatchStore>,
     /// Told of customers who wrote: their service window keeps them out of the daily limit.
     pacer: Arc<Pacer>,
     retention: Duration,
 }
 
 impl Delivery {
-    pub fn new(store: Arc<dyn MessageStore>, pacer: Arc<Pacer>, retention: Duration) -> Self {
+    pub fn new(
+        store: Arc<dyn MessageStore>,
+        batches: Arc<dyn BatchStore>,
+        pacer: Arc<Pacer>,
+        retention: Duration,
+    ) -> Self {
         Delivery {
             store,
+            batches,
             pacer,
             retention,
         }
@@ -137,13 +146,23 @@ impl Delivery {
         match item {
             Incoming::Status(update) => Ok(
                 match self.store.apply_status(&update, self.retention).await? {
-                    Applied::Changed { category, previous } => Outcome::Changed {
+                    Applied::Changed {
+                        category,
+                        previous,
+                        batch_id,
+                        reference,
+                    } => {
+                        if !batch_id.is_empty() {
+                            self.batch_item_moved(&batch_id, &reference, &update).await?;
+                        }
+                        Outcome::Changed {
                         // Counted once per code: when its state first reaches delivered (a
                         // `read` that came without a `delivered` counts too).
                         otp_delivered: category == category_name(Category::Authentication)
                             && previous < State::Delivered
                             && matches!(update.state, State::Delivered | State::Read),
-                    },
+                        }
+                    }
                     Applied::Unchanged => Outcome::Duplicate,
                     Applied::Unknown => Outcome::Unknown,
                 },
@@ -156,6 +175,36 @@ impl Delivery {
                 }
             }
         }
+    }
+}
+
+impl Delivery {
+    /// A status of a batch item's message moves the item on (delivered, read, failed). If this
+    /// fails the webhook delivery fails too, and Meta's retry finds the record already changed:
+    /// the batch counts then miss this one status, nothing else.
+    async fn batch_item_moved(
+        &self,
+        batch_id: &str,
+        reference: &str,
+        update: &StatusUpdate,
+    ) -> Result<(), Error> {
+        let to = match update.state {
+            State::Accepted | State::Sent => ItemState::Accepted,
+            State::Delivered => ItemState::Delivered,
+            State::Read => ItemState::Read,
+            State::Failed => ItemState::Failed,
+        };
+        self.batches
+            .item_status(
+                batch_id,
+                reference,
+                &update.message_id,
+                to,
+                update.error.as_ref(),
+                self.retention,
+            )
+            .await?;
+        Ok(())
     }
 }
 

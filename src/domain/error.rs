@@ -66,6 +66,17 @@ pub enum Error {
         "the cursor {0} is older than the oldest retained event: events were lost to this reader; read again from \"0\" and reconcile"
     )]
     CursorExpired(String),
+    /// No batch with this id (never submitted, or older than the retention).
+    #[error("kabar has no batch {0}")]
+    BatchNotFound(String),
+    /// The batch does not take this change in its state (new items for a closed, done or
+    /// cancelled batch; resuming a finished one).
+    #[error("batch {batch_id} is {state}: {what}")]
+    BatchClosed {
+        batch_id: String,
+        state: &'static str,
+        what: &'static str,
+    },
 }
 
 /// At most this many field violations are reported; the rest are only counted, so that an answer
@@ -244,7 +255,9 @@ impl Error {
             | Error::IdempotencyInFlight
             | Error::IdempotencyKeyReused
             | Error::MessageNotFound(_)
-            | Error::CursorExpired(_) => false,
+            | Error::CursorExpired(_)
+            | Error::BatchNotFound(_)
+            | Error::BatchClosed { .. } => false,
         }
     }
 }

@@ -1,15 +1,16 @@
-//! The one send pipeline. Every message kabar sends (SendTemplate, SendOtp, and later batch
-//! items) passes through [`Outbox::send`], which knows it from start to end:
+//! The one send pipeline. Every message kabar sends (SendTemplate, SendOtp, batch
+//! items) passes through [`Outbox::send_guarded`], which knows it from start to end:
 //!
 //! 1. the enabled check (`WHATSAPP_ENABLED=false` refuses every send);
 //! 2. idempotency, when the caller gave a key: one call at a time per key, the first answer
 //!    replayed, a different request with the same key refused;
 //! 3. pacing: the message waits for its slot within Meta's limits (rate, priority, pair interval,
 //!    daily limit), or is refused when the slot does not fit its deadline;
-//! 4. the send through the driver (Meta, or the `log` driver), with its retries; when Meta still
+//! 4. the guard (a batch item is marked as being sent: from here on it is never sent again);
+//! 5. the send through the driver (Meta, or the `log` driver), with its retries; when Meta still
 //!    answers with one of its rate limits, pacing learns from it and the message goes back to
 //!    step 3 (within the deadline and `KABAR_META_MAX_ATTEMPTS`);
-//! 5. the message record, written once Meta has accepted the message, so that its delivery
+//! 6. the message record, written once Meta has accepted the message, so that its delivery
 //!    statuses from the webhook have something to attach to.
 
 use std::{
@@ -46,6 +47,27 @@ pub struct Outgoing {
     pub idempotency_key: Option<String>,
     /// Its place in the queue when sends must wait for Meta's limits.
     pub priority: Priority,
+    /// The batch run it belongs to; empty for single calls.
+    pub batch_id: String,
+}
+
+/// A last check right before a message goes to Meta, after its pacing slot: a batch item is
+/// marked as being sent here, so that a replica that dies from now on leaves it `unknown`
+/// instead of sending it twice.
+#[async_trait::async_trait]
+pub trait SendGuard: Send + Sync {
+    /// An error stops the send; nothing has gone out.
+    async fn before_send(&self) -> Result<(), Error>;
+}
+
+/// No check.
+pub struct Unguarded;
+
+#[async_trait::async_trait]
+impl SendGuard for Unguarded {
+    async fn before_send(&self) -> Result<(), Error> {
+        Ok(())
+    }
 }
 
 /// Meta accepted the message.
@@ -94,12 +116,22 @@ impl Outbox {
 
     /// Sends one message through the whole pipeline, never past `deadline`.
     pub async fn send(&self, out: &Outgoing, deadline: Option<Instant>) -> Result<Accepted, Error> {
+        self.send_guarded(out, deadline, &Unguarded).await
+    }
+
+    /// [`Outbox::send`], with `guard` asked right before the message goes to Meta.
+    pub async fn send_guarded(
+        &self,
+        out: &Outgoing,
+        deadline: Option<Instant>,
+        guard: &dyn SendGuard,
+    ) -> Result<Accepted, Error> {
         if !self.enabled {
             return Err(Error::WhatsAppDisabled);
         }
         match &out.idempotency_key {
-            None => self.deliver(out, deadline).await,
-            Some(key) => self.deliver_once(key, out, deadline).await,
+            None => self.deliver(out, deadline, guard).await,
+            Some(key) => self.deliver_once(key, out, deadline, guard).await,
         }
     }
 
@@ -109,6 +141,7 @@ impl Outbox {
         key: &str,
         out: &Outgoing,
         deadline: Option<Instant>,
+        guard: &dyn SendGuard,
     ) -> Result<Accepted, Error> {
         let store_key = idempotency_key(key);
         let digest = request_digest(out);
@@ -129,7 +162,7 @@ impl Outbox {
             Idempotency::Reused => return Err(Error::IdempotencyKeyReused),
             Idempotency::Started => {}
         }
-        match self.deliver(out, deadline).await {
+        match self.deliver(out, deadline, guard).await {
             Ok(accepted) => {
                 let answer =
                     serde_json::to_vec(&accepted).expect("an answer of strings always serialises");
@@ -162,9 +195,15 @@ impl Outbox {
     }
 
     /// Pacing and the send, then the record.
-    async fn deliver(&self, out: &Outgoing, deadline: Option<Instant>) -> Result<Accepted, Error> {
+    async fn deliver(
+        &self,
+        out: &Outgoing,
+        deadline: Option<Instant>,
+        guard: &dyn SendGuard,
+    ) -> Result<Accepted, Error> {
         let phone = out.message.to.e164();
         self.pacer.admit(phone, out.priority, deadline).await?;
+        guard.before_send().await?;
         // One budget of requests for the message, shared by the driver's own retries and the
         // retries through pacing.
         let mut attempts = self.driver.max_attempts();
@@ -199,7 +238,7 @@ impl Outbox {
             wa_id: sent.wa_id,
             phone: out.message.to.e164().to_owned(),
         };
-        let record = MessageRecord::accepted(
+        let mut record = MessageRecord::accepted(
             accepted.message_id.clone(),
             accepted.phone.clone(),
             out.template_key.clone(),
@@ -207,6 +246,7 @@ impl Outbox {
             category_name(out.category).to_owned(),
             now_ms(),
         );
+        record.batch_id.clone_from(&out.batch_id);
         // The message has gone out: a record that cannot be written costs its statuses (they
         // are acknowledged as unknown), never the caller's answer. A slow store must not hold
         // the answer past the deadline either: the write then finishes on its own.
@@ -279,6 +319,7 @@ mod tests {
             reference: reference.into(),
             idempotency_key: None,
             priority: Priority::Single,
+            batch_id: String::new(),
         }
     }
 

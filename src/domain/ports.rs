@@ -7,8 +7,12 @@ use std::time::Duration;
 use async_trait::async_trait;
 
 use super::{
+    batch::{
+        BatchInfo, Claim, Claimed, Command, Item, Mark, NewItem, Outcome, Submitted,
+        rules::{BatchState, ItemState},
+    },
     pacing::rules::{Answer, Ask},
-    status::{After, Event, MessageRecord, StatusUpdate, StoredEvent},
+    status::{After, Event, MessageRecord, MetaError, StatusUpdate, StoredEvent},
 };
 
 /// The store could not be reached or answered something unusable.
@@ -129,11 +133,14 @@ pub enum Applied {
     Unknown,
     /// A duplicate: nothing changed.
     Unchanged,
-    /// The record changed and an event was appended: the record's template category and its
-    /// state before the update.
+    /// The record changed and an event was appended: the record's template category, its
+    /// state before the update, and the batch run and reference it belongs to (empty for
+    /// single calls).
     Changed {
         category: String,
         previous: super::status::State,
+        batch_id: String,
+        reference: String,
     },
 }
 
@@ -207,4 +214,96 @@ pub trait PacingStore: Send + Sync {
 
     /// Recipients counted toward the daily limit now.
     async fn daily_used(&self, number: &str) -> Result<u64, StoreError>;
+}
+
+/// Batch runs: items kept durably and handed to workers, each settled once. Every change is one
+/// atomic step; a refusal changes nothing.
+#[async_trait]
+pub trait BatchStore: Send + Sync {
+    /// Adds the items whose reference is new to the batch (created on first use) and queues
+    /// them; `last` closes it. Refused as a whole, with nothing added, when the batch is closed,
+    /// done or cancelled and an item is new. Kept for `retention` after its last change.
+    async fn submit(
+        &self,
+        batch_id: &str,
+        items: &[NewItem],
+        last: bool,
+        now_ms: u64,
+        retention: Duration,
+    ) -> Result<Submitted, StoreError>;
+
+    async fn get(&self, batch_id: &str) -> Result<Option<BatchInfo>, StoreError>;
+
+    /// Batches that may have work: every batch not yet done or cancelled.
+    async fn active(&self) -> Result<Vec<String>, StoreError>;
+
+    /// Takes the batch off the active list (it is done or cancelled, or gone).
+    async fn forget(&self, batch_id: &str) -> Result<(), StoreError>;
+
+    /// Hands `consumer` up to `max` items: first those another consumer has held for longer
+    /// than `stale` (it died), then new ones. A stale item that was already being sent is
+    /// settled as unknown here, never handed out. Nothing is handed out unless the batch is
+    /// workable; the answer says what state the batch is in (None: no such batch).
+    async fn claim(
+        &self,
+        batch_id: &str,
+        consumer: &str,
+        max: usize,
+        stale: Duration,
+    ) -> Result<Claimed, StoreError>;
+
+    /// Marks a claimed item as being sent, if the batch is still workable and `consumer` still
+    /// holds it.
+    async fn mark_sending(
+        &self,
+        batch_id: &str,
+        claim: &Claim,
+        consumer: &str,
+    ) -> Result<Mark, StoreError>;
+
+    /// Settles a claimed item (the state moves only forward) and takes it off the queue, if
+    /// `consumer` still holds it; an item settled meanwhile as unknown may still become
+    /// accepted. Returns the batch's state afterwards (None: the item was not held).
+    async fn settle(
+        &self,
+        batch_id: &str,
+        claim: &Claim,
+        consumer: &str,
+        outcome: &Outcome,
+        retention: Duration,
+    ) -> Result<Option<BatchState>, StoreError>;
+
+    /// Gives a claimed item back to the queue (it certainly did not go out), if `consumer` still
+    /// holds it.
+    async fn release(&self, batch_id: &str, claim: &Claim, consumer: &str)
+    -> Result<(), StoreError>;
+
+    /// Cancels, pauses or resumes the batch, when its state allows; the batch afterwards.
+    async fn command(
+        &self,
+        batch_id: &str,
+        command: &Command,
+        retention: Duration,
+    ) -> Result<Option<BatchInfo>, StoreError>;
+
+    /// A webhook status of an item's message: moves the item forward (`to` is delivered, read or
+    /// failed).
+    async fn item_status(
+        &self,
+        batch_id: &str,
+        reference: &str,
+        message_id: &str,
+        to: ItemState,
+        error: Option<&MetaError>,
+        retention: Duration,
+    ) -> Result<(), StoreError>;
+
+    /// Up to `count` items in submission order from position `start`, and how many the batch
+    /// has (None: no such batch).
+    async fn items(
+        &self,
+        batch_id: &str,
+        start: u64,
+        count: usize,
+    ) -> Result<Option<(Vec<Item>, u64)>, StoreError>;
 }

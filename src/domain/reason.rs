@@ -68,6 +68,8 @@ reasons! {
     IdempotencyKeyReused => "IDEMPOTENCY_KEY_REUSED",
     MessageNotFound => "MESSAGE_NOT_FOUND",
     CursorExpired => "CURSOR_EXPIRED",
+    BatchNotFound => "BATCH_NOT_FOUND",
+    BatchClosed => "BATCH_CLOSED",
 }
 
 impl std::fmt::Display for Reason {

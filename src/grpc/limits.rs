@@ -24,6 +24,8 @@ pub const MAX_CONCURRENT_STREAMS: u32 = 256;
 /// The largest request message decoded. kabar's requests are a few KB (a whole template body is
 /// at most 1,024 characters); a larger one is refused before it is buffered.
 pub const MAX_MESSAGE_BYTES: usize = 64 * 1024;
+/// The largest SubmitBatch message: 1,000 items of about 1 KB each.
+pub const MAX_BATCH_MESSAGE_BYTES: usize = 1024 * 1024;
 /// HTTP/2 flow-control windows: what a client may send before kabar reads it.
 pub const STREAM_WINDOW: u32 = 256 * 1024;
 pub const CONNECTION_WINDOW: u32 = 1024 * 1024;

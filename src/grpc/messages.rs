@@ -3,11 +3,11 @@
 use prost_types::Timestamp;
 
 use crate::{
-    domain::status::{Event, MessageRecord, State, StoredEvent},
+    domain::status::{Event, MessageRecord, MetaError, State, StoredEvent},
     pb::{self, message_event, message_status},
 };
 
-fn timestamp(ms: u64) -> Option<Timestamp> {
+pub fn timestamp(ms: u64) -> Option<Timestamp> {
     Some(Timestamp {
         seconds: (ms / 1000) as i64,
         nanos: ((ms % 1000) * 1_000_000) as i32,
@@ -24,6 +24,15 @@ fn state(s: State) -> i32 {
     }) as i32
 }
 
+pub fn meta_error(e: MetaError) -> pb::MetaError {
+    pb::MetaError {
+        code: i32::try_from(e.code).unwrap_or(i32::MAX),
+        reason: e.reason,
+        title: e.title,
+        details: e.details,
+    }
+}
+
 pub fn status(r: MessageRecord) -> pb::MessageStatus {
     pb::MessageStatus {
         message_id: r.message_id,
@@ -31,12 +40,7 @@ pub fn status(r: MessageRecord) -> pb::MessageStatus {
         template: r.template,
         reference: r.reference,
         state: state(r.state),
-        error: r.error.map(|e| pb::MetaError {
-            code: i32::try_from(e.code).unwrap_or(i32::MAX),
-            reason: e.reason,
-            title: e.title,
-            details: e.details,
-        }),
+        error: r.error.map(meta_error),
         pricing_category: r.pricing_category,
         billable: r.billable,
         history: r

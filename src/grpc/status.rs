@@ -34,6 +34,8 @@ pub fn code(e: &Error) -> Code {
         Error::IdempotencyKeyReused => Code::FailedPrecondition,
         Error::MessageNotFound(_) => Code::NotFound,
         Error::CursorExpired(_) => Code::OutOfRange,
+        Error::BatchNotFound(_) => Code::NotFound,
+        Error::BatchClosed { .. } => Code::FailedPrecondition,
     }
 }
 
@@ -128,6 +130,10 @@ impl From<Error> for Status {
             Error::IdempotencyKeyReused => info(Reason::IdempotencyKeyReused, &[]),
             Error::MessageNotFound(_) => info(Reason::MessageNotFound, &[]),
             Error::CursorExpired(_) => info(Reason::CursorExpired, &[]),
+            Error::BatchNotFound(_) => info(Reason::BatchNotFound, &[]),
+            Error::BatchClosed { state, .. } => {
+                info(Reason::BatchClosed, &[("state", (*state).to_owned())])
+            }
         };
         Status::with_error_details(code, message, details)
     }

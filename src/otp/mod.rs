@@ -283,6 +283,7 @@ impl OtpService {
             reference: String::new(),
             idempotency_key: None,
             priority: Priority::Otp,
+            batch_id: String::new(),
         };
         match self.outbox.send(&outgoing, deadline).await {
             Ok(delivered) => Ok(OtpSent {

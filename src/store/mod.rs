@@ -62,6 +62,19 @@ pub(crate) fn pace_inbound_key(number: &str) -> String {
     format!("kabar:pace:{{{number}}}:inbound")
 }
 
+/// The keys of one batch run, all in one Cluster slot: the batch, its items, their order, the
+/// work queue. (Batch ids are restricted to `A-Z a-z 0-9 . _ : -`, so the tag is the id.)
+pub(crate) fn batch_keys(batch_id: &str) -> [String; 4] {
+    [
+        format!("kabar:batch:{{{batch_id}}}"),
+        format!("kabar:batch:{{{batch_id}}}:items"),
+        format!("kabar:batch:{{{batch_id}}}:order"),
+        format!("kabar:batch:{{{batch_id}}}:queue"),
+    ]
+}
+/// The batches that may have work (a set of ids).
+pub(crate) const BATCHES_KEY: &str = "kabar:batches";
+
 /// Wall-clock milliseconds since the Unix epoch: the time base of windows, cooldowns and expiry.
 pub fn now_ms() -> u64 {
     now_us() / 1000
@@ -74,6 +87,13 @@ pub fn now_us() -> u64 {
         .map_or(0, |d| d.as_micros() as u64)
 }
 pub use crate::domain::ports::{CodeHash, Gate, HASH_LEN, Idempotency, StoreError, Verdict};
+use crate::domain::{
+    batch::{
+        BatchInfo, Claim, Claimed, Command, Item, Mark, NewItem, Outcome, Submitted,
+        rules::{BatchState, ItemState},
+    },
+    status::MetaError,
+};
 
 /// Which backend, chosen by `REDIS_URL`.
 #[derive(Clone)]
@@ -269,5 +289,104 @@ impl crate::domain::ports::PacingStore for Store {
             Store::Redis(s) => s.pace_daily_used(number).await,
             Store::Memory(s) => s.pacing().daily_used(number),
         }
+    }
+}
+
+#[async_trait::async_trait]
+impl crate::domain::ports::BatchStore for Store {
+    async fn submit(
+        &self,
+        batch_id: &str,
+        items: &[NewItem],
+        last: bool,
+        now_ms: u64,
+        retention: Duration,
+    ) -> Result<Submitted, StoreError> {
+        dispatch!(self, s => s.batch_submit(batch_id, items, last, now_ms, retention).await)
+    }
+
+    async fn get(&self, batch_id: &str) -> Result<Option<BatchInfo>, StoreError> {
+        dispatch!(self, s => s.batch_get(batch_id).await)
+    }
+
+    async fn active(&self) -> Result<Vec<String>, StoreError> {
+        dispatch!(self, s => s.batch_active().await)
+    }
+
+    async fn forget(&self, batch_id: &str) -> Result<(), StoreError> {
+        match self {
+            Store::Redis(s) => s.batch_forget(batch_id).await,
+            // In process, the list of batches with work is derived from their states.
+            Store::Memory(_) => Ok(()),
+        }
+    }
+
+    async fn claim(
+        &self,
+        batch_id: &str,
+        consumer: &str,
+        max: usize,
+        stale: Duration,
+    ) -> Result<Claimed, StoreError> {
+        dispatch!(self, s => s.batch_claim(batch_id, consumer, max, stale).await)
+    }
+
+    async fn mark_sending(
+        &self,
+        batch_id: &str,
+        claim: &Claim,
+        consumer: &str,
+    ) -> Result<Mark, StoreError> {
+        dispatch!(self, s => s.batch_mark(batch_id, claim, consumer).await)
+    }
+
+    async fn settle(
+        &self,
+        batch_id: &str,
+        claim: &Claim,
+        consumer: &str,
+        outcome: &Outcome,
+        retention: Duration,
+    ) -> Result<Option<BatchState>, StoreError> {
+        dispatch!(self, s => s.batch_settle(batch_id, claim, consumer, outcome, retention).await)
+    }
+
+    async fn release(
+        &self,
+        batch_id: &str,
+        claim: &Claim,
+        consumer: &str,
+    ) -> Result<(), StoreError> {
+        dispatch!(self, s => s.batch_release(batch_id, claim, consumer).await)
+    }
+
+    async fn command(
+        &self,
+        batch_id: &str,
+        command: &Command,
+        retention: Duration,
+    ) -> Result<Option<BatchInfo>, StoreError> {
+        dispatch!(self, s => s.batch_command(batch_id, command, retention).await)
+    }
+
+    async fn item_status(
+        &self,
+        batch_id: &str,
+        reference: &str,
+        message_id: &str,
+        to: ItemState,
+        error: Option<&MetaError>,
+        retention: Duration,
+    ) -> Result<(), StoreError> {
+        dispatch!(self, s => s.batch_item_status(batch_id, reference, message_id, to, error, retention).await)
+    }
+
+    async fn items(
+        &self,
+        batch_id: &str,
+        start: u64,
+        count: usize,
+    ) -> Result<Option<(Vec<Item>, u64)>, StoreError> {
+        dispatch!(self, s => s.batch_items(batch_id, start, count).await)
     }
 }

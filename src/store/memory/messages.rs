@@ -109,9 +109,14 @@ impl MemoryStore {
             return Ok(Applied::Unchanged);
         }
         let snapshot = record.clone();
-        let category = snapshot.category.clone();
+        let changed = Applied::Changed {
+            category: snapshot.category.clone(),
+            previous,
+            batch_id: snapshot.batch_id.clone(),
+            reference: snapshot.reference.clone(),
+        };
         m.append(Event::Status(snapshot), now, retention);
-        Ok(Applied::Changed { category, previous })
+        Ok(changed)
     }
 
     pub async fn append_event(

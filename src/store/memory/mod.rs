@@ -9,6 +9,7 @@ use std::{
 
 use super::{CodeHash, Gate, Idempotency, StoreError, Verdict, now_ms};
 
+mod batch;
 mod messages;
 mod pacing;
 
@@ -45,6 +46,7 @@ pub struct MemoryStore {
     entries: Arc<Mutex<HashMap<String, Entry>>>,
     messages: Arc<Mutex<messages::Messages>>,
     pacing: Arc<pacing::Schedules>,
+    batches: Arc<Mutex<batch::Batches>>,
 }
 
 impl MemoryStore {
@@ -75,6 +77,7 @@ impl MemoryStore {
         let now = now_ms();
         self.lock().retain(|_, e| e.expires_at_ms > now);
         self.sweep_messages(now);
+        self.sweep_batches(now);
     }
 
     pub async fn gate(

@@ -82,7 +82,8 @@ end
 if not changed then return {1} end
 local all = redis.call('HGETALL', KEYS[1])
 redis.call('XADD', KEYS[2], 'MINID', '~', ARGV[9], '*', 'k', 'status', unpack(all))
-return {2, redis.call('HGET', KEYS[1], 'c') or '', s}
+local v = redis.call('HMGET', KEYS[1], 'c', 'b', 'r')
+return {2, v[1] or '', s, v[2] or '', v[3] or ''}
 "#;
 
 /// KEYS: the event's dedupe key, feed. ARGV: ttl_ms, minid, then the event's field/value pairs.
@@ -239,6 +240,11 @@ fn event_from(f: &HashMap<String, String>) -> Result<Event, StoreError> {
     }
 }
 
+fn text(v: &redis::Value) -> Result<String, StoreError> {
+    redis::from_redis_value(v.clone())
+        .map_err(|e| StoreError(format!("unexpected text from the status script: {e}")))
+}
+
 fn pairs(flat: Vec<String>) -> HashMap<String, String> {
     let mut map = HashMap::with_capacity(flat.len() / 2);
     let mut it = flat.into_iter();
@@ -358,10 +364,16 @@ impl RedisStore {
         match answer.as_slice() {
             [redis::Value::Int(0)] => Ok(Applied::Unknown),
             [redis::Value::Int(1)] => Ok(Applied::Unchanged),
-            [redis::Value::Int(2), category, redis::Value::Int(previous)] => Ok(Applied::Changed {
-                category: redis::from_redis_value(category.clone()).map_err(|e| {
-                    StoreError(format!("unexpected category from the status script: {e}"))
-                })?,
+            [
+                redis::Value::Int(2),
+                category,
+                redis::Value::Int(previous),
+                batch_id,
+                reference,
+            ] => Ok(Applied::Changed {
+                category: text(category)?,
+                batch_id: text(batch_id)?,
+                reference: text(reference)?,
                 previous: u8::try_from(*previous)
                     .ok()
                     .and_then(State::from_u8)

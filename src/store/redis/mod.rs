@@ -6,6 +6,7 @@ use std::{sync::Arc, time::Duration};
 
 use ::redis::{AsyncCommands, Script, aio::ConnectionManager};
 
+mod batch;
 mod messages;
 mod pacing;
 
@@ -125,6 +126,7 @@ pub struct RedisStore {
     scripts: Arc<Scripts>,
     message_scripts: Arc<messages::Scripts>,
     pacing_scripts: Arc<pacing::Scripts>,
+    batch_scripts: Arc<batch::Scripts>,
     timeout: Duration,
 }
 
@@ -154,6 +156,7 @@ impl RedisStore {
             }),
             message_scripts: Arc::new(messages::Scripts::new()),
             pacing_scripts: Arc::new(pacing::Scripts::new()),
+            batch_scripts: Arc::new(batch::Scripts::new()),
             timeout,
         })
     }

@@ -1,0 +1,382 @@
+//! The batch worker of one replica: takes items of every workable batch from the shared queue,
+//! sends each through the send pipeline, and settles it.
+//!
+//! Exactly-once rests on one mark: right before the message goes to Meta (after its pacing slot)
+//! the item is marked as being sent, in the store, by the worker that holds it. A replica that
+//! dies leaves its items held; once they have been held for longer than the claim timeout
+//! another replica takes them over. An item taken over unmarked was never sent and is sent now;
+//! an item taken over marked may be at Meta and is settled `unknown`, never sent again. A late
+//! webhook status of its message (the record carries batch and reference) still moves it on.
+//!
+//! On shutdown the worker takes no new items, gives back those it holds that are not yet
+//! marked, and finishes the sends already under way.
+
+use std::{
+    collections::HashMap,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use tokio::sync::{Notify, Semaphore};
+use tokio_util::sync::CancellationToken;
+
+use super::{
+    Claim, Mark, Outcome, item_deadline, item_error, outgoing,
+    rules::{Failure, ItemState, judge},
+};
+use crate::domain::{
+    error::Error,
+    outbox::{Outbox, SendGuard},
+    ports::BatchStore,
+};
+
+/// Most items taken from one batch at a time.
+const CLAIM_MAX: usize = 64;
+/// How often an idle worker looks for work (a submit on this replica wakes it at once).
+const IDLE_POLL: Duration = Duration::from_millis(250);
+/// Wait between tries of a store write that failed.
+const STORE_RETRY: Duration = Duration::from_millis(500);
+
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    /// Items in hand at once.
+    pub concurrency: usize,
+    /// How long an item may be held before another replica takes it over.
+    pub claim_timeout: Duration,
+    /// Kept as long as message records.
+    pub retention: Duration,
+}
+
+pub struct Worker {
+    store: Arc<dyn BatchStore>,
+    outbox: Arc<Outbox>,
+    config: WorkerConfig,
+    /// This replica's name in the shared queue.
+    consumer: String,
+    /// Batches whose items wait before another try, and until when.
+    held_back: Mutex<HashMap<String, Instant>>,
+}
+
+impl Worker {
+    pub fn new(store: Arc<dyn BatchStore>, outbox: Arc<Outbox>, config: WorkerConfig) -> Self {
+        let mut random = [0u8; 6];
+        getrandom::fill(&mut random).expect("the OS random number generator is available");
+        let host = std::env::var("HOSTNAME").unwrap_or_default();
+        let host: String = host
+            .chars()
+            .filter(|c| c.is_ascii_alphanumeric() || *c == '-')
+            .take(40)
+            .collect();
+        Worker {
+            store,
+            outbox,
+            config,
+            consumer: format!("{host}-{}-{}", std::process::id(), hex::encode(random)),
+            held_back: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Works batches until `stop`; returns once the items in hand are settled or given back.
+    pub async fn run(self: Arc<Self>, wake: Arc<Notify>, stop: CancellationToken) {
+        let slots = Arc::new(Semaphore::new(self.config.concurrency));
+        let mut store_down = false;
+        while !stop.is_cancelled() {
+            let took = match self.round(&slots, &stop).await {
+                Ok(n) => {
+                    if store_down {
+                        tracing::info!("batch worker: the store answers again; resuming");
+                        store_down = false;
+                    }
+                    n
+                }
+                Err(e) => {
+                    if !store_down {
+                        tracing::warn!(error = %e, "batch worker: the store is unreachable; waiting");
+                        store_down = true;
+                    }
+                    0
+                }
+            };
+            if took == 0 {
+                let wakened = wake.notified();
+                tokio::select! {
+                    () = tokio::time::sleep(IDLE_POLL) => {}
+                    () = wakened => {}
+                    () = stop.cancelled() => {}
+                }
+            } else if slots.available_permits() == 0 {
+                // Every slot busy: wait until one frees.
+                tokio::select! {
+                    permit = slots.clone().acquire_owned() => drop(permit),
+                    () = stop.cancelled() => {}
+                }
+            }
+        }
+        // Every item in hand holds a slot: all slots back means all items settled or given back.
+        let _ = slots.acquire_many(self.config.concurrency as u32).await;
+    }
+
+    /// One pass over the active batches; how many items were taken.
+    async fn round(
+        self: &Arc<Self>,
+        slots: &Arc<Semaphore>,
+        stop: &CancellationToken,
+    ) -> Result<usize, crate::domain::ports::StoreError> {
+        let mut took = 0;
+        for batch_id in self.store.active().await? {
+            let free = slots.available_permits();
+            if free == 0 || stop.is_cancelled() {
+                break;
+            }
+            if self.held_back(&batch_id) {
+                continue;
+            }
+            let claimed = self
+                .store
+                .claim(
+                    &batch_id,
+                    &self.consumer,
+                    free.min(CLAIM_MAX),
+                    self.config.claim_timeout,
+                )
+                .await?;
+            match claimed.state {
+                None => self.store.forget(&batch_id).await?,
+                Some(state) if state.is_final() => self.store.forget(&batch_id).await?,
+                Some(_) => {}
+            }
+            for claim in claimed.items {
+                let Ok(slot) = slots.clone().try_acquire_owned() else {
+                    // Cannot happen (no more than `free` were asked for); the item goes back.
+                    let _ = self.store.release(&batch_id, &claim, &self.consumer).await;
+                    continue;
+                };
+                took += 1;
+                let (me, batch_id, stop) = (self.clone(), batch_id.clone(), stop.clone());
+                tokio::spawn(async move {
+                    me.handle(&batch_id, claim, &stop).await;
+                    drop(slot);
+                });
+            }
+        }
+        Ok(took)
+    }
+
+    fn held_back(&self, batch_id: &str) -> bool {
+        let mut held = self.held_back.lock().unwrap_or_else(|e| e.into_inner());
+        match held.get(batch_id) {
+            Some(until) if *until > Instant::now() => true,
+            Some(_) => {
+                held.remove(batch_id);
+                false
+            }
+            None => false,
+        }
+    }
+
+    fn hold_back(&self, batch_id: &str, wait: Duration) {
+        let mut held = self.held_back.lock().unwrap_or_else(|e| e.into_inner());
+        let until = Instant::now() + wait;
+        let entry = held.entry(batch_id.to_owned()).or_insert(until);
+        *entry = (*entry).max(until);
+    }
+
+    /// Sends one item and settles it.
+    async fn handle(&self, batch_id: &str, claim: Claim, stop: &CancellationToken) {
+        let out = match outgoing(batch_id, &claim.item.data) {
+            Ok(out) => out,
+            Err(e) => {
+                // Checked at submit: only a stored item from another version could fail here.
+                self.settle(batch_id, &claim, ItemState::Failed, "", Some(&e), stop)
+                    .await;
+                return;
+            }
+        };
+        let guard = MarkGuard {
+            store: self.store.as_ref(),
+            batch_id,
+            claim: &claim,
+            consumer: &self.consumer,
+            started: AtomicBool::new(false),
+            answer: Mutex::new(None),
+        };
+        let deadline = item_deadline(self.config.claim_timeout);
+        let result = {
+            let send = self.outbox.send_guarded(&out, Some(deadline), &guard);
+            tokio::pin!(send);
+            tokio::select! {
+                r = &mut send => r,
+                () = stop.cancelled() => {
+                    if guard.started.load(Ordering::SeqCst) {
+                        // The mark is written or being written: the send goes on to its end.
+                        send.await
+                    } else {
+                        drop(send);
+                        self.give_back(batch_id, &claim).await;
+                        return;
+                    }
+                }
+            }
+        };
+        let answer = *guard.answer.lock().unwrap_or_else(|e| e.into_inner());
+        match (result, answer) {
+            (Ok(accepted), _) => {
+                self.settle(
+                    batch_id,
+                    &claim,
+                    ItemState::Accepted,
+                    &accepted.message_id,
+                    None,
+                    stop,
+                )
+                .await;
+            }
+            // The batch was paused or cancelled meanwhile, or another worker took the item.
+            (Err(_), Some(Mark::Stopped(_) | Mark::Lost)) => {
+                self.give_back(batch_id, &claim).await;
+            }
+            (Err(e), _) => match judge(&e) {
+                Failure::Pause(reason) => {
+                    tracing::warn!(
+                        batch_id,
+                        reason = %reason,
+                        "batch paused: Meta refused in a way that would hit every item; fix the \
+                         cause, then ResumeBatch"
+                    );
+                    if let Err(e) = self
+                        .store
+                        .command(
+                            batch_id,
+                            &super::Command::Pause(reason),
+                            self.config.retention,
+                        )
+                        .await
+                    {
+                        tracing::warn!(batch_id, error = %e, "could not pause the batch");
+                        self.hold_back(batch_id, super::rules::RETRY_WAIT);
+                    }
+                    self.give_back(batch_id, &claim).await;
+                }
+                Failure::Retry(wait) => {
+                    self.hold_back(batch_id, wait);
+                    self.give_back(batch_id, &claim).await;
+                }
+                Failure::Unknown => {
+                    self.settle(batch_id, &claim, ItemState::Unknown, "", Some(&e), stop)
+                        .await;
+                }
+                Failure::Fail => {
+                    self.settle(batch_id, &claim, ItemState::Failed, "", Some(&e), stop)
+                        .await;
+                }
+            },
+        }
+    }
+
+    /// Settles an item, trying again while the store is unreachable (until shutdown; an item
+    /// left held is then taken over by another replica).
+    async fn settle(
+        &self,
+        batch_id: &str,
+        claim: &Claim,
+        state: ItemState,
+        message_id: &str,
+        error: Option<&Error>,
+        stop: &CancellationToken,
+    ) {
+        let outcome = Outcome {
+            state,
+            message_id: message_id.to_owned(),
+            error: error.map(item_error),
+        };
+        let mut warned = false;
+        loop {
+            match self
+                .store
+                .settle(
+                    batch_id,
+                    claim,
+                    &self.consumer,
+                    &outcome,
+                    self.config.retention,
+                )
+                .await
+            {
+                Ok(Some(_)) => return,
+                Ok(None) => {
+                    tracing::warn!(
+                        batch_id,
+                        state = state.as_str(),
+                        "a batch item was taken over by another replica before it was settled here"
+                    );
+                    return;
+                }
+                Err(e) => {
+                    if !warned {
+                        tracing::warn!(batch_id, error = %e, "could not settle a batch item; trying again");
+                        warned = true;
+                    }
+                    if stop.is_cancelled() {
+                        return;
+                    }
+                    tokio::time::sleep(STORE_RETRY).await;
+                }
+            }
+        }
+    }
+
+    /// Gives an item that did not go out back to the queue. When the store is unreachable the
+    /// item stays held, and is taken over after the claim timeout.
+    async fn give_back(&self, batch_id: &str, claim: &Claim) {
+        if let Err(e) = self.store.release(batch_id, claim, &self.consumer).await {
+            tracing::warn!(batch_id, error = %e, "could not give a batch item back; it is taken over after the claim timeout");
+        }
+    }
+}
+
+/// Marks the item as being sent, right before Meta is called.
+struct MarkGuard<'a> {
+    store: &'a dyn BatchStore,
+    batch_id: &'a str,
+    claim: &'a Claim,
+    consumer: &'a str,
+    /// Set before the mark is written: from then on the send is never abandoned.
+    started: AtomicBool,
+    answer: Mutex<Option<Mark>>,
+}
+
+#[async_trait::async_trait]
+impl SendGuard for MarkGuard<'_> {
+    async fn before_send(&self) -> Result<(), Error> {
+        self.started.store(true, Ordering::SeqCst);
+        let mark = self
+            .store
+            .mark_sending(self.batch_id, self.claim, self.consumer)
+            .await;
+        let mark = match mark {
+            Ok(m) => m,
+            Err(e) => {
+                // Not marked: nothing goes out, and the item can go back to the queue.
+                self.started.store(false, Ordering::SeqCst);
+                return Err(e.into());
+            }
+        };
+        *self.answer.lock().unwrap_or_else(|e| e.into_inner()) = Some(mark);
+        match mark {
+            Mark::Go => Ok(()),
+            Mark::Stopped(state) => Err(Error::BatchClosed {
+                batch_id: self.batch_id.to_owned(),
+                state: state.as_str(),
+                what: "its items are not sent now",
+            }),
+            Mark::Lost => Err(Error::BatchClosed {
+                batch_id: self.batch_id.to_owned(),
+                state: "taken over",
+                what: "another replica holds the item",
+            }),
+        }
+    }
+}
