@@ -6,10 +6,10 @@
 use std::{sync::Arc, time::Duration};
 
 use super::{
+    batch::rules::ItemState,
     error::{Error, Violations, echo},
     outbox::category_name,
     pacing::Pacer,
-    batch::rules::ItemState,
     ports::{Applied, BatchStore, FeedError, MessageStore},
     status::{After, Event, MessageRecord, State, StatusUpdate, StoredEvent},
 };
@@ -153,14 +153,15 @@ impl Delivery {
                         reference,
                     } => {
                         if !batch_id.is_empty() {
-                            self.batch_item_moved(&batch_id, &reference, &update).await?;
+                            self.batch_item_moved(&batch_id, &reference, &update)
+                                .await?;
                         }
                         Outcome::Changed {
-                        // Counted once per code: when its state first reaches delivered (a
-                        // `read` that came without a `delivered` counts too).
-                        otp_delivered: category == category_name(Category::Authentication)
-                            && previous < State::Delivered
-                            && matches!(update.state, State::Delivered | State::Read),
+                            // Counted once per code: when its state first reaches delivered (a
+                            // `read` that came without a `delivered` counts too).
+                            otp_delivered: category == category_name(Category::Authentication)
+                                && previous < State::Delivered
+                                && matches!(update.state, State::Delivered | State::Read),
                         }
                     }
                     Applied::Unchanged => Outcome::Duplicate,

@@ -275,8 +275,12 @@ pub trait BatchStore: Send + Sync {
 
     /// Gives a claimed item back to the queue (it certainly did not go out), if `consumer` still
     /// holds it.
-    async fn release(&self, batch_id: &str, claim: &Claim, consumer: &str)
-    -> Result<(), StoreError>;
+    async fn release(
+        &self,
+        batch_id: &str,
+        claim: &Claim,
+        consumer: &str,
+    ) -> Result<(), StoreError>;
 
     /// Cancels, pauses or resumes the batch, when its state allows; the batch afterwards.
     async fn command(

@@ -108,7 +108,10 @@ fn watch(batches: Arc<Batches>, batch_id: String, drain: CancellationToken) -> B
                     }
                     Ok(_) => {}
                     Err(e) => {
-                        return Some((Err(Status::from(e)), (batches, batch_id, drain, last, true)));
+                        return Some((
+                            Err(Status::from(e)),
+                            (batches, batch_id, drain, last, true),
+                        ));
                     }
                 }
                 tokio::select! {
@@ -144,7 +147,10 @@ impl pb::batch_service_server::BatchService for BatchGrpc {
             })
             .collect();
         let view = call(self.batches.submit(&r.batch_id, &messages, r.last)).await?;
-        Ok(answer(batch_message(view), detail("submitted", &r.batch_id)))
+        Ok(answer(
+            batch_message(view),
+            detail("submitted", &r.batch_id),
+        ))
     }
 
     async fn get_batch(

@@ -12,7 +12,8 @@ use std::time::Instant;
 use serde::Serialize;
 
 pub use classify::{
-    MetaErrorBody, MetaErrorKind, MetaErrorObject, MetaFailure, classify, reason_of_code,
+    MetaErrorBody, MetaErrorKind, MetaErrorObject, MetaFailure, SendContext, classify,
+    reason_of_code,
 };
 pub use meta::{MetaClient, MetaSettings};
 

@@ -20,6 +20,7 @@ macro_rules! on_both_stores {
 }
 
 mod attack;
+mod batch;
 mod config;
 mod delivery;
 mod hardening;

@@ -25,6 +25,7 @@ use axum::{
 use kabar::{
     config::Config,
     pb::{
+        batch_service_client::BatchServiceClient,
         notification_service_client::NotificationServiceClient,
         otp_service_client::OtpServiceClient,
     },
@@ -494,6 +495,10 @@ impl TestApp {
 
     pub fn notifications(&self) -> NotificationServiceClient<Channel> {
         NotificationServiceClient::new(self.channel.clone())
+    }
+
+    pub fn batches(&self) -> BatchServiceClient<Channel> {
+        BatchServiceClient::new(self.channel.clone())
     }
 
     pub fn otp(&self) -> OtpServiceClient<Channel> {

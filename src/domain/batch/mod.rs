@@ -114,7 +114,10 @@ pub struct Outcome {
 /// The answer of [`BatchStore::submit`].
 #[derive(Debug, Clone)]
 pub enum Submitted {
-    Added { batch: BatchInfo, added: usize },
+    Added {
+        batch: BatchInfo,
+        added: usize,
+    },
     /// The batch takes no new items (closed, done or cancelled); nothing was added.
     Closed(BatchInfo),
 }
@@ -478,7 +481,9 @@ pub fn item_error(error: &Error) -> MetaError {
             code: 0,
             reason: match other {
                 Error::MetaOutcomeUnknown(_) | Error::DeadlineExceeded { .. } => {
-                    super::reason::Reason::MetaOutcomeUnknown.as_str().to_owned()
+                    super::reason::Reason::MetaOutcomeUnknown
+                        .as_str()
+                        .to_owned()
                 }
                 Error::InvalidArgument(_) => "INVALID_ARGUMENT".to_owned(),
                 _ => "ERROR".to_owned(),
@@ -499,7 +504,9 @@ pub fn item_deadline(claim_timeout: Duration) -> Instant {
 pub fn taken_over() -> MetaError {
     MetaError {
         code: 0,
-        reason: super::reason::Reason::MetaOutcomeUnknown.as_str().to_owned(),
+        reason: super::reason::Reason::MetaOutcomeUnknown
+            .as_str()
+            .to_owned(),
         title: String::new(),
         details: "the replica sending this item stopped before Meta's answer was stored; \
                   Meta may have the message, so it is not sent again"

@@ -211,9 +211,7 @@ pub fn judge(error: &Error) -> Failure {
     }
     match error {
         Error::Meta(f) => match f.kind {
-            MetaErrorKind::Configuration
-                if f.reason != Reason::MetaReengagementRequired =>
-            {
+            MetaErrorKind::Configuration if f.reason != Reason::MetaReengagementRequired => {
                 Failure::Pause(format!(
                     "{}: Meta error {}: {}. {}",
                     f.reason, f.meta_code, f.details, f.remedy
@@ -378,7 +376,7 @@ mod tests {
 
     #[test]
     fn failures_that_hit_every_item_pause_the_run() {
-        use crate::whatsapp::classify::{MetaErrorBody, SendContext, classify};
+        use crate::whatsapp::{MetaErrorBody, SendContext, classify};
         let meta = |code: i64, status: u16| {
             let body: MetaErrorBody = serde_json::from_value(serde_json::json!({
                 "error": {"message": "x", "type": "OAuthException", "code": code}

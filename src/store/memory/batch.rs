@@ -10,11 +10,11 @@ use std::{
 use super::MemoryStore;
 use crate::{
     domain::{
+        batch::taken_over,
         batch::{
             BatchInfo, Claim, Claimed, Command, Item, Mark, NewItem, Outcome, Submitted,
             rules::{BatchState, Counts, ItemState, may_move, settled_state},
         },
-        batch::taken_over,
         ports::StoreError,
         status::MetaError,
     },
@@ -120,23 +120,26 @@ impl MemoryStore {
         {
             all.batches.remove(batch_id);
         }
-        let run = all.batches.entry(batch_id.to_owned()).or_insert_with(|| Run {
-            info: BatchInfo {
-                batch_id: batch_id.to_owned(),
-                state: BatchState::Open,
-                pause_reason: String::new(),
-                counts: Counts::default(),
-                closed: false,
-                created_at_ms: now,
-            },
-            items: HashMap::new(),
-            order: Vec::new(),
-            queue: VecDeque::new(),
-            held: HashMap::new(),
-            waiting: HashMap::new(),
-            next_ticket: 0,
-            expires_at_ms: 0,
-        });
+        let run = all
+            .batches
+            .entry(batch_id.to_owned())
+            .or_insert_with(|| Run {
+                info: BatchInfo {
+                    batch_id: batch_id.to_owned(),
+                    state: BatchState::Open,
+                    pause_reason: String::new(),
+                    counts: Counts::default(),
+                    closed: false,
+                    created_at_ms: now,
+                },
+                items: HashMap::new(),
+                order: Vec::new(),
+                queue: VecDeque::new(),
+                held: HashMap::new(),
+                waiting: HashMap::new(),
+                next_ticket: 0,
+                expires_at_ms: 0,
+            });
         let new: Vec<&NewItem> = items
             .iter()
             .filter(|i| !run.items.contains_key(&i.reference))
@@ -253,7 +256,8 @@ impl MemoryStore {
                         ticket: ticket.to_string(),
                         item: item.clone(),
                     });
-                    run.held.insert(ticket, (reference, consumer.to_owned(), now));
+                    run.held
+                        .insert(ticket, (reference, consumer.to_owned(), now));
                 }
                 _ => {}
             }

@@ -277,7 +277,9 @@ impl Scripts {
 }
 
 fn bad(what: &str, detail: impl std::fmt::Debug) -> StoreError {
-    StoreError(format!("unexpected answer from the batch {what} script: {detail:?}"))
+    StoreError(format!(
+        "unexpected answer from the batch {what} script: {detail:?}"
+    ))
 }
 
 fn text(v: &Value) -> Option<String> {

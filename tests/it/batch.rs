@@ -1,0 +1,424 @@
+//! Batch runs in-process on both stores: submit checks, a run to DONE with exact accounting,
+//! pause and resume, cancel, paging, webhook statuses.
+
+use std::{collections::HashMap, time::Duration};
+
+use kabar::pb::{
+    Batch, GetBatchRequest, ListBatchItemsRequest, SendTemplateRequest, SubmitBatchRequest,
+    batch::State, batch_item,
+};
+use tonic::Code;
+
+use crate::support::{
+    FakeMeta, RedisServer, Reply, TestApp, error_info, eventually, meta_vars, store_vars,
+    violated_fields,
+};
+
+/// An invoice for customer `i`: a distinct phone number and reference per customer.
+pub fn invoice(i: usize) -> SendTemplateRequest {
+    SendTemplateRequest {
+        phone: phone_of(i),
+        template: "invoice_notification".into(),
+        positional_params: vec![
+            format!("Pelanggan {i}"),
+            "Desember 2026".into(),
+            format!("INV-{i}"),
+            "Home 20 Mbps".into(),
+            "Rp 150.000".into(),
+            "10 Desember 2026".into(),
+            format!("C{i}"),
+        ],
+        reference: format!("INV-{i}"),
+        ..Default::default()
+    }
+}
+
+/// The local form of customer `i`'s number, and its E.164 form.
+pub fn phone_of(i: usize) -> String {
+    format!("0812{:08}", 10_000_000 + i)
+}
+pub fn e164_of(i: usize) -> String {
+    format!("+62812{:08}", 10_000_000 + i)
+}
+
+pub fn submit(batch_id: &str, range: std::ops::Range<usize>, last: bool) -> SubmitBatchRequest {
+    SubmitBatchRequest {
+        batch_id: batch_id.into(),
+        messages: range.map(invoice).collect(),
+        last,
+    }
+}
+
+pub fn get(batch_id: &str) -> GetBatchRequest {
+    GetBatchRequest {
+        batch_id: batch_id.into(),
+    }
+}
+
+async fn app(meta: &FakeMeta, redis: Option<&RedisServer>) -> TestApp {
+    let mut vars = meta_vars(meta);
+    vars.extend(store_vars(redis));
+    TestApp::start(vars).await
+}
+
+/// Waits until the batch is in `state`; the batch then.
+pub async fn wait_state(app: &TestApp, batch_id: &str, state: State, within: Duration) -> Batch {
+    let mut client = app.batches();
+    let until = std::time::Instant::now() + within;
+    loop {
+        let b = client.get_batch(get(batch_id)).await.unwrap().into_inner();
+        if b.state == state as i32 {
+            return b;
+        }
+        assert!(
+            std::time::Instant::now() < until,
+            "the batch is not {state:?} after {within:?}: {b:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// How many times Meta received a message for each recipient.
+fn sends_per_phone(meta: &FakeMeta) -> HashMap<String, usize> {
+    let mut sends = HashMap::new();
+    for r in meta.received() {
+        if let Some(to) = r.body["to"].as_str() {
+            *sends.entry(to.to_owned()).or_insert(0) += 1;
+        }
+    }
+    sends
+}
+
+fn adds_up(b: &Batch) -> bool {
+    b.queued + b.accepted + b.failed + b.unknown == b.total
+}
+
+async fn a_run_sends_every_item_once_and_finishes(redis: Option<&RedisServer>) {
+    let meta = FakeMeta::start().await;
+    let app = app(&meta, redis).await;
+    let mut client = app.batches();
+    for chunk in 0..3 {
+        let b = client
+            .submit_batch(submit(
+                "invoices-2026-12",
+                chunk * 100..(chunk + 1) * 100,
+                chunk == 2,
+            ))
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(adds_up(&b), "{b:?}");
+    }
+    // A retried chunk adds nothing.
+    let again = client
+        .submit_batch(submit("invoices-2026-12", 0..100, true))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(again.total, 300);
+    let b = wait_state(
+        &app,
+        "invoices-2026-12",
+        State::Done,
+        Duration::from_secs(30),
+    )
+    .await;
+    assert_eq!(
+        (b.total, b.accepted, b.queued, b.failed, b.unknown),
+        (300, 300, 0, 0, 0)
+    );
+    assert!(b.closed);
+    let sends = sends_per_phone(&meta);
+    assert_eq!(sends.len(), 300);
+    assert!(sends.values().all(|n| *n == 1), "a message went twice");
+    // The message Meta received is the item's: template parameters in order.
+    let r = meta
+        .received()
+        .into_iter()
+        .find(|r| r.body["to"] == e164_of(7))
+        .unwrap();
+    assert_eq!(
+        r.body["template"]["components"][0]["parameters"][2]["text"],
+        "INV-7"
+    );
+    // Every item is listed accepted with its message id; the records carry the batch.
+    let page = client
+        .list_batch_items(ListBatchItemsRequest {
+            batch_id: "invoices-2026-12".into(),
+            filter: "accepted".into(),
+            page_size: 1000,
+            page_token: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(page.items.len(), 300);
+    assert!(page.next_page_token.is_empty());
+    assert!(
+        page.items
+            .iter()
+            .all(|i| i.message_id.starts_with("wamid."))
+    );
+    assert_eq!(page.items[0].reference, "INV-0");
+    let status = app
+        .notifications()
+        .get_message_status(kabar::pb::GetMessageStatusRequest {
+            message_id: page.items[5].message_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(status.batch_id, "invoices-2026-12");
+    assert_eq!(status.reference, "INV-5");
+    // A done batch takes no new items; resubmitting its own is still fine.
+    let refused = client
+        .submit_batch(submit("invoices-2026-12", 300..301, false))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::FailedPrecondition);
+    assert_eq!(error_info(&refused).unwrap().0, "BATCH_CLOSED");
+    client
+        .submit_batch(submit("invoices-2026-12", 5..10, false))
+        .await
+        .unwrap();
+    app.stop().await.unwrap();
+}
+
+async fn one_bad_item_refuses_the_call_and_queues_nothing(redis: Option<&RedisServer>) {
+    let meta = FakeMeta::start().await;
+    let app = app(&meta, redis).await;
+    let mut client = app.batches();
+    let mut request = submit("run-1", 0..10, false);
+    request.messages[3].phone = "12".into();
+    request.messages[5].positional_params.pop();
+    request.messages[7].reference = "INV-2".into();
+    request.messages[8].template = "no_such_template".into();
+    let e = client.submit_batch(request).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    let fields = violated_fields(&e);
+    for field in [
+        "messages[3].phone",
+        "messages[5].positional_params",
+        "messages[7].reference",
+        "messages[8].template",
+    ] {
+        assert!(fields.iter().any(|f| f == field), "{field} in {fields:?}");
+    }
+    // Nothing was queued: the batch does not even exist.
+    let missing = client.get_batch(get("run-1")).await.unwrap_err();
+    assert_eq!(missing.code(), Code::NotFound);
+    // The other refusals.
+    let cases: Vec<(SubmitBatchRequest, &str)> = vec![
+        (submit("", 0..1, false), "batch_id"),
+        (submit("bad id", 0..1, false), "batch_id"),
+        (submit("run-1", 0..1001, false), "messages"),
+        (submit("run-1", 0..0, false), "messages"),
+        (
+            {
+                let mut r = submit("run-1", 0..2, false);
+                r.messages[1].reference.clear();
+                r
+            },
+            "messages[1].reference",
+        ),
+        (
+            {
+                let mut r = submit("run-1", 0..2, false);
+                r.messages[0].idempotency_key = "k".into();
+                r
+            },
+            "messages[0].idempotency_key",
+        ),
+        (
+            {
+                let mut r = submit("run-1", 0..2, false);
+                r.messages[1].template = "otp_code".into();
+                r
+            },
+            "messages[1].template",
+        ),
+    ];
+    for (request, field) in cases {
+        let e = client.submit_batch(request).await.unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{field}");
+        assert!(
+            violated_fields(&e).iter().any(|f| f == field),
+            "{field} in {:?}",
+            violated_fields(&e)
+        );
+    }
+    assert_eq!(
+        client.get_batch(get("run-1")).await.unwrap_err().code(),
+        Code::NotFound
+    );
+    assert_eq!(meta.count(), 0);
+    app.stop().await.unwrap();
+}
+
+async fn a_refusal_for_every_item_pauses_until_resumed(redis: Option<&RedisServer>) {
+    let meta = FakeMeta::start().await;
+    // The template is not approved: every item would fail the same way.
+    meta.push(Reply::error(
+        404,
+        132001,
+        "template name (invoice_notification) does not exist in id",
+    ));
+    let app = app(&meta, redis).await;
+    let mut client = app.batches();
+    client
+        .submit_batch(submit("paused-run", 0..50, true))
+        .await
+        .unwrap();
+    let b = wait_state(&app, "paused-run", State::Paused, Duration::from_secs(10)).await;
+    assert!(b.pause_reason.contains("132001"), "{}", b.pause_reason);
+    assert_eq!(b.failed, 0, "the refused item goes back to the queue");
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let sent_while_paused = meta.count();
+    assert!(sent_while_paused <= 50, "{sent_while_paused}");
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(
+        meta.count(),
+        sent_while_paused,
+        "a paused batch sends nothing"
+    );
+    // The operator fixed the template: the run goes on and every item goes out once.
+    client.resume_batch(get("paused-run")).await.unwrap();
+    let b = wait_state(&app, "paused-run", State::Done, Duration::from_secs(30)).await;
+    assert_eq!((b.accepted, b.failed, b.unknown), (50, 0, 0), "{b:?}");
+    let sends = sends_per_phone(&meta);
+    assert_eq!(sends.len(), 50);
+    // Recipient refusals fail the item only.
+    meta.push(Reply::error(400, 131026, "Message Undeliverable."));
+    client
+        .submit_batch(submit("second-run", 100..110, true))
+        .await
+        .unwrap();
+    let b = wait_state(&app, "second-run", State::Done, Duration::from_secs(30)).await;
+    assert_eq!((b.accepted, b.failed), (9, 1), "{b:?}");
+    let failed = client
+        .list_batch_items(ListBatchItemsRequest {
+            batch_id: "second-run".into(),
+            filter: "failed".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(failed.items.len(), 1);
+    let error = failed.items[0].error.as_ref().unwrap();
+    assert_eq!(error.code, 131026);
+    assert_eq!(error.reason, "META_RECIPIENT_UNDELIVERABLE");
+    assert_eq!(failed.items[0].state, batch_item::State::Failed as i32);
+    app.stop().await.unwrap();
+}
+
+async fn cancel_stops_sending(redis: Option<&RedisServer>) {
+    let meta = FakeMeta::start().await;
+    let mut vars = meta_vars(&meta);
+    vars.extend(store_vars(redis));
+    // 20 messages a second: the run would take 10 seconds.
+    vars.push(("KABAR_META_MAX_MPS".into(), "20".into()));
+    let app = TestApp::start(vars).await;
+    let mut client = app.batches();
+    client
+        .submit_batch(submit("cancelled-run", 0..200, true))
+        .await
+        .unwrap();
+    assert!(eventually(Duration::from_secs(10), || async { meta.count() >= 10 }).await);
+    let b = client
+        .cancel_batch(get("cancelled-run"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(b.state, State::Cancelled as i32);
+    // Sends already under way finish; nothing starts after that.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let sent = meta.count();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(meta.count(), sent, "sending went on after the cancel");
+    assert!(sent < 200);
+    let b = client
+        .get_batch(get("cancelled-run"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(b.state, State::Cancelled as i32);
+    assert!(adds_up(&b), "{b:?}");
+    assert_eq!(b.accepted as usize, sent);
+    // Cancelled is final.
+    let e = client.resume_batch(get("cancelled-run")).await.unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition);
+    let e = client
+        .submit_batch(submit("cancelled-run", 500..501, false))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition);
+    app.stop().await.unwrap();
+}
+
+async fn items_page_through_by_state(redis: Option<&RedisServer>) {
+    let meta = FakeMeta::start().await;
+    // Every 3rd message is refused for its recipient.
+    let app = app(&meta, redis).await;
+    let mut client = app.batches();
+    client
+        .submit_batch(submit("paged", 0..250, true))
+        .await
+        .unwrap();
+    wait_state(&app, "paged", State::Done, Duration::from_secs(30)).await;
+    let mut seen = Vec::new();
+    let mut token = String::new();
+    loop {
+        let page = client
+            .list_batch_items(ListBatchItemsRequest {
+                batch_id: "paged".into(),
+                filter: String::new(),
+                page_size: 100,
+                page_token: token.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(page.items.len() <= 100);
+        seen.extend(page.items.into_iter().map(|i| i.reference));
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        token = page.next_page_token;
+    }
+    let expected: Vec<String> = (0..250).map(|i| format!("INV-{i}")).collect();
+    assert_eq!(seen, expected);
+    for (filter, code) in [("nonsense", Code::InvalidArgument)] {
+        let e = client
+            .list_batch_items(ListBatchItemsRequest {
+                batch_id: "paged".into(),
+                filter: filter.into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), code);
+        assert_eq!(violated_fields(&e), ["filter"]);
+    }
+    let e = client
+        .list_batch_items(ListBatchItemsRequest {
+            batch_id: "paged".into(),
+            page_token: "x".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(violated_fields(&e), ["page_token"]);
+    let e = client.get_batch(get("nope")).await.unwrap_err();
+    assert_eq!(e.code(), Code::NotFound);
+    assert_eq!(error_info(&e).unwrap().0, "BATCH_NOT_FOUND");
+    app.stop().await.unwrap();
+}
+
+on_both_stores!(
+    a_run_sends_every_item_once_and_finishes,
+    one_bad_item_refuses_the_call_and_queues_nothing,
+    a_refusal_for_every_item_pauses_until_resumed,
+    cancel_stops_sending,
+    items_page_through_by_state,
+);
