@@ -6,6 +6,7 @@
 #   DURATION=20 scripts/bench.sh   # longer runs
 #   RUNS=6 scripts/bench.sh        # six runs, then the lowest and highest value of every target
 #   scripts/bench.sh --pacing      # only pacing: its overhead and its accuracy (with --smoke too)
+#   scripts/bench.sh --batch       # only batch runs: submit rate, Redis per item, a 100,000-item run
 #
 # It starts, all on this machine: a private redis-server (unix socket), two Meta stand-ins
 # (0 ms and 200 ms), a bare tonic health server, and kabar (with Meta's webhook on); then drives
@@ -15,6 +16,10 @@
 # OTP latency under a saturating SendTemplate load), at caps 80 and 1,000 (--smoke: 80 only).
 # Results: target/bench/results.jsonl (run N of several: results-N.jsonl); every POST the capped
 # stand-in received in a pacing run: results.arrivals-<cap>.json (results-N.arrivals-<cap>.json).
+# Batch runs (--batch only, not part of the full run; --smoke runs small ones): SubmitBatch of
+# 100,000 items in calls of 1,000 to a kabar with WHATSAPP_ENABLED=false (the batch pauses at its
+# first item, so nothing is sent) with Redis's used_memory before and after; then a 100,000-item
+# run to DONE against a stand-in with 200 ms latency and a cap of 1,000/s, KABAR_META_MAX_MPS=1000.
 #
 # It fails when any call of any scenario ends in an error or none is answered (the load
 # generator exits non-zero), and when kabar does not exit 0 on SIGTERM. It asserts no speed.
@@ -32,17 +37,27 @@ status_messages="${STATUS_MESSAGES:-10000}"
 # Pacing accuracy: seconds measured per cap, after one second of warm-up at the same load.
 pacing_seconds="${PACING_SECONDS:-10}"
 pacing_caps=(80 1000)
+# Batch runs: items submitted with nothing sent (submit rate, Redis per item), and items of the
+# run to DONE at KABAR_META_MAX_MPS=1000 against the 200 ms stand-in capped at 1,000/s.
+batch_submit_items="${BATCH_SUBMIT_ITEMS:-100000}"
+batch_run_items="${BATCH_RUN_ITEMS:-100000}"
 runs="${RUNS:-1}"
 [[ "$runs" =~ ^[1-9][0-9]*$ ]] || { echo "bench: RUNS must be a whole number from 1" >&2; exit 2; }
 smoke=0
 pacing_only=0
+batch_only=0
 for arg in "$@"; do
     case "$arg" in
         --smoke) smoke=1 ;;
         --pacing) pacing_only=1 ;;
-        *) echo "bench: unknown argument $arg (--smoke, --pacing)" >&2; exit 2 ;;
+        --batch) batch_only=1 ;;
+        *) echo "bench: unknown argument $arg (--smoke, --pacing, --batch)" >&2; exit 2 ;;
     esac
 done
+if [[ "$pacing_only" == 1 && "$batch_only" == 1 ]]; then
+    echo "bench: --pacing and --batch are separate runs; give one of them" >&2
+    exit 2
+fi
 if [[ "$smoke" == 1 ]]; then
     profile=dev
     phones=2000
@@ -52,6 +67,8 @@ if [[ "$smoke" == 1 ]]; then
     warmup=0.3
     pacing_seconds=2
     pacing_caps=(80)
+    batch_submit_items=5000
+    batch_run_items=1000
 fi
 cargo_flags=()
 bin_dir=target/debug
@@ -64,7 +81,7 @@ fi
 . scripts/ensure-redis.sh
 
 cargo build "${cargo_flags[@]}" --bin kabar --example loadgen
-if [[ "$pacing_only" == 1 ]]; then
+if [[ "$pacing_only" == 1 || "$batch_only" == 1 ]]; then
     phone_bench=(true)
 elif [[ "$profile" == release ]]; then
     cargo bench --no-run --bench phone
@@ -246,7 +263,49 @@ pacing_runs() {
     done
 }
 
+# Batch runs. SubmitBatch (batch-submit): items in calls of 1,000, 4 in flight over 4
+# connections, to one batch of a kabar started with WHATSAPP_ENABLED=false: its workers take the
+# first items at once, the send is refused as disabled, the batch pauses and every item stays
+# queued; so the submit rate is measured with no sending beside it, and Redis's used_memory before
+# and after gives the bytes per queued item. Then the run (batch-run): a stand-in with 200 ms
+# latency that answers 130429 beyond 1,000 messages in any second, a kabar with
+# KABAR_META_MAX_MPS=1000, the pair interval off (every phone is new) and no daily limit (a phone
+# number ID of its own); the items are submitted the same way while the workers send, and the run
+# is timed from the first SubmitBatch to GetBatch answering DONE.
+batch_runs() {
+    launch_kabar "$grpc" "$http" "$webhook" "$meta0" "$work/kabar-batch-submit.log" \
+        WHATSAPP_ENABLED=false
+    local submit_pid=$launched
+    echo "== batch-submit" >&2
+    "$loadgen" run --scenario batch-submit --label batch-submit --target "http://$grpc" -c 4 -m 4 \
+        --items "$batch_submit_items" --per-call 1000 --phone-offset 0 \
+        --redis "unix://$work/redis.sock" --json | tee -a "$results"
+    stop_pid "$submit_pid"
+
+    local standin
+    standin="127.0.0.1:$(free_port)"
+    "$loadgen" meta-standin --addr "$standin" --latency-ms 200 --cap 1000 2>>"$work/meta.log" &
+    local standin_pid=$!
+    pids+=("$standin_pid")
+    wait_tcp "$standin"
+    launch_kabar "$grpc" "$http" "$webhook" "$standin" "$work/kabar-batch-run.log" \
+        META_WA_PHONE_NUMBER_ID=8000 KABAR_META_MAX_MPS=1000 KABAR_PAIR_INTERVAL_SECONDS=0 \
+        KABAR_META_DAILY_LIMIT=unlimited
+    local run_pid=$launched
+    echo "== batch-run" >&2
+    "$loadgen" run --scenario batch-run --label batch-run --target "http://$grpc" -c 4 -m 4 \
+        --items "$batch_run_items" --per-call 1000 --phone-offset 10000000 \
+        --meta "http://$standin" --cap 1000 -d 300 --json | tee -a "$results"
+    stop_pid "$run_pid"
+    kill "$standin_pid"
+    wait "$standin_pid" 2>/dev/null || true
+}
+
 bench_once() {
+    if [[ "$batch_only" == 1 ]]; then
+        batch_runs
+        return
+    fi
     if [[ "$pacing_only" == 1 ]]; then
         start_kabar "$meta0" "$work/kabar.log"
         warm "$grpc"
@@ -295,6 +354,9 @@ bench_once() {
     stop_kabar
 
     pacing_runs
+    if [[ "$smoke" == 1 ]]; then
+        batch_runs
+    fi
 
     echo "{\"label\":\"rss\",\"kabar_peak_rss_kb\":$rss0,\"kabar_200ms_peak_rss_kb\":$rss200,\"kabar_200ms_1024_peak_rss_kb\":$rss1024}" |
         tee -a "$results"

@@ -1,4 +1,7 @@
 //! `kabar serve` and `kabar send-test`: configuration, logging, then the library does the work.
+//! `kabar batch ...`: a gRPC client of a running kabar, for operators (see [`cli::batch`]).
+
+mod cli;
 
 use std::{process::ExitCode, sync::Arc};
 
@@ -41,10 +44,18 @@ enum Command {
         #[arg(long, default_value = "")]
         language: String,
     },
+    /// Batch runs from a spreadsheet: submit a CSV file, follow a run, list what failed.
+    ///
+    /// A client of a running kabar (`kabar serve`) over gRPC.
+    Batch(cli::batch::BatchArgs),
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let command = match Cli::parse().command {
+        // A client of a running kabar: none of the server's configuration applies.
+        Command::Batch(args) => return ExitCode::from(cli::batch::main(args)),
+        command => command,
+    };
     let config = match Config::from_env() {
         Ok(c) => c,
         Err(e) => {
@@ -63,7 +74,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let result = match cli.command {
+    let result = match command {
         Command::Serve => runtime.block_on(serve(config)),
         Command::SendTest {
             phone,
@@ -71,6 +82,7 @@ fn main() -> ExitCode {
             params,
             language,
         } => runtime.block_on(send_test(config, phone, template, params, language)),
+        Command::Batch(_) => unreachable!("handled before the configuration is read"),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -232,6 +232,12 @@ impl Kabar {
         assert!(killed.success(), "kill -TERM failed");
     }
 
+    /// SIGKILL: the process dies at once, with no chance to finish or give anything back.
+    pub async fn kill(&mut self) {
+        let _ = self.child.kill();
+        self.wait_exit(Duration::from_secs(5)).await;
+    }
+
     /// Waits for the process to exit; its status, or `None` if it still runs after `within`.
     /// Once it has exited, every stderr line has been collected.
     pub async fn wait_exit(&mut self, within: Duration) -> Option<ExitStatus> {

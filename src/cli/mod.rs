@@ -1,0 +1,164 @@
+//! Operators' commands that are gRPC clients of a running kabar (`kabar batch ...`).
+
+pub mod batch;
+mod sheet;
+
+use std::time::Duration;
+
+use kabar::config::{Environment, Source};
+use tonic::transport::{Channel, Endpoint};
+
+/// Where kabar listens when neither `--addr` nor `KABAR_GRPC_ADDR` says.
+pub const DEFAULT_ADDR: &str = "127.0.0.1:50051";
+
+/// Exit codes of the client commands.
+pub mod exit {
+    pub const OK: u8 = 0;
+    /// kabar unreachable, or a call refused for another reason than its input.
+    pub const FAILURE: u8 = 1;
+    /// The input was refused (the file, an argument, or the server's checks): fix it and run
+    /// again.
+    pub const INPUT: u8 = 2;
+    /// The batch is paused: an operator has to fix the cause and resume it.
+    pub const PAUSED: u8 = 3;
+    /// The batch was cancelled.
+    pub const CANCELLED: u8 = 4;
+    /// Ctrl-C while following a batch (which goes on in kabar).
+    pub const INTERRUPTED: u8 = 130;
+}
+
+/// Why a command stopped: what to print and the exit code.
+#[derive(Debug)]
+pub struct Failure {
+    pub code: u8,
+    pub message: String,
+}
+
+impl Failure {
+    pub fn input(message: impl Into<String>) -> Self {
+        Failure {
+            code: exit::INPUT,
+            message: message.into(),
+        }
+    }
+
+    pub fn other(message: impl Into<String>) -> Self {
+        Failure {
+            code: exit::FAILURE,
+            message: message.into(),
+        }
+    }
+}
+
+/// The address to call: `--addr`, else `KABAR_GRPC_ADDR` (environment, then `./.env`, as
+/// `kabar serve` reads it), else [`DEFAULT_ADDR`].
+pub fn resolve_addr(flag: Option<&str>) -> String {
+    if let Some(addr) = flag.map(str::trim).filter(|a| !a.is_empty()) {
+        return addr.to_owned();
+    }
+    // A broken .env is `kabar serve`'s problem to report; the client only falls back.
+    let env = Environment::load().ok();
+    let from_env = match &env {
+        Some(env) => env.get("KABAR_GRPC_ADDR"),
+        None => std::env::var("KABAR_GRPC_ADDR").ok(),
+    };
+    from_env
+        .map(|a| a.trim().to_owned())
+        .filter(|a| !a.is_empty())
+        .unwrap_or_else(|| DEFAULT_ADDR.to_owned())
+}
+
+/// The URL of `host:port` or `http://host:port`.
+pub fn endpoint_url(addr: &str) -> Result<String, String> {
+    let addr = addr.trim();
+    if addr.starts_with("https://") {
+        return Err(format!(
+            "{addr}: kabar's gRPC port is plain HTTP/2; reach it over a private network or a \
+             tunnel and give host:port"
+        ));
+    }
+    let url = if addr.starts_with("http://") {
+        addr.to_owned()
+    } else if addr.contains("://") {
+        return Err(format!("{addr}: give host:port or http://host:port"));
+    } else {
+        format!("http://{addr}")
+    };
+    let uri: http::Uri = url
+        .parse()
+        .map_err(|_| format!("{addr}: give host:port or http://host:port"))?;
+    if uri.host().is_none_or(str::is_empty) || uri.port_u16().is_none() {
+        return Err(format!(
+            "{addr}: give host:port or http://host:port (e.g. {DEFAULT_ADDR})"
+        ));
+    }
+    if uri.path() != "/" && !uri.path().is_empty() {
+        return Err(format!("{addr}: give host:port, without a path"));
+    }
+    Ok(url.trim_end_matches('/').to_owned())
+}
+
+/// A connection to kabar at `addr`.
+pub async fn connect(addr: &str) -> Result<Channel, Failure> {
+    let url = endpoint_url(addr).map_err(Failure::input)?;
+    let endpoint = Endpoint::from_shared(url)
+        .map_err(|e| Failure::input(format!("{addr}: {e}")))?
+        .connect_timeout(Duration::from_secs(5))
+        .tcp_nodelay(true);
+    endpoint.connect().await.map_err(|e| {
+        Failure::other(format!(
+            "cannot reach kabar at {addr}: {}\nIs `kabar serve` running there? Give the address \
+             with --addr or KABAR_GRPC_ADDR.",
+            error_chain(&e)
+        ))
+    })
+}
+
+/// An error and its causes, `: `-separated.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let more = c.to_string();
+        if !text.contains(&more) {
+            text.push_str(": ");
+            text.push_str(&more);
+        }
+        cause = c.source();
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses_are_host_port_or_http_urls() {
+        assert_eq!(
+            endpoint_url("127.0.0.1:50051").unwrap(),
+            "http://127.0.0.1:50051"
+        );
+        assert_eq!(
+            endpoint_url(" http://kabar.internal:50051/ ").unwrap(),
+            "http://kabar.internal:50051"
+        );
+        assert_eq!(endpoint_url("[::1]:50051").unwrap(), "http://[::1]:50051");
+        for bad in [
+            "https://kabar:50051",
+            "grpc://kabar:50051",
+            "kabar",
+            "http://kabar",
+            "kabar:50051/v1",
+            "",
+            ":50051",
+        ] {
+            assert!(endpoint_url(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn the_flag_wins_over_the_environment() {
+        assert_eq!(resolve_addr(Some(" 10.0.0.5:6000 ")), "10.0.0.5:6000");
+    }
+}
