@@ -66,7 +66,15 @@ pub async fn wait_state(app: &TestApp, batch_id: &str, state: State, within: Dur
     let mut client = app.batches();
     let until = std::time::Instant::now() + within;
     loop {
-        let b = client.get_batch(get(batch_id)).await.unwrap().into_inner();
+        // While Redis stalls, reads fail too: UNAVAILABLE, and the test reads again.
+        let b = match client.get_batch(get(batch_id)).await {
+            Ok(b) => b.into_inner(),
+            Err(e) if e.code() == Code::Unavailable && std::time::Instant::now() < until => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+            Err(e) => panic!("{e}"),
+        };
         if b.state == state as i32 {
             return b;
         }
@@ -421,4 +429,154 @@ on_both_stores!(
     a_refusal_for_every_item_pauses_until_resumed,
     cancel_stops_sending,
     items_page_through_by_state,
+    webhook_statuses_move_items_and_progress_is_streamed,
 );
+
+async fn webhook_statuses_move_items_and_progress_is_streamed(redis: Option<&RedisServer>) {
+    use crate::delivery::{APP_SECRET, VERIFY_TOKEN, post_signed, sample, status_body};
+    let meta = FakeMeta::start().await;
+    let mut vars = meta_vars(&meta);
+    vars.extend(store_vars(redis));
+    vars.extend(crate::support::vars(&[
+        ("META_APP_SECRET", APP_SECRET),
+        ("META_WA_WEBHOOK_VERIFY_TOKEN", VERIFY_TOKEN),
+        ("KABAR_META_MAX_MPS", "20"),
+    ]));
+    let app = TestApp::start(vars).await;
+    let mut client = app.batches();
+    client
+        .submit_batch(submit("watched", 0..30, false))
+        .await
+        .unwrap();
+    let mut stream = client
+        .watch_batch(get("watched"))
+        .await
+        .unwrap()
+        .into_inner();
+    // Closing the batch lets it finish.
+    client
+        .submit_batch(SubmitBatchRequest {
+            batch_id: "watched".into(),
+            messages: Vec::new(),
+            last: true,
+        })
+        .await
+        .unwrap();
+    let mut seen: Vec<Batch> = Vec::new();
+    while let Some(b) = tokio::time::timeout(Duration::from_secs(20), stream.message())
+        .await
+        .expect("progress within 20 s")
+        .unwrap()
+    {
+        if let Some(before) = seen.last() {
+            assert!(b.queued <= before.queued, "{before:?} -> {b:?}");
+            assert!(b.accepted >= before.accepted, "{before:?} -> {b:?}");
+        }
+        assert!(adds_up(&b), "{b:?}");
+        seen.push(b);
+    }
+    let last = seen.last().unwrap();
+    assert_eq!(
+        last.state,
+        State::Done as i32,
+        "the stream ends with the batch"
+    );
+    assert_eq!(last.accepted, 30);
+    assert!(seen.len() >= 3, "progress came in steps: {}", seen.len());
+    assert!(
+        seen.iter()
+            .any(|b| b.state == State::Running as i32 && b.eta_seconds > 0),
+        "a running batch has an ETA"
+    );
+
+    let ids: Vec<String> = client
+        .list_batch_items(ListBatchItemsRequest {
+            batch_id: "watched".into(),
+            page_size: 5,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .items
+        .into_iter()
+        .map(|i| i.message_id)
+        .collect();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    for (id, status) in [
+        (&ids[0], "delivered"),
+        (&ids[1], "delivered"),
+        (&ids[2], "read"),
+        (&ids[0], "read"),
+        (&ids[0], "read"),
+    ] {
+        assert_eq!(post_signed(&app, &status_body(id, status, now)).await, 200);
+    }
+    let mut failed = sample("webhook_status_failed_131049.json");
+    failed["entry"][0]["changes"][0]["value"]["statuses"][0]["id"] = ids[4].clone().into();
+    assert_eq!(post_signed(&app, &failed).await, 200);
+    let b = client.get_batch(get("watched")).await.unwrap().into_inner();
+    assert_eq!(
+        (b.accepted, b.delivered, b.read, b.failed),
+        (29, 3, 2, 1),
+        "{b:?}"
+    );
+    let read = client
+        .list_batch_items(ListBatchItemsRequest {
+            batch_id: "watched".into(),
+            filter: "read".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(read.items.len(), 2);
+    let failed = client
+        .list_batch_items(ListBatchItemsRequest {
+            batch_id: "watched".into(),
+            filter: "failed".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(failed.items[0].error.as_ref().unwrap().code, 131049);
+    app.stop().await.unwrap();
+}
+
+/// Redis stops answering mid-run: the worker waits and resumes, nothing lost or sent twice.
+#[tokio::test]
+async fn a_redis_stall_mid_run_loses_nothing() {
+    let redis = RedisServer::start();
+    let meta = FakeMeta::start().await;
+    let mut vars = meta_vars(&meta);
+    vars.extend(store_vars(Some(&redis)));
+    vars.extend(crate::support::vars(&[
+        ("KABAR_META_MAX_MPS", "100"),
+        ("KABAR_BATCH_CLAIM_TIMEOUT_SECONDS", "4"),
+    ]));
+    let app = TestApp::start(vars).await;
+    let mut client = app.batches();
+    client
+        .submit_batch(submit("stalled", 0..300, true))
+        .await
+        .unwrap();
+    assert!(eventually(Duration::from_secs(10), || async { meta.count() >= 50 }).await);
+    // Every write waits for three seconds: kabar's calls time out meanwhile.
+    let mut con = redis.connection().await;
+    let _: () = redis::cmd("CLIENT")
+        .arg(&["PAUSE", "3000", "WRITE"])
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    let b = wait_state(&app, "stalled", State::Done, Duration::from_secs(60)).await;
+    assert_eq!(b.total, 300);
+    assert_eq!(b.accepted + b.unknown, 300, "{b:?}");
+    let sends = sends_per_phone(&meta);
+    assert!(sends.values().all(|n| *n == 1), "a message went twice");
+    assert!(sends.len() as u64 >= b.accepted, "{b:?}");
+    app.stop().await.unwrap();
+}

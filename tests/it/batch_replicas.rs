@@ -35,7 +35,11 @@ fn replica(meta: &FakeMeta, redis: &RedisServer) -> Kabar {
 }
 
 /// Items of the batch in `state` (all pages).
-async fn items_in(client: &mut BatchServiceClient<Channel>, batch_id: &str, state: &str) -> Vec<String> {
+async fn items_in(
+    client: &mut BatchServiceClient<Channel>,
+    batch_id: &str,
+    state: &str,
+) -> Vec<String> {
     let mut out = Vec::new();
     let mut token = String::new();
     loop {
@@ -73,9 +77,13 @@ async fn a_replica_killed_mid_run_loses_nothing_and_sends_nothing_twice() {
     let mut to_a = BatchServiceClient::new(a.wait_serving().await);
     let mut to_b = BatchServiceClient::new(b.wait_serving().await);
     for chunk in 0..3 {
-        to_a.submit_batch(submit("crash-run", chunk * 1000..(chunk + 1) * 1000, chunk == 2))
-            .await
-            .unwrap();
+        to_a.submit_batch(submit(
+            "crash-run",
+            chunk * 1000..(chunk + 1) * 1000,
+            chunk == 2,
+        ))
+        .await
+        .unwrap();
     }
     // Follow progress on B; kill A a third of the way through.
     let mut last: Option<Batch> = None;
@@ -89,8 +97,14 @@ async fn a_replica_killed_mid_run_loses_nothing_and_sends_nothing_twice() {
             "the counts do not add up: {now:?}"
         );
         if let Some(before) = &last {
-            assert!(settled(&now) >= settled(before), "progress went back: {before:?} -> {now:?}");
-            assert!(now.accepted + now.unknown >= before.accepted, "{before:?} -> {now:?}");
+            assert!(
+                settled(&now) >= settled(before),
+                "progress went back: {before:?} -> {now:?}"
+            );
+            assert!(
+                now.accepted + now.unknown >= before.accepted,
+                "{before:?} -> {now:?}"
+            );
         }
         if !killed && settled(&now) >= ITEMS as u64 / 3 {
             a.kill().await;
@@ -101,7 +115,10 @@ async fn a_replica_killed_mid_run_loses_nothing_and_sends_nothing_twice() {
         if done {
             break;
         }
-        assert!(std::time::Instant::now() < until, "the run did not finish: {last:?}");
+        assert!(
+            std::time::Instant::now() < until,
+            "the run did not finish: {last:?}"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(killed, "the run ended before the kill");
@@ -155,14 +172,26 @@ async fn a_replica_killed_mid_run_loses_nothing_and_sends_nothing_twice() {
         meta.count() >= start + 200
     })
     .await;
-    let cancelled = to_b.cancel_batch(get("cancel-run")).await.unwrap().into_inner();
+    let cancelled = to_b
+        .cancel_batch(get("cancel-run"))
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(cancelled.state, State::Cancelled as i32);
     // Sends under way finish (answers take 40 ms); nothing starts after.
     tokio::time::sleep(Duration::from_millis(500)).await;
     let after_cancel = meta.count();
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    assert_eq!(meta.count(), after_cancel, "sending went on after the cancel");
-    let end = to_c.get_batch(get("cancel-run")).await.unwrap().into_inner();
+    assert_eq!(
+        meta.count(),
+        after_cancel,
+        "sending went on after the cancel"
+    );
+    let end = to_c
+        .get_batch(get("cancel-run"))
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(end.queued + settled(&end), end.total);
     assert!(end.queued > 0, "{end:?}");
     assert_eq!((end.accepted + end.unknown) as usize, after_cancel - start);

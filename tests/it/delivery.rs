@@ -21,7 +21,7 @@ use crate::{
 };
 
 pub const APP_SECRET: &str = "webhook-test-app-secret";
-const VERIFY_TOKEN: &str = "verify-me-please";
+pub const VERIFY_TOKEN: &str = "verify-me-please";
 
 async fn start(redis: Option<&RedisServer>) -> (FakeMeta, TestApp) {
     let meta = FakeMeta::start().await;
@@ -49,7 +49,7 @@ pub fn sample(name: &str) -> Value {
 }
 
 /// A status delivery shaped like Meta's samples, for `message_id`.
-fn status_body(message_id: &str, status: &str, timestamp: u64) -> Value {
+pub fn status_body(message_id: &str, status: &str, timestamp: u64) -> Value {
     let mut body = sample("webhook_status_sent_v24.json");
     let s = &mut body["entry"][0]["changes"][0]["value"]["statuses"][0];
     s["id"] = json!(message_id);

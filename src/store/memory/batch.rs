@@ -213,13 +213,11 @@ impl MemoryStore {
             return Ok(claimed);
         }
         let now = Instant::now();
-        // Items held too long by another worker: it died.
+        // Items held too long: their worker died (or, as in Redis, this one lost track).
         let mut stale_tickets: Vec<u64> = run
             .held
             .iter()
-            .filter(|(_, (_, holder, since))| {
-                holder != consumer && now.duration_since(*since) >= stale
-            })
+            .filter(|(_, (_, _, since))| now.duration_since(*since) >= stale)
             .map(|(t, _)| *t)
             .collect();
         stale_tickets.sort_unstable();
