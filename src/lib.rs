@@ -184,11 +184,12 @@ pub async fn run(
         store_kind: if store.is_redis() { "redis" } else { "memory" },
         driver: driver.name(),
         pacer: pacer.clone(),
+        batch_worker: batch_worker.clone(),
     });
     let upkeep = tokio::spawn(pacer.clone().upkeep(driver.clone(), shutdown.clone()));
     // On shutdown the worker takes no new items, gives back those not yet being sent, and
     // finishes the sends under way.
-    let worker = tokio::spawn(batch_worker.run(batch_wake, shutdown.clone()));
+    let worker = tokio::spawn(batch_worker.clone().run(batch_wake, shutdown.clone()));
 
     let (reporter, health_service) = tonic_health::server::health_reporter();
     reporter

@@ -334,3 +334,35 @@ pub fn render_pacing(p: &crate::domain::pacing::PacingSnapshot) -> String {
     );
     out
 }
+
+/// The batch worker of this replica in Prometheus text.
+pub fn render_batch(w: &crate::domain::batch::worker::WorkerSnapshot) -> String {
+    let mut out = String::with_capacity(1024);
+    out.push_str(
+        "# HELP kabar_batch_items_total Batch items settled by this replica, by outcome.\n\
+         # TYPE kabar_batch_items_total counter\n",
+    );
+    for (outcome, n) in w.settled {
+        let _ = writeln!(out, "kabar_batch_items_total{{outcome=\"{outcome}\"}} {n}");
+    }
+    let _ = writeln!(
+        out,
+        "# HELP kabar_batch_items_retried_total Batch items given back for another try (Meta's \
+         rate limits or outages, pacing).\n# TYPE kabar_batch_items_retried_total counter\n\
+         kabar_batch_items_retried_total {}",
+        w.retried
+    );
+    let _ = writeln!(
+        out,
+        "# HELP kabar_batch_paused_total Batches this replica paused on a refusal that would hit \
+         every item.\n# TYPE kabar_batch_paused_total counter\nkabar_batch_paused_total {}",
+        w.paused
+    );
+    let _ = writeln!(
+        out,
+        "# HELP kabar_batch_items_in_hand Batch items this replica holds now.\n\
+         # TYPE kabar_batch_items_in_hand gauge\nkabar_batch_items_in_hand {}",
+        w.in_hand
+    );
+    out
+}

@@ -66,6 +66,7 @@ pub struct HttpState {
     pub driver: &'static str,
     pub metrics: Arc<crate::metrics::Metrics>,
     pub pacer: Arc<crate::domain::pacing::Pacer>,
+    pub batch_worker: Arc<crate::domain::batch::worker::Worker>,
 }
 
 pub fn router(http_state: Arc<HttpState>) -> Router {
@@ -82,7 +83,8 @@ async fn metrics(State(r): State<Arc<HttpState>>) -> impl axum::response::IntoRe
         r.metrics.render(
             r.store_reachable.load(Ordering::Relaxed),
             r.shutting_down.load(Ordering::Relaxed),
-        ) + &crate::metrics::render_pacing(&r.pacer.snapshot()),
+        ) + &crate::metrics::render_pacing(&r.pacer.snapshot())
+            + &crate::metrics::render_batch(&r.batch_worker.snapshot()),
     )
 }
 

@@ -15,7 +15,7 @@ use std::{
     collections::HashMap,
     sync::{
         Arc, Mutex,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
     time::{Duration, Instant},
 };
@@ -50,8 +50,32 @@ pub struct WorkerConfig {
     pub retention: Duration,
 }
 
+/// What this replica's worker has done since it started, for `/metrics`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct WorkerSnapshot {
+    /// Items settled here: accepted, failed, unknown.
+    pub settled: [(&'static str, u64); 3],
+    /// Items given back to the queue for another try (Meta's rate limits or outages, pacing).
+    pub retried: u64,
+    /// Batches paused here.
+    pub paused: u64,
+    /// Items in hand now.
+    pub in_hand: u64,
+}
+
+#[derive(Default)]
+struct Counters {
+    accepted: AtomicU64,
+    failed: AtomicU64,
+    unknown: AtomicU64,
+    retried: AtomicU64,
+    paused: AtomicU64,
+    in_hand: AtomicU64,
+}
+
 pub struct Worker {
     store: Arc<dyn BatchStore>,
+    counters: Counters,
     outbox: Arc<Outbox>,
     config: WorkerConfig,
     /// This replica's name in the shared queue.
@@ -75,7 +99,23 @@ impl Worker {
             outbox,
             config,
             consumer: format!("{host}-{}-{}", std::process::id(), hex::encode(random)),
+            counters: Counters::default(),
             held_back: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn snapshot(&self) -> WorkerSnapshot {
+        let c = &self.counters;
+        let n = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        WorkerSnapshot {
+            settled: [
+                ("accepted", n(&c.accepted)),
+                ("failed", n(&c.failed)),
+                ("unknown", n(&c.unknown)),
+            ],
+            retried: n(&c.retried),
+            paused: n(&c.paused),
+            in_hand: n(&c.in_hand),
         }
     }
 
@@ -157,7 +197,9 @@ impl Worker {
                 took += 1;
                 let (me, batch_id, stop) = (self.clone(), batch_id.clone(), stop.clone());
                 tokio::spawn(async move {
+                    me.counters.in_hand.fetch_add(1, Ordering::Relaxed);
                     me.handle(&batch_id, claim, &stop).await;
+                    me.counters.in_hand.fetch_sub(1, Ordering::Relaxed);
                     drop(slot);
                 });
             }
@@ -246,6 +288,7 @@ impl Worker {
                         "batch paused: Meta refused in a way that would hit every item; fix the \
                          cause, then ResumeBatch"
                     );
+                    self.counters.paused.fetch_add(1, Ordering::Relaxed);
                     if let Err(e) = self
                         .store
                         .command(
@@ -261,6 +304,7 @@ impl Worker {
                     self.give_back(batch_id, &claim).await;
                 }
                 Failure::Retry(wait) => {
+                    self.counters.retried.fetch_add(1, Ordering::Relaxed);
                     self.hold_back(batch_id, wait);
                     self.give_back(batch_id, &claim).await;
                 }
@@ -305,7 +349,15 @@ impl Worker {
                 )
                 .await
             {
-                Ok(Some(_)) => return,
+                Ok(Some(_)) => {
+                    let counter = match state {
+                        ItemState::Accepted => &self.counters.accepted,
+                        ItemState::Failed => &self.counters.failed,
+                        _ => &self.counters.unknown,
+                    };
+                    counter.fetch_add(1, Ordering::Relaxed);
+                    return;
+                }
                 Ok(None) => {
                     tracing::warn!(
                         batch_id,
