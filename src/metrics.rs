@@ -19,14 +19,27 @@ pub enum Method {
     GetMessageStatus = 3,
     /// Counted when the feed opens (or is refused), not per event.
     WatchMessageStatus = 4,
+    SubmitBatch = 5,
+    GetBatch = 6,
+    /// Counted when the stream opens (or is refused), not per update.
+    WatchBatch = 7,
+    CancelBatch = 8,
+    ResumeBatch = 9,
+    ListBatchItems = 10,
 }
 
-const METHODS: [&str; 5] = [
+const METHODS: [&str; 11] = [
     "SendTemplate",
     "SendOtp",
     "VerifyOtp",
     "GetMessageStatus",
     "WatchMessageStatus",
+    "SubmitBatch",
+    "GetBatch",
+    "WatchBatch",
+    "CancelBatch",
+    "ResumeBatch",
+    "ListBatchItems",
 ];
 
 impl Method {

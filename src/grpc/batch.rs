@@ -86,7 +86,7 @@ fn detail(outcome: &'static str, batch_id: &str) -> CallDetail {
     CallDetail {
         outcome: Some(outcome),
         // Checked: A-Z a-z 0-9 . _ : - only, safe in a log line.
-        reference: Some(batch_id.to_owned()),
+        batch_id: Some(batch_id.to_owned()),
         ..CallDetail::default()
     }
 }

@@ -34,6 +34,7 @@ pub struct CallDetail {
     pub to: Option<String>,
     pub reference: Option<String>,
     pub message_id: Option<String>,
+    pub batch_id: Option<String>,
 }
 
 /// The caller's deadline from the `grpc-timeout` header, if it sent one, less a small margin:
@@ -78,6 +79,12 @@ fn method_of(path: &str) -> Option<Method> {
         "/kabar.v1.NotificationService/WatchMessageStatus" => Method::WatchMessageStatus,
         "/kabar.v1.OtpService/SendOtp" => Method::SendOtp,
         "/kabar.v1.OtpService/VerifyOtp" => Method::VerifyOtp,
+        "/kabar.v1.BatchService/SubmitBatch" => Method::SubmitBatch,
+        "/kabar.v1.BatchService/GetBatch" => Method::GetBatch,
+        "/kabar.v1.BatchService/WatchBatch" => Method::WatchBatch,
+        "/kabar.v1.BatchService/CancelBatch" => Method::CancelBatch,
+        "/kabar.v1.BatchService/ResumeBatch" => Method::ResumeBatch,
+        "/kabar.v1.BatchService/ListBatchItems" => Method::ListBatchItems,
         _ => return None,
     })
 }
@@ -185,6 +192,7 @@ fn log_call<B>(metrics: &Metrics, method: Method, start: Instant, response: &htt
             to = detail.to,
             reference = detail.reference,
             message_id = detail.message_id,
+            batch_id = detail.batch_id,
             "call done"
         );
         return;
@@ -237,6 +245,26 @@ mod tests {
             Some(Method::VerifyOtp)
         ));
         assert!(method_of("/grpc.health.v1.Health/Check").is_none());
+    }
+
+    /// Every RPC of the `kabar.v1` services is counted, logged and given its deadline: a new
+    /// RPC added to the proto fails this test until it is listed.
+    #[test]
+    fn every_kabar_rpc_is_a_known_method() {
+        use prost::Message;
+        let set = prost_types::FileDescriptorSet::decode(crate::pb::FILE_DESCRIPTOR_SET).unwrap();
+        let mut count = 0;
+        for file in set.file.iter().filter(|f| f.package() == "kabar.v1") {
+            for service in &file.service {
+                for method in &service.method {
+                    let path = format!("/kabar.v1.{}/{}", service.name(), method.name());
+                    let known = method_of(&path).unwrap_or_else(|| panic!("{path} is not listed"));
+                    assert_eq!(known.name(), method.name());
+                    count += 1;
+                }
+            }
+        }
+        assert_eq!(count, 11);
     }
 
     #[test]

@@ -179,6 +179,7 @@ impl pb::notification_service_server::NotificationService for NotificationGrpc {
             to: Some(accepted.phone.clone()),
             reference: Some(request.reference),
             message_id: Some(accepted.message_id.clone()),
+            batch_id: None,
         };
         Ok(answer(
             SendTemplateResponse {
