@@ -75,7 +75,10 @@ impl fmt::Display for Problem {
 
 /// The cell separator: `,`, or `;` when the header has semicolons and no comma.
 pub fn delimiter(text: &str) -> u8 {
-    let header = text.lines().next().unwrap_or_default();
+    let header = text
+        .lines()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or_default();
     if !header.contains(',') && header.contains(';') {
         b';'
     } else {
@@ -104,18 +107,24 @@ pub fn read(bytes: &[u8]) -> Result<Sheet, Vec<Problem>> {
         .delimiter(delimiter)
         .trim(csv::Trim::All)
         .from_reader(text.as_bytes());
+    // The lines the records start on. (csv's own line count skips blank lines and counts a
+    // CRLF as nothing: Excel writes CRLF.)
+    let mut lines = LineCounter::new(text);
     let mut records = Vec::new();
     for record in reader.records() {
         match record {
-            Ok(r) => records.push(r),
+            Ok(r) => {
+                let line = r.position().map_or(0, |p| lines.line_at(p.byte()));
+                records.push((line, r));
+            }
             Err(e) => {
-                let line = e.position().map(csv::Position::line);
+                let line = e.position().map(|p| lines.line_at(p.byte()));
                 return Err(vec![Problem::new(line, None, format!("not CSV: {e}"))]);
             }
         }
     }
     let mut records = records.into_iter();
-    let Some(header) = records.next() else {
+    let Some((header_line, header)) = records.next() else {
         return Err(vec![Problem::new(
             None,
             None,
@@ -123,12 +132,8 @@ pub fn read(bytes: &[u8]) -> Result<Sheet, Vec<Problem>> {
              template parameter",
         )]);
     };
-    let header_line = header.position().map_or(1, csv::Position::line);
     let rows: Vec<(u64, Vec<String>)> = records
-        .map(|r| {
-            let line = r.position().map_or(0, csv::Position::line);
-            (line, r.iter().map(str::to_owned).collect())
-        })
+        .map(|(line, r)| (line, r.iter().map(str::to_owned).collect::<Vec<_>>()))
         .filter(|(_, cells)| cells.iter().any(|c| !c.is_empty()))
         .collect();
     let mut problems = Vec::new();
@@ -181,7 +186,7 @@ pub fn read(bytes: &[u8]) -> Result<Sheet, Vec<Problem>> {
                     header
                         .iter()
                         .filter(|c| !c.is_empty())
-                        .map(|c| echo(c))
+                        .map(echo)
                         .collect::<Vec<_>>()
                         .join(", ")
                 ),
@@ -243,8 +248,10 @@ pub fn read(bytes: &[u8]) -> Result<Sheet, Vec<Problem>> {
                 REFERENCE => {
                     row.reference = value.to_owned();
                     if value.is_empty() {
-                        Err("is empty; each row needs its own reference (the invoice number)"
-                            .to_owned())
+                        Err(
+                            "is empty; each row needs its own reference (the invoice number)"
+                                .to_owned(),
+                        )
                     } else if let Err(problem) = check_reference(value) {
                         Err(problem)
                     } else if let Some(first) = first_line.get(value) {
@@ -277,6 +284,40 @@ pub fn read(bytes: &[u8]) -> Result<Sheet, Vec<Problem>> {
         })
     } else {
         Err(problems)
+    }
+}
+
+/// Line numbers of byte offsets, counted forward (the offsets come in order).
+struct LineCounter<'a> {
+    bytes: &'a [u8],
+    at: usize,
+    line: u64,
+}
+
+impl<'a> LineCounter<'a> {
+    fn new(text: &'a str) -> Self {
+        LineCounter {
+            bytes: text.as_bytes(),
+            at: 0,
+            line: 1,
+        }
+    }
+
+    /// The line of the record csv places at `byte`: csv gives where it started reading, before
+    /// the line ends (and blank lines) ahead of the record.
+    fn line_at(&mut self, byte: u64) -> u64 {
+        let mut start = usize::try_from(byte).map_or(self.bytes.len(), |b| b.min(self.bytes.len()));
+        while start < self.bytes.len() && matches!(self.bytes[start], b'\r' | b'\n') {
+            start += 1;
+        }
+        if start > self.at {
+            self.line += self.bytes[self.at..start]
+                .iter()
+                .filter(|b| **b == b'\n')
+                .count() as u64;
+            self.at = start;
+        }
+        self.line
     }
 }
 
@@ -468,7 +509,34 @@ mod tests {
             [(2, "0812-3456-7890", "INV-1"), (5, "081311112222", "INV-2")]
         );
         assert_eq!(sheet.rows[0].params[0], ("nama".into(), "Budi".into()));
-        assert_eq!(sheet.rows[1].params[1], ("nominal".into(), "Rp 1,5 jt".into()));
+        assert_eq!(
+            sheet.rows[1].params[1],
+            ("nominal".into(), "Rp 1,5 jt".into())
+        );
+    }
+
+    #[test]
+    fn lines_are_the_files_whatever_the_line_ends_and_blank_lines() {
+        for end in ["\n", "\r\n"] {
+            let text = [
+                "",
+                "phone,reference,nama",
+                "12,INV-1,Budi",
+                "",
+                ",,",
+                "08123456789,INV-2,\"Sari",
+                "Dewi\"",
+                "",
+                "",
+                "12,INV-3,Eko",
+            ]
+            .join(end);
+            let got = problems(&text);
+            assert_eq!(got.len(), 3, "{got:?}");
+            assert!(got[0].starts_with("line 3, column phone"), "{got:?}");
+            assert!(got[1].starts_with("line 6, column nama"), "{got:?}");
+            assert!(got[2].starts_with("line 10, column phone"), "{got:?}");
+        }
     }
 
     #[test]
@@ -477,6 +545,7 @@ mod tests {
         assert_eq!(delimiter("phone,reference\n1;2"), b',');
         assert_eq!(delimiter("phone,reference;nama"), b',');
         assert_eq!(delimiter("phone"), b',');
+        assert_eq!(delimiter("\r\n\nphone;reference"), b';');
         assert_eq!(delimiter(""), b',');
     }
 
@@ -495,22 +564,32 @@ mod tests {
         let got = problems(&text);
         assert_eq!(got.len(), 7, "{got:#?}");
         assert_eq!(got[0], "line 3, column phone: is empty");
-        assert!(got[1].starts_with("line 4, column reference: is empty"), "{got:?}");
-        assert!(got[2].starts_with("line 5, column phone: \"12\""), "{got:?}");
+        assert!(
+            got[1].starts_with("line 4, column reference: is empty"),
+            "{got:?}"
+        );
+        assert!(
+            got[2].starts_with("line 5, column phone: \"12\""),
+            "{got:?}"
+        );
         assert_eq!(
             got[3],
             "line 6, column reference: \"INV-1\" repeats the reference of line 2; each reference \
              is sent once per batch"
         );
         assert_eq!(got[4], "line 7, column nama: must not be empty");
-        assert!(got[5].starts_with("line 8: has 5 cells, the header 4"), "{got:?}");
+        assert!(
+            got[5].starts_with("line 8: has 5 cells, the header 4"),
+            "{got:?}"
+        );
         assert!(got[6].starts_with("line 9, column phone:"), "{got:?}");
         assert!(got[6].contains("format the column as Text"), "{got:?}");
     }
 
     #[test]
     fn line_numbers_count_lines_inside_quoted_cells() {
-        let text = format!("{HEADER}08123456789,INV-1,\"Budi\nSantoso\",Rp 1\n12,INV-2,Sari,Rp 2\n");
+        let text =
+            format!("{HEADER}08123456789,INV-1,\"Budi\nSantoso\",Rp 1\n12,INV-2,Sari,Rp 2\n");
         let got = problems(&text);
         assert!(got[0].starts_with("line 2, column nama: must not contain a line break"));
         assert!(got[1].starts_with("line 4, column phone:"), "{got:?}");
@@ -531,7 +610,10 @@ mod tests {
     fn empty_files_and_files_without_rows_are_refused() {
         assert_eq!(problems("").len(), 1);
         assert!(problems("\u{feff}")[0].contains("the file is empty"));
-        assert_eq!(problems("phone;reference\n;\n"), ["the file has a header but no rows"]);
+        assert_eq!(
+            problems("phone;reference\n;\n"),
+            ["the file has a header but no rows"]
+        );
     }
 
     #[test]
@@ -546,7 +628,10 @@ mod tests {
     fn a_file_that_is_not_utf8_is_refused_with_the_line_and_a_hint() {
         let got = problems_bytes(b"phone,reference,nama\n08123456789,INV-1,Jos\xe9\n");
         assert_eq!(got.len(), 1);
-        assert!(got[0].starts_with("line 2: the file is not UTF-8"), "{got:?}");
+        assert!(
+            got[0].starts_with("line 2: the file is not UTF-8"),
+            "{got:?}"
+        );
         assert!(got[0].contains("CSV UTF-8"));
     }
 
@@ -561,13 +646,22 @@ mod tests {
     #[test]
     fn a_batch_id_comes_from_the_file_name() {
         let id = |p: &str| batch_id_from_path(Path::new(p));
-        assert_eq!(id("invoices-2026-12.csv").as_deref(), Some("invoices-2026-12"));
+        assert_eq!(
+            id("invoices-2026-12.csv").as_deref(),
+            Some("invoices-2026-12")
+        );
         assert_eq!(
             id("/tmp/Tagihan Desember (2026).csv").as_deref(),
             Some("Tagihan-Desember-2026")
         );
-        assert_eq!(id("tagihan_12.2026.v2.csv").as_deref(), Some("tagihan_12.2026.v2"));
-        assert_eq!(id("pelanggan–baru  ✓.csv").as_deref(), Some("pelanggan-baru"));
+        assert_eq!(
+            id("tagihan_12.2026.v2.csv").as_deref(),
+            Some("tagihan_12.2026.v2")
+        );
+        assert_eq!(
+            id("pelanggan–baru  ✓.csv").as_deref(),
+            Some("pelanggan-baru")
+        );
         assert_eq!(id("✓✓.csv"), None);
         assert_eq!(id(""), None);
         let long = format!("{}.csv", "a".repeat(300));
@@ -598,9 +692,18 @@ mod tests {
         let got = explain(
             &owned(&[
                 ("messages[2].phone", "not a valid phone number"),
-                ("messages[0].params[diskon]", "is not a parameter of template t"),
-                ("messages[1].params[diskon]", "is not a parameter of template t"),
-                ("messages[3].params[diskon]", "is not a parameter of template t"),
+                (
+                    "messages[0].params[diskon]",
+                    "is not a parameter of template t",
+                ),
+                (
+                    "messages[1].params[diskon]",
+                    "is not a parameter of template t",
+                ),
+                (
+                    "messages[3].params[diskon]",
+                    "is not a parameter of template t",
+                ),
                 ("messages[0].params[nominal]", "is required by template t"),
                 ("messages[1].params[nominal]", "is required by template t"),
                 ("messages[0].template", "unknown template \"x\""),

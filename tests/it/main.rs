@@ -21,6 +21,7 @@ macro_rules! on_both_stores {
 
 mod attack;
 mod batch;
+mod batch_cli;
 mod batch_replicas;
 mod config;
 mod delivery;
