@@ -672,6 +672,9 @@ fn counts(b: &Batch) -> String {
     if b.queued > 0 && b.eta_seconds > 0 {
         text.push_str(&format!(", ETA {}", duration_words(b.eta_seconds)));
     }
+    if !b.held_reason.is_empty() {
+        text.push_str(", held by Meta's daily limit");
+    }
     text
 }
 
@@ -845,6 +848,9 @@ fn print_batch(b: &Batch) {
     println!("read       {}", b.read);
     if b.queued > 0 && b.eta_seconds > 0 {
         println!("ETA        {}", duration_words(b.eta_seconds));
+    }
+    if !b.held_reason.is_empty() {
+        println!("held       {}", b.held_reason);
     }
     if state == State::Paused {
         print_pause(b);

@@ -53,7 +53,11 @@ fn item_state(s: ItemState) -> i32 {
 }
 
 fn batch_message(view: BatchView) -> pb::Batch {
-    let BatchView { info, eta_seconds } = view;
+    let BatchView {
+        info,
+        eta_seconds,
+        held_reason,
+    } = view;
     pb::Batch {
         batch_id: info.batch_id,
         state: state(info.state),
@@ -68,6 +72,7 @@ fn batch_message(view: BatchView) -> pb::Batch {
         created_at: timestamp(info.created_at_ms),
         eta_seconds,
         closed: info.closed,
+        held_reason,
     }
 }
 

@@ -430,6 +430,7 @@ on_both_stores!(
     cancel_stops_sending,
     items_page_through_by_state,
     webhook_statuses_move_items_and_progress_is_streamed,
+    a_run_held_by_the_daily_limit_says_so,
 );
 
 async fn webhook_statuses_move_items_and_progress_is_streamed(redis: Option<&RedisServer>) {
@@ -578,5 +579,35 @@ async fn a_redis_stall_mid_run_loses_nothing() {
     let sends = sends_per_phone(&meta);
     assert!(sends.values().all(|n| *n == 1), "a message went twice");
     assert!(sends.len() as u64 >= b.accepted, "{b:?}");
+    app.stop().await.unwrap();
+}
+
+async fn a_run_held_by_the_daily_limit_says_so(redis: Option<&RedisServer>) {
+    let meta = FakeMeta::start().await;
+    let mut vars = meta_vars(&meta);
+    vars.extend(store_vars(redis));
+    vars.push(("KABAR_META_DAILY_LIMIT".into(), "5".into()));
+    let app = TestApp::start(vars).await;
+    let mut client = app.batches();
+    let b = client
+        .submit_batch(submit("held", 0..8, true))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(b.held_reason.contains("DAILY_LIMIT_REACHED soon"), "{b:?}");
+    assert!(eventually(Duration::from_secs(10), || async { meta.count() >= 5 }).await);
+    let held = eventually(Duration::from_secs(10), || {
+        let mut client = client.clone();
+        async move {
+            let b = client.get_batch(get("held")).await.unwrap().into_inner();
+            b.held_reason.contains("used up") && b.eta_seconds == 0
+        }
+    })
+    .await;
+    assert!(held, "the batch does not say it is held");
+    let b = client.get_batch(get("held")).await.unwrap().into_inner();
+    assert_eq!(b.state, State::Running as i32);
+    assert_eq!((b.accepted, b.queued), (5, 3), "{b:?}");
+    assert_eq!(meta.count(), 5, "past the daily limit nothing goes out");
     app.stop().await.unwrap();
 }

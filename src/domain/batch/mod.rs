@@ -19,7 +19,7 @@ use std::{
 use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 
-use self::rules::{BatchState, Counts, ItemState, check_batch_id, eta_seconds};
+use self::rules::{BatchState, Counts, ItemState, check_batch_id, daily_hold, eta_seconds};
 use super::{
     error::{Error, Violations, echo},
     outbox::{Outgoing, category_name},
@@ -148,6 +148,8 @@ pub struct BatchInfo {
 pub struct BatchView {
     pub info: BatchInfo,
     pub eta_seconds: u64,
+    /// Why queued items cannot all go out now although the batch runs (Meta's daily limit).
+    pub held_reason: String,
 }
 
 /// Which items ListBatchItems returns.
@@ -428,13 +430,25 @@ impl Batches {
     }
 
     fn view(&self, info: BatchInfo) -> BatchView {
-        let eta_seconds = match info.state {
-            BatchState::Open | BatchState::Running => {
-                eta_seconds(info.counts.queued, self.pacer.snapshot().effective_mps)
-            }
-            _ => 0,
-        };
-        BatchView { info, eta_seconds }
+        if !info.state.is_workable() {
+            return BatchView {
+                info,
+                eta_seconds: 0,
+                held_reason: String::new(),
+            };
+        }
+        let pacing = self.pacer.snapshot();
+        let queued = info.counts.queued;
+        let held = daily_hold(queued, pacing.daily_used, pacing.daily_limit);
+        BatchView {
+            // Held by the daily limit, the time left is not the rate's: none is given.
+            eta_seconds: match held {
+                Some(_) if pacing.daily_used >= pacing.daily_limit => 0,
+                _ => eta_seconds(queued, pacing.effective_mps),
+            },
+            held_reason: held.unwrap_or_default(),
+            info,
+        }
     }
 }
 

@@ -258,10 +258,33 @@ pub fn judge(error: &Error) -> Failure {
 /// Seconds left for `queued` items at `rate` messages a second (rounded up; 0 when nothing is
 /// queued or nothing is sent).
 pub fn eta_seconds(queued: u64, rate: f64) -> u64 {
-    if queued == 0 || !(rate > 0.0) {
+    if queued == 0 || rate.is_nan() || rate <= 0.0 {
         return 0;
     }
     (queued as f64 / rate).ceil() as u64
+}
+
+/// Why a running batch's items cannot all go out now, from Meta's daily limit of unique
+/// recipients (`limit` 0: unlimited): used up, or too little left for what is queued.
+pub fn daily_hold(queued: u64, used: u64, limit: u64) -> Option<String> {
+    if limit == 0 || queued == 0 {
+        return None;
+    }
+    let left = limit.saturating_sub(used);
+    if left == 0 {
+        Some(format!(
+            "DAILY_LIMIT_REACHED: Meta's daily limit of {limit} unique recipients is used up; \
+             items wait until recipients leave the rolling 24 hours (recipients already reached \
+             today still get theirs)"
+        ))
+    } else if queued > left {
+        Some(format!(
+            "DAILY_LIMIT_REACHED soon: {queued} items are queued and {left} of Meta's daily limit \
+             of {limit} unique recipients are left; the rest wait for the rolling 24 hours"
+        ))
+    } else {
+        None
+    }
 }
 
 /// Longest batch id, in characters.
@@ -415,6 +438,15 @@ mod tests {
         assert_eq!(eta_seconds(100, 0.0), 0);
         assert_eq!(eta_seconds(161, 80.0), 3);
         assert_eq!(eta_seconds(100_000, 980.0), 103);
+    }
+
+    #[test]
+    fn the_daily_limit_holding_a_run_is_said() {
+        assert_eq!(daily_hold(100, 10, 0), None);
+        assert_eq!(daily_hold(0, 250, 250), None);
+        assert_eq!(daily_hold(100, 10, 250), None);
+        assert!(daily_hold(50, 250, 250).unwrap().contains("used up"));
+        assert!(daily_hold(300, 0, 250).unwrap().contains("250 of"));
     }
 
     #[test]

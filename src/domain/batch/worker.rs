@@ -247,8 +247,7 @@ impl Worker {
         };
         let deadline = item_deadline(self.config.claim_timeout);
         let result = {
-            let send = self.outbox.send_guarded(&out, Some(deadline), &guard);
-            tokio::pin!(send);
+            let mut send = Box::pin(self.outbox.send_guarded(&out, Some(deadline), &guard));
             tokio::select! {
                 r = &mut send => r,
                 () = stop.cancelled() => {
@@ -256,6 +255,7 @@ impl Worker {
                         // The mark is written or being written: the send goes on to its end.
                         send.await
                     } else {
+                        // Not marked: nothing went out; stop waiting for the slot.
                         drop(send);
                         self.give_back(batch_id, &claim).await;
                         return;
