@@ -367,9 +367,10 @@ pub fn render_batch(w: &crate::domain::batch::worker::WorkerSnapshot) -> String 
     );
     let _ = writeln!(
         out,
-        "# HELP kabar_batch_paused_total Batches this replica paused on a refusal that would hit \
-         every item.\n# TYPE kabar_batch_paused_total counter\nkabar_batch_paused_total {}",
-        w.paused
+        "# HELP kabar_batch_pause_refusals_total Refusals of Meta that would hit every item, each \
+         pausing its batch (or finding it paused).\n\
+         # TYPE kabar_batch_pause_refusals_total counter\nkabar_batch_pause_refusals_total {}",
+        w.pause_refusals
     );
     let _ = writeln!(
         out,

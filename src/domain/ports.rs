@@ -243,13 +243,15 @@ pub trait BatchStore: Send + Sync {
     /// Hands `consumer` up to `max` items: first those another consumer has held for longer
     /// than `stale` (it died), then new ones. A stale item that was already being sent is
     /// settled as unknown here, never handed out. Nothing is handed out unless the batch is
-    /// workable; the answer says what state the batch is in (None: no such batch).
+    /// workable; the answer says what state the batch is in (None: no such batch). A batch being
+    /// worked is kept for `retention` from now.
     async fn claim(
         &self,
         batch_id: &str,
         consumer: &str,
         max: usize,
         stale: Duration,
+        retention: Duration,
     ) -> Result<Claimed, StoreError>;
 
     /// Marks a claimed item as being sent, if the batch is still workable and `consumer` still
@@ -282,7 +284,8 @@ pub trait BatchStore: Send + Sync {
         consumer: &str,
     ) -> Result<(), StoreError>;
 
-    /// Cancels, pauses or resumes the batch, when its state allows; the batch afterwards.
+    /// Cancels, pauses or resumes the batch, when its state allows; the batch afterwards. The
+    /// batch is kept for `retention` from now.
     async fn command(
         &self,
         batch_id: &str,

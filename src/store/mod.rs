@@ -327,8 +327,9 @@ impl crate::domain::ports::BatchStore for Store {
         consumer: &str,
         max: usize,
         stale: Duration,
+        retention: Duration,
     ) -> Result<Claimed, StoreError> {
-        dispatch!(self, s => s.batch_claim(batch_id, consumer, max, stale).await)
+        dispatch!(self, s => s.batch_claim(batch_id, consumer, max, stale, retention).await)
     }
 
     async fn mark_sending(

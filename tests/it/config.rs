@@ -25,6 +25,9 @@ fn nothing_configured_is_the_development_setup() {
     let warnings = config.warnings.join("\n");
     assert!(warnings.contains("WHATSAPP_DRIVER=log"), "{warnings}");
     assert!(warnings.contains("REDIS_URL"), "{warnings}");
+    assert!(warnings.contains("batch runs"), "{warnings}");
+    assert_eq!(config.batch.concurrency, 256);
+    assert_eq!(config.batch.claim_timeout.as_secs(), 60);
     assert!(warnings.contains("KABAR_OTP_SECRET"), "{warnings}");
 }
 
@@ -61,6 +64,16 @@ fn each_problem_names_its_variable() {
             vec![("KABAR_META_MAX_MPS", "0")],
             "KABAR_META_MAX_MPS",
             "from 1 to 100000",
+        ),
+        (
+            vec![("KABAR_BATCH_CONCURRENCY", "0")],
+            "KABAR_BATCH_CONCURRENCY",
+            "from 1 to 10000",
+        ),
+        (
+            vec![("KABAR_BATCH_CLAIM_TIMEOUT_SECONDS", "3")],
+            "KABAR_BATCH_CLAIM_TIMEOUT_SECONDS",
+            "from 4 to 3600",
         ),
         (
             vec![("KABAR_META_MAX_MPS", "80/s")],

@@ -22,7 +22,12 @@ use crate::{
 #[tokio::test]
 async fn defaults_serve_health_and_reflection() {
     let app = TestApp::start(vec![]).await;
-    for service in ["", kabar::NOTIFICATION_SERVICE, kabar::OTP_SERVICE] {
+    for service in [
+        "",
+        kabar::NOTIFICATION_SERVICE,
+        kabar::OTP_SERVICE,
+        kabar::BATCH_SERVICE,
+    ] {
         assert_eq!(app.health_status(service).await, SERVING, "{service:?}");
     }
     let unknown = app

@@ -203,6 +203,9 @@ pub enum Failure {
 
 /// How long an item waits before another try, when the error does not say.
 pub const RETRY_WAIT: Duration = Duration::from_secs(2);
+/// The longest a replica holds a batch back after a failure that a later try may fix: Meta's
+/// waits can be long, and the run should notice soon when they end.
+pub const MAX_HOLD: Duration = Duration::from_secs(30);
 
 /// Judges a failed send of a batch item.
 pub fn judge(error: &Error) -> Failure {
@@ -226,8 +229,13 @@ pub fn judge(error: &Error) -> Failure {
                     f.reason, f.meta_code, f.details, f.remedy
                 ))
             }
+            // Meta holds marketing-style messages to this one user for a day: the item fails,
+            // the run goes on.
+            MetaErrorKind::RateLimited if f.reason == Reason::MetaUserMarketingLimit => {
+                Failure::Fail
+            }
             MetaErrorKind::RateLimited | MetaErrorKind::Unavailable => {
-                Failure::Retry(f.retry_after.unwrap_or(RETRY_WAIT))
+                Failure::Retry(f.retry_after.unwrap_or(RETRY_WAIT).min(MAX_HOLD))
             }
             MetaErrorKind::Configuration
             | MetaErrorKind::InvalidArgument
@@ -239,7 +247,9 @@ pub fn judge(error: &Error) -> Failure {
             Reason::WhatsappDisabled,
             Error::WhatsAppDisabled
         )),
-        Error::Limited { retry_after, .. } => Failure::Retry((*retry_after).max(RETRY_WAIT / 4)),
+        Error::Limited { retry_after, .. } => {
+            Failure::Retry((*retry_after).clamp(RETRY_WAIT / 4, MAX_HOLD))
+        }
         Error::MetaUnreachable(_)
         | Error::StoreUnavailable(_)
         | Error::DeadlineExceeded { .. }
@@ -411,7 +421,7 @@ mod tests {
             };
             Error::Meta(classify(status, Some(&body.error), &ctx))
         };
-        for code in [132001, 132015, 190, 133010, 132000] {
+        for code in [132001, 132015, 132016, 190, 133010, 132000] {
             assert!(
                 matches!(judge(&meta(code, 400)), Failure::Pause(_)),
                 "{code}"
@@ -419,6 +429,11 @@ mod tests {
         }
         assert_eq!(judge(&meta(131026, 400)), Failure::Fail);
         assert_eq!(judge(&meta(131047, 400)), Failure::Fail);
+        assert_eq!(judge(&meta(131049, 400)), Failure::Fail);
+        let Failure::Retry(wait) = judge(&meta(80007, 400)) else {
+            panic!("80007 is tried again")
+        };
+        assert!(wait <= MAX_HOLD);
         assert!(matches!(judge(&meta(130429, 400)), Failure::Retry(_)));
         assert!(matches!(judge(&meta(131000, 500)), Failure::Retry(_)));
         assert_eq!(

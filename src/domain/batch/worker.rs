@@ -57,8 +57,8 @@ pub struct WorkerSnapshot {
     pub settled: [(&'static str, u64); 3],
     /// Items given back to the queue for another try (Meta's rate limits or outages, pacing).
     pub retried: u64,
-    /// Batches paused here.
-    pub paused: u64,
+    /// Refusals of Meta that would hit every item, each pausing its batch (or finding it paused).
+    pub pause_refusals: u64,
     /// Items in hand now.
     pub in_hand: u64,
 }
@@ -114,7 +114,7 @@ impl Worker {
                 ("unknown", n(&c.unknown)),
             ],
             retried: n(&c.retried),
-            paused: n(&c.paused),
+            pause_refusals: n(&c.paused),
             in_hand: n(&c.in_hand),
         }
     }
@@ -181,6 +181,7 @@ impl Worker {
                     &self.consumer,
                     free.min(CLAIM_MAX),
                     self.config.claim_timeout,
+                    self.config.retention,
                 )
                 .await?;
             match claimed.state {

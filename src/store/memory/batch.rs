@@ -200,6 +200,7 @@ impl MemoryStore {
         consumer: &str,
         max: usize,
         stale: Duration,
+        retention: Duration,
     ) -> Result<Claimed, StoreError> {
         let mut all = self.batches();
         let Some(run) = all.batches.get_mut(batch_id) else {
@@ -212,6 +213,7 @@ impl MemoryStore {
         if !run.info.state.is_workable() {
             return Ok(claimed);
         }
+        run.keep(retention);
         let now = Instant::now();
         // Items held too long: their worker died (or, as in Redis, this one lost track).
         let mut stale_tickets: Vec<u64> = run
@@ -372,12 +374,12 @@ impl MemoryStore {
         let Some(run) = all.batches.get_mut(batch_id) else {
             return Ok(None);
         };
+        run.keep(retention);
         match command {
             Command::Cancel if run.info.state != BatchState::Done => {
                 run.info.state = BatchState::Cancelled;
                 run.queue.clear();
                 run.waiting.clear();
-                run.keep(retention);
             }
             Command::Pause(reason) if run.info.state.is_workable() => {
                 run.info.state = BatchState::Paused;

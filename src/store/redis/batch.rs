@@ -111,11 +111,13 @@ return {#new, info()}
 "#;
 
 /// KEYS: batch, items, order, queue. ARGV: consumer, max, stale_ms, the error of an item taken
-/// over while being sent. Returns {state (0: no batch), then id, reference, item per item}.
+/// over while being sent, retention_ms. Returns {state (0: no batch), then id, reference, item per
+/// item}. A batch being worked is kept for the retention from now.
 const CLAIM: &str = r#"
 local s = tonumber(redis.call('HGET', KEYS[1], 's'))
 if not s then return {0} end
 if s ~= 1 and s ~= 2 then return {s} end
+keep(ARGV[5])
 local out = {0}
 local n, max = 0, tonumber(ARGV[2])
 local function take(entry)
@@ -217,14 +219,14 @@ return 1
 "#;
 
 /// KEYS: batch, items, order, queue. ARGV: cancel | pause | resume, reason, retention_ms.
-/// Returns {1, info}, or {0} for no batch.
+/// Returns {1, info}, or {0} for no batch. The batch is kept for the retention from now.
 const COMMAND: &str = r#"
 local s = tonumber(redis.call('HGET', KEYS[1], 's'))
 if not s then return {0} end
+keep(ARGV[3])
 if ARGV[1] == 'cancel' and s ~= 3 and s ~= 4 then
   redis.call('HSET', KEYS[1], 's', 4)
   redis.call('XTRIM', KEYS[4], 'MAXLEN', 0)
-  keep(ARGV[3])
 elseif ARGV[1] == 'pause' and (s == 1 or s == 2) then
   redis.call('HSET', KEYS[1], 's', 5, 'p', ARGV[2])
 elseif ARGV[1] == 'resume' and s == 5 then
@@ -471,6 +473,7 @@ impl RedisStore {
         consumer: &str,
         max: usize,
         stale: Duration,
+        retention: Duration,
     ) -> Result<Claimed, StoreError> {
         let mut con = self.connection.clone();
         let mut invocation = self.batch_script(&self.batch_scripts.claim, batch_id);
@@ -478,7 +481,8 @@ impl RedisStore {
             .arg(consumer)
             .arg(max)
             .arg(stale.as_millis() as u64)
-            .arg(error_json(&taken_over()));
+            .arg(error_json(&taken_over()))
+            .arg(retention.as_millis() as u64);
         let answer: Vec<Value> = self.bounded(invocation.invoke_async(&mut con)).await?;
         let Some((state, rest)) = answer.split_first() else {
             return Err(bad("claim", answer));
