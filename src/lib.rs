@@ -286,6 +286,8 @@ pub async fn run(
     );
 
     let grpc_server = tonic::transport::Server::builder()
+        // Outermost: a SubmitBatch call waits for its turn before its message is read (and
+        // before the slow-client deadline of the message starts).
         .tcp_nodelay(true)
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
@@ -293,6 +295,7 @@ pub async fn run(
         .initial_stream_window_size(grpc::limits::STREAM_WINDOW)
         .initial_connection_window_size(grpc::limits::CONNECTION_WINDOW)
         .http2_max_header_list_size(grpc::limits::MAX_HEADER_LIST_BYTES)
+        .layer(grpc::limits::SubmitTurns::new(config.slow_client_timeout))
         .layer(grpc::limits::RequestBodyDeadline(
             config.slow_client_timeout,
         ))

@@ -402,8 +402,8 @@ fn plan(
     })
 }
 
-/// The largest SubmitBatch message sent: under kabar's limit on one message (1 MiB) with room
-/// to spare.
+/// The largest SubmitBatch message sent: well under kabar's limit on one message (2 MiB), and
+/// small enough to be read quickly.
 const MAX_CALL_BYTES: usize = 900 * 1024;
 
 /// The rows of each call: at most [`MAX_ITEMS_PER_CALL`] rows and [`MAX_CALL_BYTES`] bytes.

@@ -254,13 +254,14 @@ pub trait BatchStore: Send + Sync {
         retention: Duration,
     ) -> Result<Claimed, StoreError>;
 
-    /// Marks a claimed item as being sent, if the batch is still workable and `consumer` still
-    /// holds it.
+    /// Marks a claimed item as being sent, if the batch is still workable and `consumer` has
+    /// held it for less than `within` (after that it may be taken over).
     async fn mark_sending(
         &self,
         batch_id: &str,
         claim: &Claim,
         consumer: &str,
+        within: Duration,
     ) -> Result<Mark, StoreError>;
 
     /// Settles a claimed item (the state moves only forward) and takes it off the queue, if

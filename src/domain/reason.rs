@@ -70,6 +70,7 @@ reasons! {
     CursorExpired => "CURSOR_EXPIRED",
     BatchNotFound => "BATCH_NOT_FOUND",
     BatchClosed => "BATCH_CLOSED",
+    BatchSubmitBusy => "BATCH_SUBMIT_BUSY",
 }
 
 impl std::fmt::Display for Reason {

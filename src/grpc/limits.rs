@@ -7,6 +7,7 @@
 //! largest decoded message.
 
 use std::{
+    future::Future,
     pin::Pin,
     task::{Context, Poll},
     time::Duration,
@@ -24,8 +25,97 @@ pub const MAX_CONCURRENT_STREAMS: u32 = 256;
 /// The largest request message decoded. kabar's requests are a few KB (a whole template body is
 /// at most 1,024 characters); a larger one is refused before it is buffered.
 pub const MAX_MESSAGE_BYTES: usize = 64 * 1024;
-/// The largest SubmitBatch message: 1,000 items of about 1 KB each.
-pub const MAX_BATCH_MESSAGE_BYTES: usize = 1024 * 1024;
+/// The largest SubmitBatch message: 1,000 items with every field at its longest in Latin text
+/// (about 1.4 KB each); 1,000 typical invoices are about 300 KB.
+pub const MAX_BATCH_MESSAGE_BYTES: usize = 2 * 1024 * 1024;
+/// SubmitBatch calls whose message may be read at once, all clients together. The others wait
+/// for a turn (up to the slow-client timeout, then RESOURCE_EXHAUSTED) before a byte of theirs
+/// is read, so that half-sent batch messages cannot pile up in memory: unread, a call holds at
+/// most its HTTP/2 window.
+pub const SUBMITS_AT_ONCE: usize = 8;
+const SUBMIT_PATH: &str = "/kabar.v1.BatchService/SubmitBatch";
+
+/// Gives SubmitBatch calls their turn ([`SUBMITS_AT_ONCE`]) before their message is read.
+#[derive(Debug, Clone)]
+pub struct SubmitTurns {
+    turns: std::sync::Arc<tokio::sync::Semaphore>,
+    wait: Duration,
+}
+
+impl SubmitTurns {
+    pub fn new(wait: Duration) -> Self {
+        SubmitTurns {
+            turns: std::sync::Arc::new(tokio::sync::Semaphore::new(SUBMITS_AT_ONCE)),
+            wait,
+        }
+    }
+}
+
+impl<S> tower::Layer<S> for SubmitTurns {
+    type Service = WithSubmitTurns<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        WithSubmitTurns {
+            inner,
+            turns: self.clone(),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct WithSubmitTurns<S> {
+    inner: S,
+    turns: SubmitTurns,
+}
+
+impl<S> tower::Service<http::Request<tonic::body::Body>> for WithSubmitTurns<S>
+where
+    S: tower::Service<
+            http::Request<tonic::body::Body>,
+            Response = http::Response<tonic::body::Body>,
+        > + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future =
+        Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send + 'static>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<tonic::body::Body>) -> Self::Future {
+        // The service that was polled ready serves this call; a fresh clone serves the next.
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        if request.uri().path() != SUBMIT_PATH {
+            return Box::pin(inner.call(request));
+        }
+        let SubmitTurns { turns, wait } = self.turns.clone();
+        Box::pin(async move {
+            let Ok(Ok(turn)) = tokio::time::timeout(wait, turns.acquire_owned()).await else {
+                let busy = crate::domain::error::Error::Limited {
+                    reason: crate::domain::reason::Reason::BatchSubmitBusy,
+                    message: format!(
+                        "kabar is reading {SUBMITS_AT_ONCE} other SubmitBatch calls and none \
+                         finished within {} s; try again",
+                        wait.as_secs()
+                    ),
+                    retry_after: Duration::from_secs(1),
+                };
+                return Ok(Status::from(busy).into_http());
+            };
+            let answer = inner.call(request).await;
+            drop(turn);
+            answer
+        })
+    }
+}
+
+/// HTTP/2 flow-control windows
 /// HTTP/2 flow-control windows: what a client may send before kabar reads it.
 pub const STREAM_WINDOW: u32 = 256 * 1024;
 pub const CONNECTION_WINDOW: u32 = 1024 * 1024;

@@ -337,8 +337,9 @@ impl crate::domain::ports::BatchStore for Store {
         batch_id: &str,
         claim: &Claim,
         consumer: &str,
+        within: Duration,
     ) -> Result<Mark, StoreError> {
-        dispatch!(self, s => s.batch_mark(batch_id, claim, consumer).await)
+        dispatch!(self, s => s.batch_mark(batch_id, claim, consumer, within).await)
     }
 
     async fn settle(

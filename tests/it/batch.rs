@@ -270,9 +270,9 @@ async fn one_bad_item_refuses_the_call_and_queues_nothing(redis: Option<&RedisSe
             violated_fields(&e)
         );
     }
-    // A call over 1 MiB is refused before it is read.
+    // A call over 2 MiB is refused before it is read.
     let mut huge = submit("run-1", 0..1, false);
-    huge.messages[0].positional_params[0] = "x".repeat(1_100_000);
+    huge.messages[0].positional_params[0] = "x".repeat(2_200_000);
     let e = client.submit_batch(huge).await.unwrap_err();
     assert_eq!(e.code(), Code::OutOfRange, "{e}");
     assert_eq!(
@@ -478,6 +478,8 @@ on_both_stores!(
     items_page_through_by_state,
     webhook_statuses_move_items_and_progress_is_streamed,
     a_run_held_by_the_daily_limit_says_so,
+    a_hanging_meta_costs_few_items,
+    the_sending_mark_is_exclusive,
 );
 
 async fn webhook_statuses_move_items_and_progress_is_streamed(redis: Option<&RedisServer>) {
@@ -657,4 +659,152 @@ async fn a_run_held_by_the_daily_limit_says_so(redis: Option<&RedisServer>) {
     assert_eq!((b.accepted, b.queued), (5, 3), "{b:?}");
     assert_eq!(meta.count(), 5, "past the daily limit nothing goes out");
     app.stop().await.unwrap();
+}
+
+/// Meta hangs for a while: the items whose answers went missing are unknown (Meta may have
+/// them), but the worker then lets one item at a time go until Meta answers again, instead of
+/// writing off its whole concurrency per timeout.
+async fn a_hanging_meta_costs_few_items(redis: Option<&RedisServer>) {
+    let meta = FakeMeta::start().await;
+    let mut vars = meta_vars(&meta);
+    vars.extend(store_vars(redis));
+    vars.extend(crate::support::vars(&[
+        ("KABAR_META_MAX_MPS", "50"),
+        ("KABAR_META_TIMEOUT_MS", "400"),
+        ("KABAR_META_MAX_ATTEMPTS", "1"),
+    ]));
+    let app = TestApp::start(vars).await;
+    meta.set_delay(Duration::from_secs(2));
+    let mut client = app.batches();
+    client
+        .submit_batch(submit("hang", 0..300, true))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    meta.set_delay(Duration::ZERO);
+    let b = wait_state(&app, "hang", State::Done, Duration::from_secs(60)).await;
+    assert!(adds_up(&b), "{b:?}");
+    assert_eq!(b.failed, 0, "{b:?}");
+    // Without the one-at-a-time rule, 4 s at 50/s would have written off about 200.
+    assert!(b.unknown <= 60, "{b:?}");
+    assert!(b.unknown >= 1, "the hang was not noticed: {b:?}");
+    let sends = sends_per_phone(&meta);
+    assert!(sends.values().all(|n| *n == 1), "a message went twice");
+    assert_eq!(sends.len() as u64, b.accepted + b.unknown, "{b:?}");
+    app.stop().await.unwrap();
+}
+
+/// The store side of exactly-once: an item is marked only by its holder, only while its send
+/// may still start, only once; a stale item marked as being sent is taken over as unknown.
+async fn the_sending_mark_is_exclusive(redis: Option<&RedisServer>) {
+    use kabar::domain::{
+        batch::{Mark, NewItem, Outcome, rules::ItemState},
+        ports::BatchStore,
+    };
+    let store: kabar::store::Store = match redis {
+        Some(r) => kabar::store::Store::Redis(
+            kabar::store::RedisStore::new(&r.url(), Duration::from_secs(2)).unwrap(),
+        ),
+        None => kabar::store::Store::Memory(kabar::store::MemoryStore::default()),
+    };
+    let keep = Duration::from_secs(3600);
+    let items: Vec<NewItem> = (0..2)
+        .map(|i| NewItem {
+            reference: format!("R{i}"),
+            phone: e164_of(i),
+            template: "access_opened".into(),
+            name: "access_opened".into(),
+            language: "id".into(),
+            category: "UTILITY".into(),
+            params: vec!["Budi".into(), "0800".into()],
+        })
+        .collect();
+    store.submit("marks", &items, true, 1, keep).await.unwrap();
+    let stale = Duration::from_millis(300);
+    let mut claimed = store.claim("marks", "a", 10, stale, keep).await.unwrap();
+    assert_eq!(claimed.items.len(), 2);
+    let second = claimed.items.pop().unwrap();
+    let first = claimed.items.pop().unwrap();
+    // Another consumer cannot take or mark what "a" holds.
+    assert!(
+        store
+            .claim("marks", "b", 10, stale, keep)
+            .await
+            .unwrap()
+            .items
+            .is_empty()
+    );
+    let within = Duration::from_millis(150);
+    assert_eq!(
+        store
+            .mark_sending("marks", &first, "b", within)
+            .await
+            .unwrap(),
+        Mark::Lost
+    );
+    assert_eq!(
+        store
+            .mark_sending("marks", &first, "a", within)
+            .await
+            .unwrap(),
+        Mark::Go
+    );
+    assert_eq!(
+        store
+            .mark_sending("marks", &first, "a", within)
+            .await
+            .unwrap(),
+        Mark::Lost
+    );
+    // Held too long: the second is not marked any more.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        store
+            .mark_sending("marks", &second, "a", within)
+            .await
+            .unwrap(),
+        Mark::Lost
+    );
+    // Past the claim timeout "b" takes both over: the marked one as unknown, the other to send.
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let taken = store.claim("marks", "b", 10, stale, keep).await.unwrap();
+    assert_eq!(taken.items.len(), 1);
+    assert_eq!(taken.items[0].item.data.reference, "R1");
+    let b = store.get("marks").await.unwrap().unwrap();
+    assert_eq!((b.counts.unknown, b.counts.queued), (1, 1));
+    // "a" learns its answer late: accepted still counts; "a" can no longer settle the other.
+    let accepted = Outcome {
+        state: ItemState::Accepted,
+        message_id: "wamid.late".into(),
+        error: None,
+    };
+    assert!(
+        store
+            .settle("marks", &first, "a", &accepted, keep)
+            .await
+            .unwrap()
+            .is_some()
+    );
+    assert!(
+        store
+            .settle("marks", &second, "a", &accepted, keep)
+            .await
+            .unwrap()
+            .is_none()
+    );
+    let mark = store
+        .mark_sending("marks", &taken.items[0], "b", Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert_eq!(mark, Mark::Go);
+    store
+        .settle("marks", &taken.items[0], "b", &accepted, keep)
+        .await
+        .unwrap();
+    let b = store.get("marks").await.unwrap().unwrap();
+    assert_eq!(
+        (b.counts.accepted, b.counts.unknown, b.counts.queued),
+        (2, 0, 0)
+    );
+    assert_eq!(b.state, kabar::domain::batch::rules::BatchState::Done);
 }

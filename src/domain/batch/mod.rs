@@ -380,15 +380,18 @@ impl Batches {
             0 => DEFAULT_PAGE,
             n => n.min(MAX_PAGE),
         };
+        let bad_token = || {
+            Error::field(
+                "page_token",
+                "must be a next_page_token from an earlier answer",
+            )
+        };
         let mut at: u64 = if page_token.is_empty() {
             0
+        } else if page_token.len() > 20 || !page_token.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(bad_token());
         } else {
-            page_token.parse().map_err(|_| {
-                Error::field(
-                    "page_token",
-                    "must be a next_page_token from an earlier answer",
-                )
-            })?
+            page_token.parse().map_err(|_| bad_token())?
         };
         let mut items = Vec::new();
         let mut scanned = 0;
@@ -403,6 +406,9 @@ impl Batches {
                 .items(batch_id, at, want)
                 .await?
                 .ok_or_else(|| Error::BatchNotFound(echo(batch_id)))?;
+            if at > total {
+                return Err(bad_token());
+            }
             let read = chunk.len();
             for item in chunk {
                 at += 1;

@@ -8,6 +8,14 @@
 //! an item taken over marked may be at Meta and is settled `unknown`, never sent again. A late
 //! webhook status of its message (the record carries batch and reference) still moves it on.
 //!
+//! An item is marked only while its send deadline (half the claim timeout) has not passed, so
+//! that a take-over, which needs the whole claim timeout, never meets an item whose send may
+//! still start.
+//!
+//! When Meta's answers go missing (it hangs: each such item is settled unknown), the worker lets
+//! one item at a time go to Meta until one is answered again, instead of writing off its whole
+//! concurrency of items per timeout.
+//!
 //! On shutdown the worker takes no new items, gives back those it holds that are not yet
 //! marked, and finishes the sends already under way.
 
@@ -82,6 +90,10 @@ pub struct Worker {
     consumer: String,
     /// Batches whose items wait before another try, and until when.
     held_back: Mutex<HashMap<String, Instant>>,
+    /// Set when a send ended without Meta's answer; cleared by the next answered send. While
+    /// set, only the holder of `probe` may send.
+    meta_silent: AtomicBool,
+    probe: Arc<Semaphore>,
 }
 
 impl Worker {
@@ -101,6 +113,8 @@ impl Worker {
             consumer: format!("{host}-{}-{}", std::process::id(), hex::encode(random)),
             counters: Counters::default(),
             held_back: Mutex::new(HashMap::new()),
+            meta_silent: AtomicBool::new(false),
+            probe: Arc::new(Semaphore::new(1)),
         }
     }
 
@@ -239,12 +253,12 @@ impl Worker {
             }
         };
         let guard = MarkGuard {
-            store: self.store.as_ref(),
+            worker: self,
             batch_id,
             claim: &claim,
-            consumer: &self.consumer,
             started: AtomicBool::new(false),
             answer: Mutex::new(None),
+            probe: Mutex::new(None),
         };
         let deadline = item_deadline(self.config.claim_timeout);
         let result = {
@@ -265,6 +279,19 @@ impl Worker {
             }
         };
         let answer = *guard.answer.lock().unwrap_or_else(|e| e.into_inner());
+        match &result {
+            Ok(_) => self.meta_silent.store(false, Ordering::SeqCst),
+            Err(e) if e.may_have_been_delivered() => {
+                if !self.meta_silent.swap(true, Ordering::SeqCst) {
+                    tracing::warn!(
+                        batch_id,
+                        "a batch item went to Meta and no answer came back; batch items go one at \
+                         a time until Meta answers again"
+                    );
+                }
+            }
+            Err(_) => {}
+        }
         match (result, answer) {
             (Ok(accepted), _) => {
                 self.settle(
@@ -310,6 +337,7 @@ impl Worker {
                     self.give_back(batch_id, &claim).await;
                 }
                 Failure::Unknown => {
+                    self.hold_back(batch_id, super::rules::RETRY_WAIT);
                     self.settle(batch_id, &claim, ItemState::Unknown, "", Some(&e), stop)
                         .await;
                 }
@@ -392,22 +420,38 @@ impl Worker {
 
 /// Marks the item as being sent, right before Meta is called.
 struct MarkGuard<'a> {
-    store: &'a dyn BatchStore,
+    worker: &'a Worker,
     batch_id: &'a str,
     claim: &'a Claim,
-    consumer: &'a str,
     /// Set before the mark is written: from then on the send is never abandoned.
     started: AtomicBool,
     answer: Mutex<Option<Mark>>,
+    /// Held while this item is the one send allowed while Meta's answers go missing.
+    probe: Mutex<Option<tokio::sync::OwnedSemaphorePermit>>,
 }
 
 #[async_trait::async_trait]
 impl SendGuard for MarkGuard<'_> {
     async fn before_send(&self) -> Result<(), Error> {
+        let worker = self.worker;
+        if worker.meta_silent.load(Ordering::SeqCst) {
+            match worker.probe.clone().try_acquire_owned() {
+                Ok(permit) => *self.probe.lock().unwrap_or_else(|e| e.into_inner()) = Some(permit),
+                Err(_) => {
+                    return Err(Error::MetaUnreachable(
+                        "Meta's answers are missing; one batch item at a time goes until it \
+                         answers again"
+                            .into(),
+                    ));
+                }
+            }
+        }
         self.started.store(true, Ordering::SeqCst);
-        let mark = self
+        // Past half the claim timeout the item may be taken over: it is not marked any more.
+        let within = worker.config.claim_timeout / 2;
+        let mark = worker
             .store
-            .mark_sending(self.batch_id, self.claim, self.consumer)
+            .mark_sending(self.batch_id, self.claim, &worker.consumer, within)
             .await;
         let mark = match mark {
             Ok(m) => m,

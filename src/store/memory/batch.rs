@@ -163,7 +163,10 @@ impl MemoryStore {
         let added = new.len() as u64;
         run.info.counts.total += added;
         run.info.counts.queued += added;
-        run.info.closed |= last;
+        // A final batch stays as it is (resubmitting its own items changes nothing).
+        if !run.info.state.is_final() {
+            run.info.closed |= last;
+        }
         run.settle_state();
         run.keep(retention);
         Ok(Submitted::Added {
@@ -275,6 +278,7 @@ impl MemoryStore {
         batch_id: &str,
         claim: &Claim,
         consumer: &str,
+        within: Duration,
     ) -> Result<Mark, StoreError> {
         let mut all = self.batches();
         let Some(run) = all.batches.get_mut(batch_id) else {
@@ -283,8 +287,9 @@ impl MemoryStore {
         if !run.info.state.is_workable() {
             return Ok(Mark::Stopped(run.info.state));
         }
-        if run.held_by(claim, consumer).is_none() {
-            return Ok(Mark::Lost);
+        match run.held_by(claim, consumer).and_then(|t| run.held.get(&t)) {
+            Some((_, _, since)) if since.elapsed() < within => {}
+            _ => return Ok(Mark::Lost),
         }
         if !run.step(&claim.item.data.reference, ItemState::Sending, "", None) {
             return Ok(Mark::Lost);

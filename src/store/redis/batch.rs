@@ -68,6 +68,11 @@ end
 local function owned(consumer, id)
   return #redis.call('XPENDING', KEYS[4], 'w', id, id, 1, consumer) > 0
 end
+local function held_for(consumer, id)
+  local p = redis.call('XPENDING', KEYS[4], 'w', id, id, 1, consumer)
+  if #p == 0 then return nil end
+  return tonumber(p[1][3])
+end
 local function done_with(id)
   redis.call('XACK', KEYS[4], 'w', id)
   redis.call('XDEL', KEYS[4], id)
@@ -104,7 +109,7 @@ for _, i in ipairs(new) do
 end
 redis.call('HINCRBY', KEYS[1], 't', #new)
 redis.call('HINCRBY', KEYS[1], 'q', #new)
-if ARGV[2] == '1' then redis.call('HSET', KEYS[1], 'l', 1) end
+if ARGV[2] == '1' and s ~= 3 and s ~= 4 then redis.call('HSET', KEYS[1], 'l', 1) end
 settle(KEYS[1])
 keep(ARGV[3])
 return {#new, info()}
@@ -158,13 +163,15 @@ out[1] = settle(KEYS[1])
 return out
 "#;
 
-/// KEYS: batch, items, order, queue. ARGV: consumer, id, reference. Returns 100 (marked), 0
-/// (not held), or the batch's state when it is not workable.
+/// KEYS: batch, items, order, queue. ARGV: consumer, id, reference, within_ms. Returns 100
+/// (marked), 0 (not held, or held for `within` already), or the batch's state when it is not
+/// workable.
 const MARK: &str = r#"
 local s = tonumber(redis.call('HGET', KEYS[1], 's'))
 if not s then return 0 end
 if s ~= 1 and s ~= 2 then return s end
-if not owned(ARGV[1], ARGV[2]) then return 0 end
+local idle = held_for(ARGV[1], ARGV[2])
+if not idle or idle >= tonumber(ARGV[4]) then return 0 end
 local v = redis.call('HGET', KEYS[2], ARGV[3])
 if not v then return 0 end
 local st, m, e, d = split(v)
@@ -510,13 +517,15 @@ impl RedisStore {
         batch_id: &str,
         claim: &Claim,
         consumer: &str,
+        within: Duration,
     ) -> Result<Mark, StoreError> {
         let mut con = self.connection.clone();
         let mut invocation = self.batch_script(&self.batch_scripts.mark, batch_id);
         invocation
             .arg(consumer)
             .arg(&claim.ticket)
-            .arg(&claim.item.data.reference);
+            .arg(&claim.item.data.reference)
+            .arg(within.as_millis() as u64);
         let answer: i64 = self.bounded(invocation.invoke_async(&mut con)).await?;
         Ok(match answer {
             100 => Mark::Go,
@@ -619,16 +628,16 @@ impl RedisStore {
     ) -> Result<Option<(Vec<Item>, u64)>, StoreError> {
         let mut con = self.connection.clone();
         let [meta, items, order, _] = batch_keys(batch_id);
+        // Positions past what a list can hold are past the end (LRANGE would count a wrapped
+        // negative start from the end).
+        let start = isize::try_from(start).unwrap_or(isize::MAX);
+        let count = isize::try_from(count).unwrap_or(isize::MAX);
         let (exists, total, references): (bool, u64, Vec<String>) = self
             .bounded(
                 redis::pipe()
                     .exists(&meta)
                     .llen(&order)
-                    .lrange(
-                        &order,
-                        start as isize,
-                        (start as isize).saturating_add(count as isize) - 1,
-                    )
+                    .lrange(&order, start, start.saturating_add(count) - 1)
                     .query_async(&mut con),
             )
             .await?;
