@@ -612,3 +612,58 @@ async fn webhook_bodies_cannot_blow_up_memory() {
         rss_kib(&kabar)
     );
 }
+
+/// Half-sent SubmitBatch messages (announcing nearly 2 MiB, the largest accepted; 400 KB sent)
+/// on 2 connections of 256 streams: only 8 are read at once, the others wait unread (each holding at most its
+/// HTTP/2 window), so memory stays within the budget; every stream is answered, the waiting
+/// ones with RESOURCE_EXHAUSTED `BATCH_SUBMIT_BUSY`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn half_sent_batch_submissions_cannot_pile_up() {
+    let kabar = start(&[("KABAR_SLOW_CLIENT_TIMEOUT_SECONDS", "2")], None).await;
+    let path = "/kabar.v1.BatchService/SubmitBatch";
+    let size: u32 = 2 * 1024 * 1024 - 64;
+    let mut answers = Vec::new();
+    let mut connections = Vec::new();
+    for _ in 0..2 {
+        let tcp = tokio::net::TcpStream::connect(kabar.grpc_addr)
+            .await
+            .unwrap();
+        let (mut client, connection) = h2::client::handshake(tcp).await.expect("h2 handshake");
+        connections.push(tokio::spawn(async move {
+            let _ = connection.await;
+        }));
+        for _ in 0..256 {
+            client = client.ready().await.expect("ready");
+            let (response, mut body) = client.send_request(grpc_request(path), false).unwrap();
+            let mut frame = vec![0u8];
+            frame.extend(size.to_be_bytes());
+            frame.extend(std::iter::repeat_n(0u8, 400_000));
+            body.send_data(Bytes::from(frame), false).unwrap();
+            answers.push((response, body));
+        }
+    }
+    assert_healthy(&kabar, "with 512 half-sent batch submissions").await;
+    let mut statuses = Vec::new();
+    for (response, _body) in answers {
+        statuses.push(
+            tokio::time::timeout(Duration::from_secs(20), grpc_status(response))
+                .await
+                .expect("every stalled stream is answered"),
+        );
+    }
+    let peak = peak_rss_kib(&kabar);
+    assert!(peak < PEAK_RSS_BUDGET_KIB, "peak RSS {peak} KiB");
+    let busy = statuses
+        .iter()
+        .filter(|s| s.as_deref() == Some("8"))
+        .count();
+    let cut = statuses
+        .iter()
+        .filter(|s| s.as_deref() == Some("4"))
+        .count();
+    assert_eq!(busy + cut, statuses.len(), "{statuses:?}");
+    assert!(busy > 400, "most waited for a turn: {busy} busy, {cut} cut");
+    for c in connections {
+        c.abort();
+    }
+}
