@@ -10,6 +10,11 @@
 //!     --webhook http://127.0.0.1:8081 --app-secret SECRET -c 16 -d 10
 //! loadgen run --scenario pacing --targets http://127.0.0.1:50051,http://127.0.0.1:50052 \
 //!     --meta http://127.0.0.1:18081 --cap 80 --rate 240 --otp-every-ms 200 -d 10 --warmup 1
+//! loadgen run --scenario batch-submit --target http://127.0.0.1:50051 -c 4 -m 4 \
+//!     --items 100000 --redis unix:///tmp/redis.sock    # kabar with WHATSAPP_ENABLED=false
+//! loadgen meta-standin --addr 127.0.0.1:18082 --latency-ms 200 --cap 1000
+//! loadgen run --scenario batch-run --target http://127.0.0.1:50051 -c 4 -m 4 \
+//!     --items 100000 --meta http://127.0.0.1:18082 --cap 1000 -d 300
 //! ```
 //!
 //! `run` keeps N unary calls in flight over M HTTP/2 connections for a duration (or a count),
@@ -1412,11 +1417,17 @@ async fn run_batch_submit(
         );
         println!(
             "  per call ms: p50 {:.2}  p90 {:.2}  p99 {:.2}  max {:.2}",
-            figures["p50_ms"], figures["p90_ms"], figures["p99_ms"], figures["max_ms"]
+            percentile_ms(lat, 50.0),
+            percentile_ms(lat, 90.0),
+            percentile_ms(lat, 99.0),
+            percentile_ms(lat, 100.0)
         );
         println!(
             "  batch {batch_id}: {}, {} items, {} queued, {} settled",
-            figures["state"], batch.total, batch.queued, figures["sent"]
+            batch_state_name(&batch),
+            batch.total,
+            batch.queued,
+            settled(&batch)
         );
         if let Some(per_item) = figures["bytes_per_item"].as_f64() {
             println!(
@@ -1541,6 +1552,11 @@ async fn run_batch_run(args: &RunArgs, channels: &[Channel], batch_id: &str) -> 
         0.0
     };
     let b = &last.batch;
+    let state = batch_state_name(b);
+    let (submit_p50, submit_p99) = (
+        percentile_ms(&submission.latencies_us, 50.0),
+        percentile_ms(&submission.latencies_us, 99.0),
+    );
     let figures = serde_json::json!({
         "label": args.label,
         "scenario": "batch-run",
@@ -1552,14 +1568,14 @@ async fn run_batch_run(args: &RunArgs, channels: &[Channel], batch_id: &str) -> 
         "per_call": args.per_call,
         "concurrency": args.concurrency,
         "connections": args.connections,
-        "state": batch_state_name(b),
+        "state": state,
         "seconds_to_done": seconds,
         "messages_per_sec": args.items as f64 / seconds,
         "submit_seconds": submission.seconds,
         "submit_items_per_sec": args.items as f64 / submission.seconds,
         "submitted_at_s": submitted_at,
-        "submit_p50_ms": percentile_ms(&submission.latencies_us, 50.0),
-        "submit_p99_ms": percentile_ms(&submission.latencies_us, 99.0),
+        "submit_p50_ms": submit_p50,
+        "submit_p99_ms": submit_p99,
         "accepted": b.accepted,
         "failed": b.failed,
         "unknown": b.unknown,
@@ -1579,22 +1595,19 @@ async fn run_batch_run(args: &RunArgs, channels: &[Channel], batch_id: &str) -> 
         println!("{figures}");
     } else {
         println!(
-            "batch-run {}: {} items, state {} after {seconds:.2} s = {:.0} messages/s from the \
+            "batch-run {}: {} items, {state} after {seconds:.2} s = {:.0} messages/s from the \
              first SubmitBatch",
             args.label,
             args.items,
-            figures["state"],
             args.items as f64 / seconds
         );
         println!(
             "  submitted in {:.2} s = {:.0} items/s while sending (calls of {}, {} in flight; \
-             per call p50 {:.2} ms, p99 {:.2} ms)",
+             per call p50 {submit_p50:.2} ms, p99 {submit_p99:.2} ms)",
             submission.seconds,
             args.items as f64 / submission.seconds,
             args.per_call,
-            args.concurrency,
-            figures["submit_p50_ms"],
-            figures["submit_p99_ms"]
+            args.concurrency
         );
         println!(
             "  batch: {} accepted, {} failed, {} unknown, {} queued",
@@ -1610,12 +1623,12 @@ async fn run_batch_run(args: &RunArgs, channels: &[Channel], batch_id: &str) -> 
             "  phones: {once} once, {missing} missing, {repeated} more than once (of {})",
             args.items
         );
-        println!("  accepted per second: {:?}", figures["accepted_per_second"]);
+        println!("  accepted per second: {}", figures["accepted_per_second"]);
     }
     anyhow::ensure!(
         done,
-        "{batch_id}: not DONE after {seconds:.1} s (state {}, {} queued; -d is the longest wait)",
-        figures["state"],
+        "{batch_id}: not DONE after {seconds:.1} s (state {state}, {} queued; -d is the longest \
+         wait)",
         b.queued
     );
     anyhow::ensure!(
@@ -2584,10 +2597,16 @@ fn targets(run: &RunFigures) -> Vec<Target> {
             measured: plain(phone("general_path_ns"), nanos, |_| true),
         },
     ];
-    // The batch runs have a mode of their own (`--batch`): their lines only when they ran.
-    if run.contains_key("batch-submit") || run.contains_key("batch-run") {
-        list.extend(batch_targets(run));
+    // The batch runs have a mode of their own (`--batch`): their lines only when they ran, and
+    // only theirs when nothing else did.
+    let batch = |label: &String| label.starts_with("batch-");
+    if !run.keys().any(batch) {
+        return list;
     }
+    if run.keys().all(batch) {
+        list.clear();
+    }
+    list.extend(batch_targets(run));
     list
 }
 
@@ -2788,7 +2807,7 @@ fn summarize_one(run: &RunFigures) {
             v["seconds"].as_f64().unwrap_or(0.0),
             v["p50_ms"].as_f64().unwrap_or(0.0),
             v["p99_ms"].as_f64().unwrap_or(0.0),
-            v["state"],
+            v["state"].as_str().unwrap_or_default(),
             v["queued"],
             v["sent"],
             v["key_bytes_per_item"]
@@ -2801,7 +2820,7 @@ fn summarize_one(run: &RunFigures) {
              unknown. The stand-in accepted {} (first at {:.2} s, last at {:.2} s), answered {} \
              with 130429; busiest 1-s window {}; accepted per second {}.",
             v["items"],
-            v["state"],
+            v["state"].as_str().unwrap_or_default(),
             v["seconds_to_done"].as_f64().unwrap_or(0.0),
             v["submit_seconds"].as_f64().unwrap_or(0.0),
             v["submit_p50_ms"].as_f64().unwrap_or(0.0),

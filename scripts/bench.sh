@@ -363,17 +363,21 @@ bench_once() {
 }
 
 machine="$(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //')"
+shape="${duration}s per scenario"
+if [[ "$batch_only" == 1 ]]; then
+    shape="batch runs: $batch_submit_items items submitted, $batch_run_items sent"
+fi
 all_results=()
 for i in $(seq 1 "$runs"); do
     if [[ "$runs" == 1 ]]; then results="$out/results.jsonl"; else results="$out/results-$i.jsonl"; fi
     all_results+=("$results")
     bench_once
     echo
-    echo "== run $i of $runs: $machine, profile $profile, ${duration}s per scenario"
+    echo "== run $i of $runs: $machine, profile $profile, $shape"
     "$loadgen" summarize "$results" | tee "${results%.jsonl}.summary.md"
 done
 if [[ "$runs" != 1 ]]; then
     echo
-    echo "== $runs runs: $machine, profile $profile, ${duration}s per scenario"
+    echo "== $runs runs: $machine, profile $profile, $shape"
     "$loadgen" summarize "${all_results[@]}" | tee "$out/spread.md"
 fi
