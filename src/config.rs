@@ -488,7 +488,7 @@ impl Config {
 
         let pacing = Self::pacing(&r, &mut warnings)?;
         let batch = BatchConfig {
-            concurrency: r.number("KABAR_BATCH_CONCURRENCY", 256, 1..=10_000)? as usize,
+            concurrency: r.number("KABAR_BATCH_CONCURRENCY", 512, 1..=10_000)? as usize,
             claim_timeout: Duration::from_secs(r.number(
                 "KABAR_BATCH_CLAIM_TIMEOUT_SECONDS",
                 60,

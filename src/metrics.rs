@@ -367,10 +367,10 @@ pub fn render_batch(w: &crate::domain::batch::worker::WorkerSnapshot) -> String 
     );
     let _ = writeln!(
         out,
-        "# HELP kabar_batch_pause_refusals_total Refusals of Meta that would hit every item, each \
-         pausing its batch (or finding it paused).\n\
-         # TYPE kabar_batch_pause_refusals_total counter\nkabar_batch_pause_refusals_total {}",
-        w.pause_refusals
+        "# HELP kabar_batch_paused_total Batches this replica paused on a refusal of Meta that \
+         would hit every item.\n# TYPE kabar_batch_paused_total counter\n\
+         kabar_batch_paused_total {}",
+        w.paused
     );
     let _ = writeln!(
         out,

@@ -285,14 +285,14 @@ pub trait BatchStore: Send + Sync {
         consumer: &str,
     ) -> Result<(), StoreError>;
 
-    /// Cancels, pauses or resumes the batch, when its state allows; the batch afterwards. The
-    /// batch is kept for `retention` from now.
+    /// Cancels, pauses or resumes the batch, when its state allows; the batch afterwards, and
+    /// whether this command changed its state. The batch is kept for `retention` from now.
     async fn command(
         &self,
         batch_id: &str,
         command: &Command,
         retention: Duration,
-    ) -> Result<Option<BatchInfo>, StoreError>;
+    ) -> Result<Option<(BatchInfo, bool)>, StoreError>;
 
     /// A webhook status of an item's message: moves the item forward (`to` is delivered, read or
     /// failed).

@@ -367,7 +367,7 @@ impl crate::domain::ports::BatchStore for Store {
         batch_id: &str,
         command: &Command,
         retention: Duration,
-    ) -> Result<Option<BatchInfo>, StoreError> {
+    ) -> Result<Option<(BatchInfo, bool)>, StoreError> {
         dispatch!(self, s => s.batch_command(batch_id, command, retention).await)
     }
 

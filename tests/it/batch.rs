@@ -311,6 +311,11 @@ async fn a_refusal_for_every_item_pauses_until_resumed(redis: Option<&RedisServe
         .unwrap();
     let b = wait_state(&app, "paused-run", State::Paused, Duration::from_secs(10)).await;
     assert!(b.pause_reason.contains("132001"), "{}", b.pause_reason);
+    let metrics = crate::support::metrics_text(app.http_addr).await;
+    assert!(
+        metrics.lines().any(|l| l == "kabar_batch_paused_total 1"),
+        "{metrics}"
+    );
     assert_eq!(b.failed, 0, "the refused item goes back to the queue");
     tokio::time::sleep(Duration::from_millis(600)).await;
     let sent_while_paused = meta.count();

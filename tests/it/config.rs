@@ -26,7 +26,7 @@ fn nothing_configured_is_the_development_setup() {
     assert!(warnings.contains("WHATSAPP_DRIVER=log"), "{warnings}");
     assert!(warnings.contains("REDIS_URL"), "{warnings}");
     assert!(warnings.contains("batch runs"), "{warnings}");
-    assert_eq!(config.batch.concurrency, 256);
+    assert_eq!(config.batch.concurrency, 512);
     assert_eq!(config.batch.claim_timeout.as_secs(), 60);
     assert!(warnings.contains("KABAR_OTP_SECRET"), "{warnings}");
 }

@@ -343,7 +343,7 @@ impl Batches {
 
     async fn command(&self, batch_id: &str, command: &Command) -> Result<BatchView, Error> {
         check_id(batch_id)?;
-        let batch = self
+        let (batch, _) = self
             .store
             .command(batch_id, command, self.retention)
             .await?

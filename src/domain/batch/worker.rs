@@ -65,8 +65,8 @@ pub struct WorkerSnapshot {
     pub settled: [(&'static str, u64); 3],
     /// Items given back to the queue for another try (Meta's rate limits or outages, pacing).
     pub retried: u64,
-    /// Refusals of Meta that would hit every item, each pausing its batch (or finding it paused).
-    pub pause_refusals: u64,
+    /// Batches this replica paused.
+    pub paused: u64,
     /// Items in hand now.
     pub in_hand: u64,
 }
@@ -128,7 +128,7 @@ impl Worker {
                 ("unknown", n(&c.unknown)),
             ],
             retried: n(&c.retried),
-            pause_refusals: n(&c.paused),
+            paused: n(&c.paused),
             in_hand: n(&c.in_hand),
         }
     }
@@ -310,24 +310,27 @@ impl Worker {
             }
             (Err(e), _) => match judge(&e) {
                 Failure::Pause(reason) => {
-                    tracing::warn!(
-                        batch_id,
-                        reason = %reason,
-                        "batch paused: Meta refused in a way that would hit every item; fix the \
-                         cause, then ResumeBatch"
-                    );
-                    self.counters.paused.fetch_add(1, Ordering::Relaxed);
-                    if let Err(e) = self
+                    let pause = super::Command::Pause(reason.clone());
+                    match self
                         .store
-                        .command(
-                            batch_id,
-                            &super::Command::Pause(reason),
-                            self.config.retention,
-                        )
+                        .command(batch_id, &pause, self.config.retention)
                         .await
                     {
-                        tracing::warn!(batch_id, error = %e, "could not pause the batch");
-                        self.hold_back(batch_id, super::rules::RETRY_WAIT);
+                        // Logged and counted once per pause, by the item that paused it.
+                        Ok(Some((_, true))) => {
+                            self.counters.paused.fetch_add(1, Ordering::Relaxed);
+                            tracing::warn!(
+                                batch_id,
+                                reason = %reason,
+                                "batch paused: Meta refused in a way that would hit every item; \
+                                 fix the cause, then ResumeBatch"
+                            );
+                        }
+                        Ok(_) => {}
+                        Err(e) => {
+                            tracing::warn!(batch_id, error = %e, "could not pause the batch");
+                            self.hold_back(batch_id, super::rules::RETRY_WAIT);
+                        }
                     }
                     self.give_back(batch_id, &claim).await;
                 }

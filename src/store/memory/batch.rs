@@ -374,12 +374,13 @@ impl MemoryStore {
         batch_id: &str,
         command: &Command,
         retention: Duration,
-    ) -> Result<Option<BatchInfo>, StoreError> {
+    ) -> Result<Option<(BatchInfo, bool)>, StoreError> {
         let mut all = self.batches();
         let Some(run) = all.batches.get_mut(batch_id) else {
             return Ok(None);
         };
         run.keep(retention);
+        let before = run.info.state;
         match command {
             Command::Cancel if run.info.state != BatchState::Done => {
                 run.info.state = BatchState::Cancelled;
@@ -397,7 +398,7 @@ impl MemoryStore {
             }
             _ => {}
         }
-        Ok(Some(run.info.clone()))
+        Ok(Some((run.info.clone(), run.info.state != before)))
     }
 
     pub async fn batch_item_status(

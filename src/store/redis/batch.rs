@@ -226,21 +226,26 @@ return 1
 "#;
 
 /// KEYS: batch, items, order, queue. ARGV: cancel | pause | resume, reason, retention_ms.
-/// Returns {1, info}, or {0} for no batch. The batch is kept for the retention from now.
+/// Returns {1, info} (nothing changed), {2, info} (the state changed), or {0} for no batch. The
+/// batch is kept for the retention from now.
 const COMMAND: &str = r#"
 local s = tonumber(redis.call('HGET', KEYS[1], 's'))
 if not s then return {0} end
 keep(ARGV[3])
+local changed = 1
 if ARGV[1] == 'cancel' and s ~= 3 and s ~= 4 then
   redis.call('HSET', KEYS[1], 's', 4)
   redis.call('XTRIM', KEYS[4], 'MAXLEN', 0)
+  changed = 2
 elseif ARGV[1] == 'pause' and (s == 1 or s == 2) then
   redis.call('HSET', KEYS[1], 's', 5, 'p', ARGV[2])
+  changed = 2
 elseif ARGV[1] == 'resume' and s == 5 then
   redis.call('HSET', KEYS[1], 's', 2, 'p', '')
   settle(KEYS[1])
+  changed = 2
 end
-return {1, info()}
+return {changed, info()}
 "#;
 
 /// KEYS: batch, items, order, queue. ARGV: reference, message id, state, error JSON,
@@ -579,7 +584,7 @@ impl RedisStore {
         batch_id: &str,
         command: &Command,
         retention: Duration,
-    ) -> Result<Option<BatchInfo>, StoreError> {
+    ) -> Result<Option<(BatchInfo, bool)>, StoreError> {
         let mut con = self.connection.clone();
         let (name, reason) = match command {
             Command::Cancel => ("cancel", ""),
@@ -594,7 +599,9 @@ impl RedisStore {
         let answer: Vec<Value> = self.bounded(invocation.invoke_async(&mut con)).await?;
         match answer.as_slice() {
             [Value::Int(0)] => Ok(None),
-            [_, info] => batch_info(batch_id, info),
+            [changed, info] => {
+                Ok(batch_info(batch_id, info)?.map(|b| (b, int(changed) == Some(2))))
+            }
             other => Err(bad("command", other)),
         }
     }
