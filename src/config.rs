@@ -77,6 +77,13 @@ pub enum DriverKind {
     Log,
 }
 
+/// The key file and the callers read from it.
+#[derive(Debug, Clone)]
+pub struct ApiKeys {
+    pub path: std::path::PathBuf,
+    pub ring: crate::domain::auth::KeyRing,
+}
+
 /// Batch runs.
 #[derive(Debug, Clone)]
 pub struct BatchConfig {
@@ -128,6 +135,9 @@ pub struct Config {
     pub pacing: PacingConfig,
     /// Batch runs (`KABAR_BATCH_CONCURRENCY`, `KABAR_BATCH_CLAIM_TIMEOUT_SECONDS`).
     pub batch: BatchConfig,
+    /// The callers' keys (`KABAR_API_KEYS_FILE`); `None`: every call is let in (loopback, or
+    /// `KABAR_ALLOW_UNAUTHENTICATED=true`).
+    pub api_keys: Option<ApiKeys>,
     /// Warnings to log once logging is up (development defaults in use).
     pub warnings: Vec<String>,
 }
@@ -447,6 +457,40 @@ impl Config {
             }
         };
 
+        let api_keys = match r.get("KABAR_API_KEYS_FILE") {
+            None => None,
+            Some(path) => {
+                let text = std::fs::read_to_string(&path).map_err(|e| {
+                    err("KABAR_API_KEYS_FILE", format!("cannot read {path:?}: {e}"))
+                })?;
+                let ring = crate::domain::auth::KeyRing::parse(&text)
+                    .map_err(|e| err("KABAR_API_KEYS_FILE", format!("{path}: {e}")))?;
+                Some(ApiKeys {
+                    path: path.into(),
+                    ring,
+                })
+            }
+        };
+        let allow_unauthenticated = r.bool("KABAR_ALLOW_UNAUTHENTICATED", false)?;
+        if api_keys.is_none() && !grpc_addr.ip().is_loopback() {
+            if !allow_unauthenticated {
+                return Err(err(
+                    "KABAR_API_KEYS_FILE",
+                    format!(
+                        "is required when KABAR_GRPC_ADDR ({grpc_addr}) is not a loopback address: \
+                         without keys anyone who reaches the port can send messages at the ISP's \
+                         cost. Create keys with `kabar keys new --name billing --scope notify \
+                         --scope status`, or set KABAR_ALLOW_UNAUTHENTICATED=true for a trusted \
+                         mesh that authenticates callers itself"
+                    ),
+                ));
+            }
+            warnings.push(format!(
+                "KABAR_ALLOW_UNAUTHENTICATED=true: kabar serves gRPC on {grpc_addr} without API \
+                 keys; every caller that reaches the port may send"
+            ));
+        }
+
         let redis_url = r.secret("REDIS_URL", "REDIS_URL_FILE")?;
         if let Some(url) = &redis_url {
             let u = url.expose_secret();
@@ -532,6 +576,7 @@ impl Config {
             slow_client_timeout,
             pacing,
             batch,
+            api_keys,
             warnings,
         };
         // The token goes into a header: a character a header cannot carry fails here, at start-up.

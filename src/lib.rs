@@ -262,6 +262,27 @@ pub async fn run(
         });
     }
 
+    let keys: Option<grpc::auth::Keys> = config
+        .api_keys
+        .as_ref()
+        .map(|k| Arc::new(std::sync::RwLock::new(k.ring.clone())));
+    match &config.api_keys {
+        Some(k) => tracing::info!(
+            file = %k.path.display(),
+            keys = k.ring.len(),
+            "API keys are required on the gRPC port"
+        ),
+        None => {
+            tracing::info!("API keys are off: every caller that reaches the gRPC port may call")
+        }
+    }
+    if let (Some(keys), Some(api_keys)) = (&keys, &config.api_keys) {
+        tokio::spawn(reload_keys_on_hangup(
+            keys.clone(),
+            api_keys.path.clone(),
+            shutdown.clone(),
+        ));
+    }
     let grpc_admission = listen::Admission::new(
         "grpc",
         listen::Limits {
@@ -286,8 +307,6 @@ pub async fn run(
     );
 
     let grpc_server = tonic::transport::Server::builder()
-        // Outermost: a SubmitBatch call waits for its turn before its message is read (and
-        // before the slow-client deadline of the message starts).
         .tcp_nodelay(true)
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
@@ -295,13 +314,18 @@ pub async fn run(
         .initial_stream_window_size(grpc::limits::STREAM_WINDOW)
         .initial_connection_window_size(grpc::limits::CONNECTION_WINDOW)
         .http2_max_header_list_size(grpc::limits::MAX_HEADER_LIST_BYTES)
-        .layer(grpc::limits::SubmitTurns::new(config.slow_client_timeout))
+        // In order, outermost first: the slow-client deadline of a request message (it starts
+        // when the message is first read); the call's task, log line and metrics; the caller's
+        // key and scope (refusals are logged and counted); a SubmitBatch call's turn before its
+        // message is read (only for callers with a key).
         .layer(grpc::limits::RequestBodyDeadline(
             config.slow_client_timeout,
         ))
         .layer(grpc::calls::CallLayer {
             metrics: metrics.clone(),
         })
+        .layer(grpc::auth::AuthLayer(keys.clone()))
+        .layer(grpc::limits::SubmitTurns::new(config.slow_client_timeout))
         .add_service(health_service.max_decoding_message_size(grpc::limits::MAX_MESSAGE_BYTES))
         .add_service(reflection_v1.max_decoding_message_size(grpc::limits::MAX_MESSAGE_BYTES))
         .add_service(reflection_v1alpha.max_decoding_message_size(grpc::limits::MAX_MESSAGE_BYTES))
@@ -433,6 +457,42 @@ pub async fn run(
     upkeep.abort();
     tracing::info!("kabar stopped");
     result
+}
+
+/// Reads the key file again on SIGHUP: new keys work and removed ones stop at once, without a
+/// restart. A file that does not read as a key file keeps the keys in force, with an error
+/// logged (which never shows a key or a hash).
+async fn reload_keys_on_hangup(
+    keys: grpc::auth::Keys,
+    path: std::path::PathBuf,
+    shutdown: CancellationToken,
+) {
+    let Ok(mut hangups) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+    else {
+        tracing::warn!("cannot listen for SIGHUP: the key file is read at start-up only");
+        return;
+    };
+    loop {
+        tokio::select! {
+            got = hangups.recv() => if got.is_none() { return },
+            () = shutdown.cancelled() => return,
+        }
+        let read = std::fs::read_to_string(&path)
+            .map_err(|e| format!("cannot read it: {e}"))
+            .and_then(|text| domain::auth::KeyRing::parse(&text));
+        match read {
+            Ok(ring) => {
+                let count = ring.len();
+                *keys.write().unwrap_or_else(|e| e.into_inner()) = ring;
+                tracing::info!(file = %path.display(), keys = count, "API keys read again");
+            }
+            Err(e) => tracing::error!(
+                file = %path.display(),
+                error = %e,
+                "KABAR_API_KEYS_FILE was not read again; the keys in force stay"
+            ),
+        }
+    }
 }
 
 fn serving(ok: bool) -> ServingStatus {

@@ -46,14 +46,63 @@ enum Command {
     },
     /// Batch runs from a spreadsheet: submit a CSV file, follow a run, list what failed.
     ///
-    /// A client of a running kabar (`kabar serve`) over gRPC.
+    /// A client of a running kabar (`kabar serve`) over gRPC; its key is KABAR_API_KEY.
     Batch(cli::batch::BatchArgs),
+    /// API keys for callers (KABAR_API_KEYS_FILE).
+    #[command(subcommand)]
+    Keys(KeysCommand),
+}
+
+#[derive(Subcommand)]
+enum KeysCommand {
+    /// Makes a new key: prints it once (give it to the caller) and the lines for the key file
+    /// (kabar stores only the key's SHA-256).
+    New {
+        /// The caller's name, e.g. billing or portal (a-z 0-9 _ -).
+        #[arg(long)]
+        name: String,
+        /// What the key allows: otp, notify, status, admin; repeat for each.
+        #[arg(long = "scope", required = true)]
+        scopes: Vec<String>,
+    },
+}
+
+/// `kabar keys new`: the key on stdout's first line, then the entry for the key file.
+fn new_key(name: &str, scopes: &[String]) -> ExitCode {
+    use kabar::domain::auth::{KeyRing, Scope, key_hash, new_key};
+    for s in scopes {
+        if Scope::parse(s).is_none() {
+            eprintln!("kabar keys new: unknown scope {s:?}; one of otp, notify, status, admin");
+            return ExitCode::from(2);
+        }
+    }
+    let key = new_key();
+    let scopes: Vec<String> = scopes.iter().map(|s| format!("{s:?}")).collect();
+    let entry = format!(
+        "[[key]]\nname = {name:?}\nhash = \"{}\"\nscopes = [{}]\n",
+        key_hash(&key),
+        scopes.join(", ")
+    );
+    // The entry must read back as a valid key file, or nothing is printed.
+    if let Err(e) = KeyRing::parse(&entry) {
+        eprintln!("kabar keys new: {e}");
+        return ExitCode::from(2);
+    }
+    println!("{key}");
+    eprintln!(
+        "The key above is shown only now: give it to the caller {name:?} (it sends it as \
+         `authorization: Bearer <key>`; the kabar commands read KABAR_API_KEY). Add these lines \
+         to KABAR_API_KEYS_FILE, then send kabar SIGHUP or restart it:"
+    );
+    print!("\n{entry}");
+    ExitCode::SUCCESS
 }
 
 fn main() -> ExitCode {
     let command = match Cli::parse().command {
         // A client of a running kabar: none of the server's configuration applies.
         Command::Batch(args) => return ExitCode::from(cli::batch::main(args)),
+        Command::Keys(KeysCommand::New { name, scopes }) => return new_key(&name, &scopes),
         command => command,
     };
     let config = match Config::from_env() {
@@ -82,7 +131,9 @@ fn main() -> ExitCode {
             params,
             language,
         } => runtime.block_on(send_test(config, phone, template, params, language)),
-        Command::Batch(_) => unreachable!("handled before the configuration is read"),
+        Command::Batch(_) | Command::Keys(_) => {
+            unreachable!("handled before the configuration is read")
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -177,6 +228,7 @@ async fn send_test(
                 language: &language,
                 reference: "",
                 idempotency_key: "",
+                caller: "",
             },
             None,
         )

@@ -25,6 +25,9 @@ pub struct NotificationRequest<'a> {
     pub reference: &'a str,
     /// Empty: none.
     pub idempotency_key: &'a str,
+    /// Who calls (the key file's name); empty while keys are off. Idempotency keys are the
+    /// caller's own: two callers using `inv-1` never see each other's answer.
+    pub caller: &'a str,
 }
 
 /// Longest `reference`, in characters.
@@ -228,7 +231,11 @@ impl Notifier {
                 template_key: t.key.clone(),
                 category: t.category,
                 reference: request.reference.to_owned(),
-                idempotency_key: (!key.is_empty()).then(|| key.to_owned()),
+                // Caller names have no `/`: `billing/inv-1` cannot be another caller's key.
+                idempotency_key: (!key.is_empty()).then(|| match request.caller {
+                    "" => key.to_owned(),
+                    caller => format!("{caller}/{key}"),
+                }),
                 priority: Priority::Single,
                 batch_id: String::new(),
             }),

@@ -205,10 +205,14 @@ async fn run(args: BatchArgs) -> Result<u8, Failure> {
     }
 }
 
-type Client = BatchServiceClient<Channel>;
+type Client =
+    BatchServiceClient<tonic::service::interceptor::InterceptedService<Channel, super::ApiKey>>;
 
 async fn client(addr: &str) -> Result<Client, Failure> {
-    Ok(BatchServiceClient::new(connect(addr).await?))
+    Ok(BatchServiceClient::with_interceptor(
+        connect(addr).await?,
+        super::ApiKey::from_env()?,
+    ))
 }
 
 fn check_id(id: &str) -> Result<(), Failure> {

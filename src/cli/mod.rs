@@ -50,6 +50,46 @@ impl Failure {
     }
 }
 
+/// The caller's key, from `KABAR_API_KEY` (environment, then `./.env`), sent with every call as
+/// `authorization: Bearer <key>` (kabar with `KABAR_API_KEYS_FILE` needs it).
+#[derive(Clone)]
+pub struct ApiKey(Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
+
+impl ApiKey {
+    pub fn from_env() -> Result<Self, Failure> {
+        let env = Environment::load().ok();
+        let key = match &env {
+            Some(env) => env.get("KABAR_API_KEY"),
+            None => std::env::var("KABAR_API_KEY").ok(),
+        };
+        match key.map(|k| k.trim().to_owned()).filter(|k| !k.is_empty()) {
+            None => Ok(ApiKey(None)),
+            Some(key) => format!("Bearer {key}")
+                .parse()
+                .map(|v| ApiKey(Some(v)))
+                .map_err(|_| {
+                    Failure::input(
+                        "KABAR_API_KEY: not a key (printable ASCII, as `kabar keys new` prints it)",
+                    )
+                }),
+        }
+    }
+}
+
+impl tonic::service::Interceptor for ApiKey {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(value) = &self.0 {
+            request
+                .metadata_mut()
+                .insert("authorization", value.clone());
+        }
+        Ok(request)
+    }
+}
+
 /// The address to call: `--addr`, else `KABAR_GRPC_ADDR` (environment, then `./.env`, as
 /// `kabar serve` reads it), else [`DEFAULT_ADDR`].
 pub fn resolve_addr(flag: Option<&str>) -> String {

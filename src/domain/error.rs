@@ -66,6 +66,23 @@ pub enum Error {
         "the cursor {0} is older than the oldest retained event: events were lost to this reader; read again from \"0\" and reconcile"
     )]
     CursorExpired(String),
+    /// The call carries no API key, or one kabar does not know.
+    #[error(
+        "{}",
+        if *missing {
+            "this call needs an API key: send metadata authorization: Bearer <key>"
+        } else {
+            "the API key is not valid (unknown, or removed from KABAR_API_KEYS_FILE)"
+        }
+    )]
+    Unauthenticated { missing: bool },
+    /// The caller's key lacks the scope the RPC needs.
+    #[error("the key of {caller} lacks the scope {scope}, which {method} needs")]
+    MissingScope {
+        caller: String,
+        scope: &'static str,
+        method: &'static str,
+    },
     /// No batch with this id (never submitted, or older than the retention).
     #[error("kabar has no batch {0}")]
     BatchNotFound(String),
@@ -257,7 +274,9 @@ impl Error {
             | Error::MessageNotFound(_)
             | Error::CursorExpired(_)
             | Error::BatchNotFound(_)
-            | Error::BatchClosed { .. } => false,
+            | Error::BatchClosed { .. }
+            | Error::Unauthenticated { .. }
+            | Error::MissingScope { .. } => false,
         }
     }
 }

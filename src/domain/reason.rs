@@ -71,6 +71,9 @@ reasons! {
     BatchNotFound => "BATCH_NOT_FOUND",
     BatchClosed => "BATCH_CLOSED",
     BatchSubmitBusy => "BATCH_SUBMIT_BUSY",
+    ApiKeyMissing => "API_KEY_MISSING",
+    ApiKeyInvalid => "API_KEY_INVALID",
+    MissingScope => "MISSING_SCOPE",
 }
 
 impl std::fmt::Display for Reason {

@@ -149,6 +149,8 @@ impl pb::batch_service_server::BatchService for BatchGrpc {
                 language: &m.language,
                 reference: &m.reference,
                 idempotency_key: &m.idempotency_key,
+                // Batch items use no idempotency key (it is refused): the batch is the key.
+                caller: "",
             })
             .collect();
         let view = call(self.batches.submit(&r.batch_id, &messages, r.last)).await?;

@@ -72,7 +72,7 @@ pub fn deadline_of<T>(request: &tonic::Request<T>) -> Option<Instant> {
 }
 
 /// The RPC a request path names, if it is one of kabar's.
-fn method_of(path: &str) -> Option<Method> {
+pub(crate) fn method_of(path: &str) -> Option<Method> {
     Some(match path {
         "/kabar.v1.NotificationService/SendTemplate" => Method::SendTemplate,
         "/kabar.v1.NotificationService/GetMessageStatus" => Method::GetMessageStatus,
@@ -177,6 +177,11 @@ fn log_call<B>(metrics: &Metrics, method: Method, start: Instant, response: &htt
     metrics.record(method, code, elapsed);
     let elapsed_ms = elapsed.as_secs_f64() * 1000.0;
     let method = method.name();
+    // Checked names from the key file (a-z 0-9 _ -); absent while keys are off.
+    let caller = response
+        .extensions()
+        .get::<crate::domain::auth::Caller>()
+        .map(|c| c.name.as_str());
     let Some(failure) = failure else {
         let detail = response
             .extensions()
@@ -185,6 +190,7 @@ fn log_call<B>(metrics: &Metrics, method: Method, start: Instant, response: &htt
             .unwrap_or_default();
         tracing::info!(
             method,
+            caller,
             code = "OK",
             elapsed_ms,
             detail = detail.outcome,
@@ -206,9 +212,9 @@ fn log_call<B>(metrics: &Metrics, method: Method, start: Instant, response: &htt
         | Code::FailedPrecondition
         | Code::NotFound
         | Code::OutOfRange => {
-            tracing::info!(method, code = %code_name, elapsed_ms, error, "call refused")
+            tracing::info!(method, caller, code = %code_name, elapsed_ms, error, "call refused")
         }
-        _ => tracing::warn!(method, code = %code_name, elapsed_ms, error, "call failed"),
+        _ => tracing::warn!(method, caller, code = %code_name, elapsed_ms, error, "call failed"),
     }
 }
 

@@ -160,18 +160,19 @@ where
         self.inner.call(request.map(|body| {
             tonic::body::Body::new(DeadlineBody {
                 inner: body,
-                deadline: Box::pin(tokio::time::sleep(within)),
+                deadline: None,
                 within,
             })
         }))
     }
 }
 
-/// A request body that fails once `within` has passed since its headers arrived, unless it has
-/// ended by then.
+/// A request body that fails once `within` has passed since it was first read, unless it has
+/// ended by then. (A body nobody reads yet holds at most its HTTP/2 window: a SubmitBatch call
+/// waiting for its turn does not lose its time to the wait.)
 pub struct DeadlineBody {
     inner: tonic::body::Body,
-    deadline: Pin<Box<Sleep>>,
+    deadline: Option<Pin<Box<Sleep>>>,
     within: Duration,
 }
 
@@ -186,7 +187,11 @@ impl Body for DeadlineBody {
         if let Poll::Ready(frame) = Pin::new(&mut self.inner).poll_frame(cx) {
             return Poll::Ready(frame);
         }
-        match self.deadline.as_mut().poll(cx) {
+        let within = self.within;
+        let deadline = self
+            .deadline
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(within)));
+        match deadline.as_mut().poll(cx) {
             Poll::Ready(()) => Poll::Ready(Some(Err(Status::deadline_exceeded(format!(
                 "the request message did not arrive whole within {} s",
                 self.within.as_secs()

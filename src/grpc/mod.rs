@@ -2,6 +2,7 @@
 //! its own task, its log line and its metrics are the call layer's work (`calls.rs`); the only
 //! mapping of domain errors to statuses is `status.rs`. No store or Meta details live here.
 
+pub mod auth;
 pub mod batch;
 pub mod calls;
 pub mod limits;
@@ -157,6 +158,9 @@ impl pb::notification_service_server::NotificationService for NotificationGrpc {
         request: Request<SendTemplateRequest>,
     ) -> Result<Response<SendTemplateResponse>, Status> {
         let deadline = calls::deadline_of(&request);
+        let caller = auth::caller_of(&request)
+            .map(|c| c.name.clone())
+            .unwrap_or_default();
         let request = request.into_inner();
         let accepted = call(self.notifier.send_template(
             &NotificationRequest {
@@ -167,6 +171,7 @@ impl pb::notification_service_server::NotificationService for NotificationGrpc {
                 language: &request.language,
                 reference: &request.reference,
                 idempotency_key: &request.idempotency_key,
+                caller: &caller,
             },
             deadline,
         ))

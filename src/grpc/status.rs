@@ -36,6 +36,8 @@ pub fn code(e: &Error) -> Code {
         Error::CursorExpired(_) => Code::OutOfRange,
         Error::BatchNotFound(_) => Code::NotFound,
         Error::BatchClosed { .. } => Code::FailedPrecondition,
+        Error::Unauthenticated { .. } => Code::Unauthenticated,
+        Error::MissingScope { .. } => Code::PermissionDenied,
     }
 }
 
@@ -131,6 +133,12 @@ impl From<Error> for Status {
             Error::MessageNotFound(_) => info(Reason::MessageNotFound, &[]),
             Error::CursorExpired(_) => info(Reason::CursorExpired, &[]),
             Error::BatchNotFound(_) => info(Reason::BatchNotFound, &[]),
+            Error::Unauthenticated { missing: true } => info(Reason::ApiKeyMissing, &[]),
+            Error::Unauthenticated { missing: false } => info(Reason::ApiKeyInvalid, &[]),
+            Error::MissingScope { scope, caller, .. } => info(
+                Reason::MissingScope,
+                &[("scope", (*scope).to_owned()), ("caller", caller.clone())],
+            ),
             Error::BatchClosed { state, .. } => {
                 info(Reason::BatchClosed, &[("state", (*state).to_owned())])
             }

@@ -20,6 +20,7 @@ macro_rules! on_both_stores {
 }
 
 mod attack;
+mod auth;
 mod batch;
 mod batch_cli;
 mod batch_replicas;

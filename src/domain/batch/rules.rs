@@ -261,7 +261,9 @@ pub fn judge(error: &Error) -> Failure {
         | Error::MessageNotFound(_)
         | Error::CursorExpired(_)
         | Error::BatchNotFound(_)
-        | Error::BatchClosed { .. } => Failure::Fail,
+        | Error::BatchClosed { .. }
+        | Error::Unauthenticated { .. }
+        | Error::MissingScope { .. } => Failure::Fail,
     }
 }
 
