@@ -77,6 +77,29 @@ pub enum DriverKind {
     Log,
 }
 
+/// Most bytes a key file may hold (a thousand keys take about 150 KB).
+const MAX_KEY_FILE_BYTES: u64 = 1024 * 1024;
+
+/// Reads and checks a key file: a regular file of at most [`MAX_KEY_FILE_BYTES`].
+pub fn read_key_file(path: &std::path::Path) -> Result<crate::domain::auth::KeyRing, String> {
+    use std::io::Read;
+    let file = std::fs::File::open(path).map_err(|e| format!("cannot read it: {e}"))?;
+    let meta = file
+        .metadata()
+        .map_err(|e| format!("cannot read it: {e}"))?;
+    if !meta.is_file() {
+        return Err("is not a regular file".into());
+    }
+    let mut text = String::new();
+    file.take(MAX_KEY_FILE_BYTES + 1)
+        .read_to_string(&mut text)
+        .map_err(|e| format!("cannot read it as text: {e}"))?;
+    if text.len() as u64 > MAX_KEY_FILE_BYTES {
+        return Err(format!("is over {MAX_KEY_FILE_BYTES} bytes"));
+    }
+    crate::domain::auth::KeyRing::parse(&text)
+}
+
 /// The key file and the callers read from it.
 #[derive(Debug, Clone)]
 pub struct ApiKeys {
@@ -460,10 +483,7 @@ impl Config {
         let api_keys = match r.get("KABAR_API_KEYS_FILE") {
             None => None,
             Some(path) => {
-                let text = std::fs::read_to_string(&path).map_err(|e| {
-                    err("KABAR_API_KEYS_FILE", format!("cannot read {path:?}: {e}"))
-                })?;
-                let ring = crate::domain::auth::KeyRing::parse(&text)
+                let ring = read_key_file(std::path::Path::new(&path))
                     .map_err(|e| err("KABAR_API_KEYS_FILE", format!("{path}: {e}")))?;
                 Some(ApiKeys {
                     path: path.into(),

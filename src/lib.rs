@@ -265,7 +265,7 @@ pub async fn run(
     let keys: Option<grpc::auth::Keys> = config
         .api_keys
         .as_ref()
-        .map(|k| Arc::new(std::sync::RwLock::new(k.ring.clone())));
+        .map(|k| Arc::new(grpc::auth::KeysInForce::new(k.ring.clone())));
     match &config.api_keys {
         Some(k) => tracing::info!(
             file = %k.path.display(),
@@ -326,9 +326,12 @@ pub async fn run(
         })
         .layer(grpc::auth::AuthLayer(keys.clone()))
         .layer(grpc::limits::SubmitTurns::new(config.slow_client_timeout))
-        .add_service(health_service.max_decoding_message_size(grpc::limits::MAX_MESSAGE_BYTES))
-        .add_service(reflection_v1.max_decoding_message_size(grpc::limits::MAX_MESSAGE_BYTES))
-        .add_service(reflection_v1alpha.max_decoding_message_size(grpc::limits::MAX_MESSAGE_BYTES))
+        // Open to every caller: their requests are a few bytes, so that is all they may send.
+        .add_service(health_service.max_decoding_message_size(grpc::limits::MAX_OPEN_MESSAGE_BYTES))
+        .add_service(reflection_v1.max_decoding_message_size(grpc::limits::MAX_OPEN_MESSAGE_BYTES))
+        .add_service(
+            reflection_v1alpha.max_decoding_message_size(grpc::limits::MAX_OPEN_MESSAGE_BYTES),
+        )
         .add_service(
             pb::notification_service_server::NotificationServiceServer::new(
                 grpc::NotificationGrpc::new(notifier, delivery.clone(), drain.clone()),
@@ -477,13 +480,14 @@ async fn reload_keys_on_hangup(
             got = hangups.recv() => if got.is_none() { return },
             () = shutdown.cancelled() => return,
         }
-        let read = std::fs::read_to_string(&path)
-            .map_err(|e| format!("cannot read it: {e}"))
-            .and_then(|text| domain::auth::KeyRing::parse(&text));
+        let file = path.clone();
+        let read = tokio::task::spawn_blocking(move || config::read_key_file(&file))
+            .await
+            .unwrap_or_else(|_| Err("could not be read".into()));
         match read {
             Ok(ring) => {
                 let count = ring.len();
-                *keys.write().unwrap_or_else(|e| e.into_inner()) = ring;
+                keys.replace(ring);
                 tracing::info!(file = %path.display(), keys = count, "API keys read again");
             }
             Err(e) => tracing::error!(

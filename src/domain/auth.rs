@@ -58,6 +58,11 @@ pub struct KeyRing {
     by_hash: HashMap<[u8; 32], Caller>,
 }
 
+/// The SHA-256 of a key.
+pub fn hash_of(key: &str) -> [u8; 32] {
+    Sha256::digest(key.as_bytes()).into()
+}
+
 /// The stored form of a key: `sha256:` and 64 hex digits.
 pub fn key_hash(key: &str) -> String {
     format!("sha256:{}", hex::encode(Sha256::digest(key.as_bytes())))
@@ -157,8 +162,12 @@ impl KeyRing {
 
     /// The caller whose key this is.
     pub fn caller(&self, key: &str) -> Option<&Caller> {
-        let hash: [u8; 32] = Sha256::digest(key.as_bytes()).into();
-        self.by_hash.get(&hash)
+        self.caller_by_hash(&hash_of(key))
+    }
+
+    /// The caller whose key has this SHA-256.
+    pub fn caller_by_hash(&self, hash: &[u8; 32]) -> Option<&Caller> {
+        self.by_hash.get(hash)
     }
 
     pub fn len(&self) -> usize {
@@ -180,8 +189,12 @@ fn parse_hash(text: &str) -> Option<[u8; 32]> {
     Some(out)
 }
 
-/// A name as an error may show it: at most 32 characters, printable ASCII only.
+/// A name as an error may show it: at most 32 characters, printable ASCII only, and nothing of
+/// a key pasted in the wrong place.
 fn cut_name(name: &str) -> String {
+    if name.starts_with("kabar_") || name.len() > 64 {
+        return "a key? never put keys in this file".into();
+    }
     name.chars()
         .take(32)
         .map(|c| if c.is_ascii_graphic() { c } else { '?' })
@@ -256,6 +269,8 @@ mod tests {
             (file(&[("portal", &key, &["otp"])]), "never keys"),
             (file(&[("portal", &hash, &[])]), "scopes is empty"),
             (file(&[("portal", &hash, &["send"])]), "unknown scope"),
+            (file(&[(&key, &hash, &["otp"])]), "never put keys"),
+            (file(&[("portal", &hash, &[&key])]), "never put keys"),
             (
                 format!(
                     "[[key]]\nname = \"p\"\nhash = \"{hash}\"\nscopes = [\"otp\"]\nkey = \"{key}\"\n"

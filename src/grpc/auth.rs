@@ -7,16 +7,21 @@
 use std::{
     future::Future,
     pin::Pin,
-    sync::{Arc, RwLock},
+    sync::{
+        Arc, RwLock,
+        atomic::{AtomicU64, Ordering},
+    },
     task::{Context, Poll},
 };
 
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
 use tonic::Status;
 
 use super::calls::method_of;
 use crate::{
     domain::{
-        auth::{Caller, KeyRing, Scope},
+        auth::{Caller, KeyRing, Scope, hash_of},
         error::Error,
     },
     metrics::Method,
@@ -37,8 +42,32 @@ pub fn scope_of(method: Method) -> Scope {
     }
 }
 
-/// The keys in force; replaced whole when the key file is read again.
-pub type Keys = Arc<RwLock<KeyRing>>;
+/// The keys in force, replaced whole when the key file is read again; each replacement counts
+/// one generation, so that open streams notice it.
+pub struct KeysInForce {
+    ring: RwLock<KeyRing>,
+    generation: AtomicU64,
+}
+
+impl KeysInForce {
+    pub fn new(ring: KeyRing) -> Self {
+        KeysInForce {
+            ring: RwLock::new(ring),
+            generation: AtomicU64::new(0),
+        }
+    }
+
+    pub fn replace(&self, ring: KeyRing) {
+        *self.ring.write().unwrap_or_else(|e| e.into_inner()) = ring;
+        self.generation.fetch_add(1, Ordering::SeqCst);
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, KeyRing> {
+        self.ring.read().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+pub type Keys = Arc<KeysInForce>;
 
 /// Checks every call to a kabar service; `None` lets every call in (no key file).
 #[derive(Clone)]
@@ -61,9 +90,14 @@ pub struct WithAuth<S> {
     keys: Option<Keys>,
 }
 
-/// The key of a call: `authorization: Bearer <key>`.
+/// The key of a call: `authorization: Bearer <key>`, sent once.
 fn bearer(headers: &http::HeaderMap) -> Option<&str> {
-    let value = headers.get(http::header::AUTHORIZATION)?.to_str().ok()?;
+    let mut values = headers.get_all(http::header::AUTHORIZATION).iter();
+    let value = values.next()?;
+    if values.next().is_some() {
+        return None;
+    }
+    let value = value.to_str().ok()?;
     let (scheme, key) = value.split_once(' ')?;
     scheme
         .eq_ignore_ascii_case("bearer")
@@ -71,24 +105,104 @@ fn bearer(headers: &http::HeaderMap) -> Option<&str> {
         .filter(|k| !k.is_empty())
 }
 
-/// Who may make this call: the caller, or the error to answer.
-fn admit(keys: &KeyRing, path: &str, headers: &http::HeaderMap) -> Result<Caller, Error> {
-    let key = bearer(headers).ok_or(Error::Unauthenticated { missing: true })?;
-    let caller = keys
-        .caller(key)
-        .ok_or(Error::Unauthenticated { missing: false })?;
-    // A path that is no kabar RPC needs a known key, and tonic then answers UNIMPLEMENTED.
-    if let Some(method) = method_of(path) {
-        let scope = scope_of(method);
-        if !caller.may(scope) {
-            return Err(Error::MissingScope {
+/// A caller let in: who, by the hash of which key, for which scope (None: a path that is no
+/// kabar RPC; tonic answers UNIMPLEMENTED).
+struct Admitted {
+    caller: Caller,
+    key_hash: [u8; 32],
+    scope: Option<Scope>,
+}
+
+/// Who may make this call, or the error to answer (with the caller, when known).
+fn admit(
+    keys: &KeyRing,
+    path: &str,
+    headers: &http::HeaderMap,
+) -> Result<Admitted, Box<(Error, Option<Caller>)>> {
+    let Some(key) = bearer(headers) else {
+        let missing = headers.get(http::header::AUTHORIZATION).is_none();
+        return Err(Box::new((Error::Unauthenticated { missing }, None)));
+    };
+    let key_hash = hash_of(key);
+    let Some(caller) = keys.caller_by_hash(&key_hash) else {
+        return Err(Box::new((Error::Unauthenticated { missing: false }, None)));
+    };
+    let scope = method_of(path).map(|method| (method, scope_of(method)));
+    if let Some((method, scope)) = scope
+        && !caller.may(scope)
+    {
+        return Err(Box::new((
+            Error::MissingScope {
                 caller: caller.name.clone(),
                 scope: scope.as_str(),
                 method: method.name(),
-            });
-        }
+            },
+            Some(caller.clone()),
+        )));
     }
-    Ok(caller.clone())
+    Ok(Admitted {
+        caller: caller.clone(),
+        key_hash,
+        scope: scope.map(|(_, s)| s),
+    })
+}
+
+/// An answer that ends with UNAUTHENTICATED once its caller's key is gone or has lost the scope
+/// (the key file was read again): a stream opened with a removed key stops at its next message.
+struct Revocable {
+    inner: tonic::body::Body,
+    keys: Keys,
+    key_hash: [u8; 32],
+    scope: Option<Scope>,
+    generation: u64,
+    ended: bool,
+}
+
+impl Revocable {
+    fn still_allowed(&self) -> bool {
+        self.keys
+            .read()
+            .caller_by_hash(&self.key_hash)
+            .is_some_and(|c| self.scope.is_none_or(|s| c.may(s)))
+    }
+}
+
+impl Body for Revocable {
+    type Data = Bytes;
+    type Error = Status;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        if self.ended {
+            return Poll::Ready(None);
+        }
+        let generation = self.keys.generation.load(Ordering::SeqCst);
+        if generation != self.generation {
+            self.generation = generation;
+            if !self.still_allowed() {
+                self.ended = true;
+                let status = Status::unauthenticated(
+                    "the API key was removed from KABAR_API_KEYS_FILE (or lost this scope)",
+                );
+                let mut trailers = http::HeaderMap::new();
+                if status.add_header(&mut trailers).is_err() {
+                    return Poll::Ready(None);
+                }
+                return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
+            }
+        }
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.ended || self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 impl<S> tower::Service<http::Request<tonic::body::Body>> for WithAuth<S>
@@ -120,19 +234,36 @@ where
             // Health and reflection.
             return Box::pin(inner.call(request));
         }
-        let admitted = {
-            let ring = keys.read().unwrap_or_else(|e| e.into_inner());
-            admit(&ring, request.uri().path(), request.headers())
-        };
+        let generation = keys.generation.load(Ordering::SeqCst);
+        let admitted = admit(&keys.read(), request.uri().path(), request.headers());
         match admitted {
-            Err(e) => {
-                let response = Status::from(e).into_http();
+            Err(refused) => {
+                let (e, caller) = *refused;
+                let mut response = Status::from(e).into_http::<tonic::body::Body>();
+                if let Some(caller) = caller {
+                    response.extensions_mut().insert(caller);
+                }
                 Box::pin(async move { Ok(response) })
             }
-            Ok(caller) => {
+            Ok(Admitted {
+                caller,
+                key_hash,
+                scope,
+            }) => {
                 request.extensions_mut().insert(caller.clone());
+                let keys = keys.clone();
                 Box::pin(async move {
-                    let mut response = inner.call(request).await?;
+                    let response = inner.call(request).await?;
+                    let mut response = response.map(|body| {
+                        tonic::body::Body::new(Revocable {
+                            inner: body,
+                            keys,
+                            key_hash,
+                            scope,
+                            generation,
+                            ended: false,
+                        })
+                    });
                     response.extensions_mut().insert(caller);
                     Ok(response)
                 })
@@ -166,30 +297,41 @@ mod tests {
         };
         let otp = "/kabar.v1.OtpService/SendOtp";
         let notify = "/kabar.v1.NotificationService/SendTemplate";
+        let refused = |headers: &http::HeaderMap, path: &str| match admit(&ring, path, headers) {
+            Ok(_) => panic!("admitted"),
+            Err(refused) => refused.0,
+        };
         assert!(matches!(
-            admit(&ring, otp, &http::HeaderMap::new()),
-            Err(Error::Unauthenticated { missing: true })
+            refused(&http::HeaderMap::new(), otp),
+            Error::Unauthenticated { missing: true }
         ));
         assert!(matches!(
-            admit(&ring, otp, &with("Bearer kabar_nope")),
-            Err(Error::Unauthenticated { missing: false })
+            refused(&with("Bearer kabar_nope"), otp),
+            Error::Unauthenticated { missing: false }
         ));
         assert!(matches!(
-            admit(&ring, otp, &with(&key)),
-            Err(Error::Unauthenticated { missing: true })
+            refused(&with(&key), otp),
+            Error::Unauthenticated { missing: false }
         ));
-        assert_eq!(
-            admit(&ring, otp, &with(&format!("bearer {key}")))
-                .unwrap()
-                .name,
-            "portal"
+        let mut twice = with(&format!("Bearer {key}"));
+        twice.append(
+            http::header::AUTHORIZATION,
+            format!("Bearer {key}").parse().unwrap(),
         );
         assert!(matches!(
-            admit(&ring, notify, &with(&format!("Bearer {key}"))),
-            Err(Error::MissingScope {
+            refused(&twice, otp),
+            Error::Unauthenticated { missing: false }
+        ));
+        let Ok(admitted) = admit(&ring, otp, &with(&format!("bearer {key}"))) else {
+            panic!("refused");
+        };
+        assert_eq!(admitted.caller.name, "portal");
+        assert!(matches!(
+            refused(&with(&format!("Bearer {key}")), notify),
+            Error::MissingScope {
                 scope: "notify",
                 ..
-            })
+            }
         ));
     }
 }

@@ -211,7 +211,9 @@ fn log_call<B>(metrics: &Metrics, method: Method, start: Instant, response: &htt
         | Code::ResourceExhausted
         | Code::FailedPrecondition
         | Code::NotFound
-        | Code::OutOfRange => {
+        | Code::OutOfRange
+        | Code::Unauthenticated
+        | Code::PermissionDenied => {
             tracing::info!(method, caller, code = %code_name, elapsed_ms, error, "call refused")
         }
         _ => tracing::warn!(method, caller, code = %code_name, elapsed_ms, error, "call failed"),

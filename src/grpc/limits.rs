@@ -115,6 +115,9 @@ where
     }
 }
 
+/// The largest message health and reflection read: open to every caller, and their requests
+/// are a few bytes.
+pub const MAX_OPEN_MESSAGE_BYTES: usize = 4 * 1024;
 /// HTTP/2 flow-control windows
 /// HTTP/2 flow-control windows: what a client may send before kabar reads it.
 pub const STREAM_WINDOW: u32 = 256 * 1024;

@@ -667,3 +667,36 @@ async fn half_sent_batch_submissions_cannot_pile_up() {
         c.abort();
     }
 }
+
+/// Health and reflection are open to every caller, so they read only a few bytes: a message
+/// announcing 60 KB is refused at once instead of being held while it arrives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn open_services_read_only_small_messages() {
+    let kabar = start(&[], None).await;
+    let tcp = tokio::net::TcpStream::connect(kabar.grpc_addr)
+        .await
+        .unwrap();
+    let (client, connection) = h2::client::handshake(tcp).await.expect("h2 handshake");
+    let connection = tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    for path in [
+        "/grpc.health.v1.Health/Check",
+        "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+    ] {
+        let mut client = client.clone().ready().await.expect("ready");
+        let (response, mut body) = client.send_request(grpc_request(path), false).unwrap();
+        body.send_data(Bytes::from_static(&[0, 0, 0, 0xea, 0x60, 1, 2, 3]), false)
+            .unwrap();
+        let status = tokio::time::timeout(Duration::from_secs(1), grpc_status(response))
+            .await
+            .expect("answered at once");
+        // Health refuses it OUT_OF_RANGE; reflection, a stream, ends its answer at once.
+        if path.contains("Health") {
+            assert_eq!(status.as_deref(), Some("11"), "{path}: OUT_OF_RANGE");
+        } else {
+            assert!(status.is_some(), "{path}");
+        }
+    }
+    connection.abort();
+}

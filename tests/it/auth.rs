@@ -313,7 +313,11 @@ fn without_keys_kabar_listens_on_loopback_only() {
 async fn keys_are_read_again_on_sighup() {
     let old = new_key();
     let new = new_key();
-    let file = key_file(&[("billing", &old, &["status"])]);
+    let sender = new_key();
+    let file = key_file(&[
+        ("billing", &old, &["status"]),
+        ("sender", &sender, &["notify"]),
+    ]);
     let path = file.display().to_string();
     let mut kabar = Kabar::serve(&[("KABAR_API_KEYS_FILE", &path)]);
     let channel = kabar.wait_serving().await;
@@ -334,8 +338,36 @@ async fn keys_are_read_again_on_sighup() {
     };
     assert_eq!(status(old.clone()).await, Code::NotFound);
     assert_eq!(status(new.clone()).await, Code::Unauthenticated);
+    // A stream opened with the old key: a batch that stays open, followed with WatchBatch.
+    let mut batches = BatchServiceClient::new(channel.clone());
+    let submit = |from: usize| {
+        with_key(
+            SubmitBatchRequest {
+                batch_id: "watched".into(),
+                messages: (from..from + 2).map(crate::batch::invoice).collect(),
+                last: false,
+            },
+            Some(&sender),
+        )
+    };
+    batches.submit_batch(submit(0)).await.unwrap();
+    let mut stream = batches
+        .watch_batch(with_key(
+            GetBatchRequest {
+                batch_id: "watched".into(),
+            },
+            Some(&old),
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    stream.message().await.unwrap().expect("the batch now");
     // Rotation: the new key in, the old one out.
-    let text = std::fs::read_to_string(key_file(&[("billing", &new, &["status"])])).unwrap();
+    let text = std::fs::read_to_string(key_file(&[
+        ("billing", &new, &["status"]),
+        ("sender", &sender, &["notify"]),
+    ]))
+    .unwrap();
     std::fs::write(&file, text).unwrap();
     let hangup = |pid: u32| {
         std::process::Command::new("kill")
@@ -351,6 +383,12 @@ async fn keys_are_read_again_on_sighup() {
     );
     assert_eq!(status(new.clone()).await, Code::NotFound);
     assert_eq!(status(old.clone()).await, Code::Unauthenticated);
+    // The open stream ends at its next message instead of delivering it.
+    batches.submit_batch(submit(2)).await.unwrap();
+    let cut = tokio::time::timeout(Duration::from_secs(5), stream.message())
+        .await
+        .expect("the stream ends");
+    assert_eq!(cut.unwrap_err().code(), Code::Unauthenticated);
     // A broken file keeps the keys in force, and says why without a hash.
     std::fs::write(&file, "[[key]]\nname = \"billing\"\n").unwrap();
     assert!(hangup(kabar.pid()).success());
