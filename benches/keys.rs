@@ -62,8 +62,16 @@ fn main() {
     let known = keys[500].clone();
     let unknown = new_key();
     assert!(ring.caller(&known).is_some() && ring.caller(&unknown).is_none());
-    let hit = nanos_per_call(|| ring.caller(black_box(&known)).is_some(), batches, batch_time);
-    let miss = nanos_per_call(|| ring.caller(black_box(&unknown)).is_some(), batches, batch_time);
+    let hit = nanos_per_call(
+        || ring.caller(black_box(&known)).is_some(),
+        batches,
+        batch_time,
+    );
+    let miss = nanos_per_call(
+        || ring.caller(black_box(&unknown)).is_some(),
+        batches,
+        batch_time,
+    );
     println!("API key check, known key among 1,000: {hit:.0} ns per call");
     println!("API key check, unknown key: {miss:.0} ns per call");
 }
