@@ -324,7 +324,7 @@ pub async fn run(
         .layer(grpc::calls::CallLayer {
             metrics: metrics.clone(),
         })
-        .layer(grpc::auth::AuthLayer(keys.clone()))
+        .layer(grpc::auth::AuthLayer::new(keys.clone()))
         .layer(grpc::limits::SubmitTurns::new(config.slow_client_timeout))
         // Open to every caller: their requests are a few bytes, so that is all they may send.
         .add_service(health_service.max_decoding_message_size(grpc::limits::MAX_OPEN_MESSAGE_BYTES))

@@ -44,6 +44,26 @@ pub struct Caller {
     /// From the key file: 1 to 64 of `a-z 0-9 _ -`, safe in a log line, a metric and a key.
     pub name: String,
     pub scopes: BTreeSet<Scope>,
+    /// Calls per second this caller may make on each replica (`calls_per_second`), with a burst
+    /// of one second's calls; `None`: no quota.
+    pub calls_per_second: Option<u32>,
+}
+
+/// Most calls per second a quota may allow.
+pub const MAX_CALLS_PER_SECOND: u32 = 100_000;
+
+/// A caller's quota as a schedule (GCRA): `next_us` is when its next call is due, in
+/// microseconds on any steady clock. A call is let in while it comes at most one second (the
+/// burst) before its due time; each call moves the due time on by 1/rate. The answer is the new
+/// due time, or how long to wait.
+pub fn quota_take(next_us: u64, now_us: u64, rate: u32) -> Result<u64, u64> {
+    let interval = 1_000_000 / u64::from(rate.max(1));
+    let burst = 1_000_000u64;
+    let due = next_us.max(now_us);
+    if due > now_us + burst - interval.min(burst) {
+        return Err(due - (now_us + burst - interval.min(burst)));
+    }
+    Ok(due + interval)
 }
 
 impl Caller {
@@ -81,6 +101,8 @@ struct KeyEntry {
     name: String,
     hash: String,
     scopes: Vec<String>,
+    #[serde(default)]
+    calls_per_second: Option<u32>,
 }
 
 /// Shortest key `kabar keys new` makes and the file check accepts is not checked (only hashes
@@ -140,6 +162,13 @@ impl KeyRing {
                 })?;
                 scopes.insert(scope);
             }
+            if let Some(rate) = entry.calls_per_second
+                && !(1..=MAX_CALLS_PER_SECOND).contains(&rate)
+            {
+                return Err(format!(
+                    "{which}: calls_per_second must be from 1 to {MAX_CALLS_PER_SECOND}"
+                ));
+            }
             if ring
                 .by_hash
                 .insert(
@@ -147,6 +176,7 @@ impl KeyRing {
                     Caller {
                         name: entry.name.clone(),
                         scopes,
+                        calls_per_second: entry.calls_per_second,
                     },
                 )
                 .is_some()
@@ -248,6 +278,34 @@ mod tests {
     }
 
     #[test]
+    fn a_quota_lets_a_seconds_burst_through_then_paces() {
+        // 10 calls a second: 10 at once, then one every 100 ms.
+        let mut next = 0;
+        let now = 5_000_000;
+        for _ in 0..10 {
+            next = quota_take(next, now, 10).expect("within the burst");
+        }
+        assert_eq!(quota_take(next, now, 10), Err(100_000));
+        assert!(quota_take(next, now + 99_000, 10).is_err());
+        next = quota_take(next, now + 100_000, 10).expect("one more after 100 ms");
+        assert!(quota_take(next, now + 100_000, 10).is_err());
+        // Idle time does not pile up beyond the burst.
+        let later = now + 60_000_000;
+        let mut n = 0;
+        while let Ok(t) = quota_take(next, later, 10) {
+            next = t;
+            n += 1;
+        }
+        assert_eq!(n, 10);
+        let ring = KeyRing::parse(&format!(
+            "[[key]]\nname = \"job\"\nhash = \"{}\"\nscopes = [\"notify\"]\ncalls_per_second = 5\n",
+            key_hash("k")
+        ))
+        .unwrap();
+        assert_eq!(ring.caller("k").unwrap().calls_per_second, Some(5));
+    }
+
+    #[test]
     fn bad_files_are_named_without_showing_hashes_or_keys() {
         let key = new_key();
         let hash = key_hash(&key);
@@ -270,6 +328,12 @@ mod tests {
             (file(&[("portal", &hash, &[])]), "scopes is empty"),
             (file(&[("portal", &hash, &["send"])]), "unknown scope"),
             (file(&[(&key, &hash, &["otp"])]), "never put keys"),
+            (
+                format!(
+                    "[[key]]\nname = \"p\"\nhash = \"{hash}\"\nscopes = [\"otp\"]\ncalls_per_second = 0\n"
+                ),
+                "calls_per_second must be",
+            ),
             (file(&[("portal", &hash, &[&key])]), "never put keys"),
             (
                 format!(

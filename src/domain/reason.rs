@@ -74,6 +74,7 @@ reasons! {
     ApiKeyMissing => "API_KEY_MISSING",
     ApiKeyInvalid => "API_KEY_INVALID",
     MissingScope => "MISSING_SCOPE",
+    CallerQuota => "CALLER_QUOTA",
 }
 
 impl std::fmt::Display for Reason {

@@ -21,7 +21,7 @@ use tonic::Status;
 use super::calls::method_of;
 use crate::{
     domain::{
-        auth::{Caller, KeyRing, Scope, hash_of},
+        auth::{Caller, KeyRing, Scope, hash_of, quota_take},
         error::Error,
     },
     metrics::Method,
@@ -69,9 +69,21 @@ impl KeysInForce {
 
 pub type Keys = Arc<KeysInForce>;
 
-/// Checks every call to a kabar service; `None` lets every call in (no key file).
+/// Checks every call to a kabar service; without keys (no key file) every call is let in.
 #[derive(Clone)]
-pub struct AuthLayer(pub Option<Keys>);
+pub struct AuthLayer {
+    keys: Option<Keys>,
+    quotas: Arc<Quotas>,
+}
+
+impl AuthLayer {
+    pub fn new(keys: Option<Keys>) -> Self {
+        AuthLayer {
+            keys,
+            quotas: Arc::new(Quotas::default()),
+        }
+    }
+}
 
 impl<S> tower::Layer<S> for AuthLayer {
     type Service = WithAuth<S>;
@@ -79,7 +91,8 @@ impl<S> tower::Layer<S> for AuthLayer {
     fn layer(&self, inner: S) -> Self::Service {
         WithAuth {
             inner,
-            keys: self.0.clone(),
+            keys: self.keys.clone(),
+            quotas: self.quotas.clone(),
         }
     }
 }
@@ -88,6 +101,50 @@ impl<S> tower::Layer<S> for AuthLayer {
 pub struct WithAuth<S> {
     inner: S,
     keys: Option<Keys>,
+    quotas: Arc<Quotas>,
+}
+
+/// The callers' quotas on this replica: when each caller's next call is due (see
+/// [`quota_take`]), by name (one entry per caller of the key file).
+struct Quotas {
+    start: std::time::Instant,
+    next: std::sync::Mutex<std::collections::HashMap<String, u64>>,
+}
+
+impl Default for Quotas {
+    fn default() -> Self {
+        Quotas {
+            start: std::time::Instant::now(),
+            next: std::sync::Mutex::new(std::collections::HashMap::new()),
+        }
+    }
+}
+
+impl Quotas {
+    /// Counts one call of `caller` against its quota, or says how long to wait.
+    fn take(&self, caller: &Caller) -> Result<(), Error> {
+        let Some(rate) = caller.calls_per_second else {
+            return Ok(());
+        };
+        let now = self.start.elapsed().as_micros() as u64;
+        let mut next = self.next.lock().unwrap_or_else(|e| e.into_inner());
+        let due = next.entry(caller.name.clone()).or_insert(0);
+        match quota_take(*due, now, rate) {
+            Ok(after) => {
+                *due = after;
+                Ok(())
+            }
+            Err(wait) => Err(Error::Limited {
+                reason: crate::domain::reason::Reason::CallerQuota,
+                message: format!(
+                    "{} is over its quota of {rate} calls per second (calls_per_second in \
+                     KABAR_API_KEYS_FILE)",
+                    caller.name
+                ),
+                retry_after: std::time::Duration::from_micros(wait),
+            }),
+        }
+    }
 }
 
 /// The key of a call: `authorization: Bearer <key>`, sent once.
@@ -235,7 +292,13 @@ where
             return Box::pin(inner.call(request));
         }
         let generation = keys.generation.load(Ordering::SeqCst);
-        let admitted = admit(&keys.read(), request.uri().path(), request.headers());
+        let admitted =
+            admit(&keys.read(), request.uri().path(), request.headers()).and_then(|admitted| {
+                match self.quotas.take(&admitted.caller) {
+                    Ok(()) => Ok(admitted),
+                    Err(e) => Err(Box::new((e, Some(admitted.caller)))),
+                }
+            });
         match admitted {
             Err(refused) => {
                 let (e, caller) = *refused;

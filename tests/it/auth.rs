@@ -427,3 +427,59 @@ fn keys_new_prints_a_key_once_and_its_entry() {
         .unwrap();
     assert_eq!(bad.status.code(), Some(2));
 }
+
+#[tokio::test]
+async fn a_runaway_caller_meets_its_quota_and_the_others_do_not() {
+    let job = new_key();
+    let portal = new_key();
+    let path = work_dir("quota").join("keys.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[[key]]\nname = \"job\"\nhash = \"{}\"\nscopes = [\"status\"]\ncalls_per_second = 5\n\
+             [[key]]\nname = \"portal\"\nhash = \"{}\"\nscopes = [\"status\"]\n",
+            key_hash(&job),
+            key_hash(&portal)
+        ),
+    )
+    .unwrap();
+    let app = TestApp::start(vec![(
+        "KABAR_API_KEYS_FILE".into(),
+        path.display().to_string(),
+    )])
+    .await;
+    let mut client = BatchServiceClient::new(app.channel.clone());
+    let get = |key: &str| {
+        with_key(
+            GetBatchRequest {
+                batch_id: "x".into(),
+            },
+            Some(key),
+        )
+    };
+    let mut codes = Vec::new();
+    for _ in 0..8 {
+        codes.push(client.get_batch(get(&job)).await.unwrap_err());
+    }
+    let passed = codes.iter().filter(|e| e.code() == Code::NotFound).count();
+    assert_eq!(passed, 5, "a second's burst of 5: {codes:?}");
+    let refused = codes.last().unwrap();
+    assert_eq!(refused.code(), Code::ResourceExhausted);
+    assert_eq!(error_info(refused).unwrap().0, "CALLER_QUOTA");
+    let wait = crate::support::retry_delay(refused).expect("RetryInfo");
+    assert!(wait <= Duration::from_secs(1), "{wait:?}");
+    // Another caller is not held up.
+    for _ in 0..20 {
+        assert_eq!(
+            client.get_batch(get(&portal)).await.unwrap_err().code(),
+            Code::NotFound
+        );
+    }
+    // After the wait, the job may call again.
+    tokio::time::sleep(wait + Duration::from_millis(50)).await;
+    assert_eq!(
+        client.get_batch(get(&job)).await.unwrap_err().code(),
+        Code::NotFound
+    );
+    app.stop().await.unwrap();
+}
