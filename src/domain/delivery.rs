@@ -177,9 +177,7 @@ impl Delivery {
             }
         }
     }
-}
 
-impl Delivery {
     /// A status of a batch item's message moves the item on (delivered, read, failed). If this
     /// fails the webhook delivery fails too, and Meta's retry finds the record already changed:
     /// the batch counts then miss this one status, nothing else.
@@ -189,18 +187,12 @@ impl Delivery {
         reference: &str,
         update: &StatusUpdate,
     ) -> Result<(), Error> {
-        let to = match update.state {
-            State::Accepted | State::Sent => ItemState::Accepted,
-            State::Delivered => ItemState::Delivered,
-            State::Read => ItemState::Read,
-            State::Failed => ItemState::Failed,
-        };
         self.batches
             .item_status(
                 batch_id,
                 reference,
                 &update.message_id,
-                to,
+                ItemState::of_status(update.state),
                 update.error.as_ref(),
                 self.retention,
             )

@@ -50,7 +50,8 @@ impl State {
 }
 
 /// Meta's error on a failed status, with kabar's classification.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct MetaError {
     pub code: i64,
     /// kabar's reason, e.g. `META_RECIPIENT_UNDELIVERABLE`.

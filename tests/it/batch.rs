@@ -418,7 +418,10 @@ async fn cancel_stops_sending(redis: Option<&RedisServer>) {
 
 async fn items_page_through_by_state(redis: Option<&RedisServer>) {
     let meta = FakeMeta::start().await;
-    // Every 3rd message is refused for its recipient.
+    // The first five messages are refused for their recipients.
+    for _ in 0..5 {
+        meta.push(Reply::error(400, 131026, "Message Undeliverable."));
+    }
     let app = app(&meta, redis).await;
     let mut client = app.batches();
     client
@@ -448,6 +451,48 @@ async fn items_page_through_by_state(redis: Option<&RedisServer>) {
     }
     let expected: Vec<String> = (0..250).map(|i| format!("INV-{i}")).collect();
     assert_eq!(seen, expected);
+    // By state: the failed ones over pages of two, the accepted ones in one page.
+    let mut failed = Vec::new();
+    let mut token = String::new();
+    let mut pages = 0;
+    loop {
+        let page = client
+            .list_batch_items(ListBatchItemsRequest {
+                batch_id: "paged".into(),
+                filter: "failed".into(),
+                page_size: 2,
+                page_token: token.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        pages += 1;
+        assert!(page.items.len() <= 2);
+        assert!(
+            page.items
+                .iter()
+                .all(|i| i.state == batch_item::State::Failed as i32)
+        );
+        failed.extend(page.items.into_iter().map(|i| i.reference));
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        token = page.next_page_token;
+    }
+    assert_eq!(failed.len(), 5, "{failed:?}");
+    assert!(pages >= 3, "{pages} pages");
+    let accepted = client
+        .list_batch_items(ListBatchItemsRequest {
+            batch_id: "paged".into(),
+            filter: "accepted".into(),
+            page_size: 1000,
+            page_token: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(accepted.items.len(), 245);
+    assert!(accepted.next_page_token.is_empty());
     for (filter, code) in [("nonsense", Code::InvalidArgument)] {
         let e = client
             .list_batch_items(ListBatchItemsRequest {
@@ -720,7 +765,7 @@ async fn the_sending_mark_is_exclusive(redis: Option<&RedisServer>) {
             template: "access_opened".into(),
             name: "access_opened".into(),
             language: "id".into(),
-            category: "UTILITY".into(),
+            category: kabar::templates::Category::Utility,
             params: vec!["Budi".into(), "0800".into()],
         })
         .collect();

@@ -10,11 +10,7 @@
 pub mod rules;
 pub mod worker;
 
-use std::{
-    collections::HashMap,
-    sync::Arc,
-    time::{Duration, Instant},
-};
+use std::{collections::HashMap, sync::Arc, time::Duration};
 
 use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
@@ -22,7 +18,7 @@ use tokio::sync::Notify;
 use self::rules::{BatchState, Counts, ItemState, check_batch_id, daily_hold, eta_seconds};
 use super::{
     error::{Error, Violations, echo},
-    outbox::{Outgoing, category_name},
+    outbox::Outgoing,
     pacing::{Pacer, Priority},
     ports::BatchStore,
     status::MetaError,
@@ -62,7 +58,7 @@ pub struct NewItem {
     #[serde(rename = "l")]
     pub language: String,
     #[serde(rename = "c")]
-    pub category: String,
+    pub category: Category,
     /// Body parameters in `{{1}}..{{n}}` order.
     #[serde(rename = "v", default)]
     pub params: Vec<String>,
@@ -300,7 +296,7 @@ impl Batches {
                     template: out.template_key,
                     name: out.message.template,
                     language: out.message.language,
-                    category: category_name(out.category).to_owned(),
+                    category: out.category,
                     params: out.message.body_params,
                 }),
                 Err(Error::InvalidArgument(problems)) => {
@@ -475,11 +471,7 @@ pub fn outgoing(batch_id: &str, item: &NewItem) -> Result<Outgoing, Error> {
             sensitive: false,
         },
         template_key: item.template.clone(),
-        category: match item.category.as_str() {
-            "AUTHENTICATION" => Category::Authentication,
-            "MARKETING" => Category::Marketing,
-            _ => Category::Utility,
-        },
+        category: item.category,
         reference: item.reference.clone(),
         idempotency_key: None,
         priority: Priority::Batch,
@@ -514,10 +506,11 @@ pub fn item_error(error: &Error) -> MetaError {
     }
 }
 
-/// How long a claimed item may take before another replica takes it over, from
-/// `KABAR_BATCH_CLAIM_TIMEOUT_SECONDS`; an item's send is given half of it.
-pub fn item_deadline(claim_timeout: Duration) -> Instant {
-    Instant::now() + claim_timeout / 2
+/// How long after its claim an item may still be marked and sent: half of
+/// `KABAR_BATCH_CLAIM_TIMEOUT_SECONDS`, so that a take-over (which needs the whole timeout) never
+/// meets a send that may still start.
+pub fn send_window(claim_timeout: Duration) -> Duration {
+    claim_timeout / 2
 }
 
 /// The error of an item settled unknown because the replica sending it stopped first.

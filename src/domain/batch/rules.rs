@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use crate::{
-    domain::{error::Error, reason::Reason},
+    domain::{error::Error, reason::Reason, status::State},
     whatsapp::MetaErrorKind,
 };
 
@@ -78,9 +78,14 @@ impl ItemState {
         c
     }
 
-    /// Whether a worker is done with the item (it is never sent again).
-    pub fn is_settled(self) -> bool {
-        !matches!(self, ItemState::Queued | ItemState::Sending)
+    /// Where a webhook status moves an item whose message it is.
+    pub fn of_status(state: State) -> ItemState {
+        match state {
+            State::Accepted | State::Sent => ItemState::Accepted,
+            State::Delivered => ItemState::Delivered,
+            State::Read => ItemState::Read,
+            State::Failed => ItemState::Failed,
+        }
     }
 }
 
@@ -151,10 +156,6 @@ impl BatchState {
             5 => BatchState::Paused,
             _ => return None,
         })
-    }
-
-    pub fn as_u8(self) -> u8 {
-        self as u8
     }
 
     pub fn as_str(self) -> &'static str {
@@ -338,6 +339,11 @@ mod tests {
         assert!(!may_move(Delivered, Failed));
         assert!(!may_move(Failed, Accepted));
         assert!(!may_move(Sending, Queued));
+        // Webhook statuses: `sent` is still accepted for the batch; the rest move it on.
+        assert_eq!(ItemState::of_status(State::Sent), Accepted);
+        assert_eq!(ItemState::of_status(State::Read), Read);
+        assert!(may_move(Unknown, ItemState::of_status(State::Delivered)));
+        assert!(!may_move(Delivered, ItemState::of_status(State::Failed)));
         for s in ItemState::ALL {
             assert_eq!(ItemState::from_u8(s.as_u8()), Some(s));
         }

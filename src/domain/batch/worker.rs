@@ -32,7 +32,7 @@ use tokio::sync::{Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    Claim, Mark, Outcome, item_deadline, item_error, outgoing,
+    Claim, Mark, Outcome, item_error, outgoing,
     rules::{Failure, ItemState, judge},
 };
 use crate::domain::{
@@ -78,12 +78,13 @@ struct Counters {
     unknown: AtomicU64,
     retried: AtomicU64,
     paused: AtomicU64,
-    in_hand: AtomicU64,
 }
 
 pub struct Worker {
     store: Arc<dyn BatchStore>,
     counters: Counters,
+    /// One permit per item this replica may hold; each item in hand holds one.
+    slots: Arc<Semaphore>,
     outbox: Arc<Outbox>,
     config: WorkerConfig,
     /// This replica's name in the shared queue.
@@ -109,12 +110,13 @@ impl Worker {
         Worker {
             store,
             outbox,
-            config,
             consumer: format!("{host}-{}-{}", std::process::id(), hex::encode(random)),
             counters: Counters::default(),
+            slots: Arc::new(Semaphore::new(config.concurrency)),
             held_back: Mutex::new(HashMap::new()),
             meta_silent: AtomicBool::new(false),
             probe: Arc::new(Semaphore::new(1)),
+            config,
         }
     }
 
@@ -129,13 +131,13 @@ impl Worker {
             ],
             retried: n(&c.retried),
             paused: n(&c.paused),
-            in_hand: n(&c.in_hand),
+            in_hand: (self.config.concurrency - self.slots.available_permits()) as u64,
         }
     }
 
     /// Works batches until `stop`; returns once the items in hand are settled or given back.
     pub async fn run(self: Arc<Self>, wake: Arc<Notify>, stop: CancellationToken) {
-        let slots = Arc::new(Semaphore::new(self.config.concurrency));
+        let slots = self.slots.clone();
         let mut store_down = false;
         while !stop.is_cancelled() {
             let took = match self.round(&slots, &stop).await {
@@ -212,9 +214,7 @@ impl Worker {
                 took += 1;
                 let (me, batch_id, stop) = (self.clone(), batch_id.clone(), stop.clone());
                 tokio::spawn(async move {
-                    me.counters.in_hand.fetch_add(1, Ordering::Relaxed);
                     me.handle(&batch_id, claim, &stop).await;
-                    me.counters.in_hand.fetch_sub(1, Ordering::Relaxed);
                     drop(slot);
                 });
             }
@@ -260,7 +260,7 @@ impl Worker {
             answer: Mutex::new(None),
             probe: Mutex::new(None),
         };
-        let deadline = item_deadline(self.config.claim_timeout);
+        let deadline = Instant::now() + super::send_window(self.config.claim_timeout);
         let result = {
             let mut send = Box::pin(self.outbox.send_guarded(&out, Some(deadline), &guard));
             tokio::select! {
@@ -450,8 +450,8 @@ impl SendGuard for MarkGuard<'_> {
             }
         }
         self.started.store(true, Ordering::SeqCst);
-        // Past half the claim timeout the item may be taken over: it is not marked any more.
-        let within = worker.config.claim_timeout / 2;
+        // Past its send window the item may be taken over: it is not marked any more.
+        let within = super::send_window(worker.config.claim_timeout);
         let mark = worker
             .store
             .mark_sending(self.batch_id, self.claim, &worker.consumer, within)

@@ -10,10 +10,10 @@ use std::{
 use super::MemoryStore;
 use crate::{
     domain::{
-        batch::taken_over,
         batch::{
             BatchInfo, Claim, Claimed, Command, Item, Mark, NewItem, Outcome, Submitted,
             rules::{BatchState, Counts, ItemState, may_move, settled_state},
+            taken_over,
         },
         ports::StoreError,
         status::MetaError,
@@ -30,12 +30,10 @@ struct Run {
     info: BatchInfo,
     items: HashMap<String, Item>,
     order: Vec<String>,
-    /// Tickets waiting for a worker, oldest first.
-    queue: VecDeque<u64>,
+    /// Tickets waiting for a worker, oldest first, with their item's reference.
+    queue: VecDeque<(u64, String)>,
     /// Tickets handed out: the item, who holds it, since when.
     held: HashMap<u64, (String, String, Instant)>,
-    /// Ticket numbers of waiting items.
-    waiting: HashMap<u64, String>,
     next_ticket: u64,
     expires_at_ms: u64,
 }
@@ -43,8 +41,7 @@ struct Run {
 impl Run {
     fn enqueue(&mut self, reference: String) {
         self.next_ticket += 1;
-        self.queue.push_back(self.next_ticket);
-        self.waiting.insert(self.next_ticket, reference);
+        self.queue.push_back((self.next_ticket, reference));
     }
 
     /// Moves an item and the counts with it; whether it moved.
@@ -136,7 +133,6 @@ impl MemoryStore {
                 order: Vec::new(),
                 queue: VecDeque::new(),
                 held: HashMap::new(),
-                waiting: HashMap::new(),
                 next_ticket: 0,
                 expires_at_ms: 0,
             });
@@ -247,11 +243,8 @@ impl MemoryStore {
             }
         }
         while claimed.items.len() < max {
-            let Some(ticket) = run.queue.pop_front() else {
+            let Some((ticket, reference)) = run.queue.pop_front() else {
                 break;
-            };
-            let Some(reference) = run.waiting.remove(&ticket) else {
-                continue;
             };
             match run.items.get(&reference) {
                 Some(item) if item.state == ItemState::Queued => {
@@ -313,29 +306,18 @@ impl MemoryStore {
         match run.held_by(claim, consumer) {
             Some(ticket) => {
                 run.held.remove(&ticket);
-                run.step(
-                    reference,
-                    outcome.state,
-                    &outcome.message_id,
-                    outcome.error.as_ref(),
-                );
             }
-            None => {
-                // Taken over and settled unknown meanwhile: the answer that came late still
-                // counts.
-                let late = outcome.state == ItemState::Accepted
-                    && run.items.get(reference).map(|i| i.state) == Some(ItemState::Unknown);
-                if !late {
-                    return Ok(None);
-                }
-                run.step(
-                    reference,
-                    outcome.state,
-                    &outcome.message_id,
-                    outcome.error.as_ref(),
-                );
-            }
+            // Taken over and settled unknown meanwhile: the answer that came late still counts.
+            None if outcome.state == ItemState::Accepted
+                && run.items.get(reference).map(|i| i.state) == Some(ItemState::Unknown) => {}
+            None => return Ok(None),
         }
+        run.step(
+            reference,
+            outcome.state,
+            &outcome.message_id,
+            outcome.error.as_ref(),
+        );
         run.settle_state();
         if run.info.state.is_final() {
             run.keep(retention);
@@ -385,7 +367,6 @@ impl MemoryStore {
             Command::Cancel if run.info.state != BatchState::Done => {
                 run.info.state = BatchState::Cancelled;
                 run.queue.clear();
-                run.waiting.clear();
             }
             Command::Pause(reason) if run.info.state.is_workable() => {
                 run.info.state = BatchState::Paused;

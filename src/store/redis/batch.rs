@@ -347,19 +347,7 @@ fn batch_info(batch_id: &str, v: &Value) -> Result<Option<BatchInfo>, StoreError
 }
 
 fn error_json(e: &MetaError) -> String {
-    serde_json::json!({"code": e.code, "reason": e.reason, "title": e.title, "details": e.details})
-        .to_string()
-}
-
-fn error_from(json: &str) -> Option<MetaError> {
-    let v: serde_json::Value = serde_json::from_str(json).ok()?;
-    let s = |k: &str| v[k].as_str().unwrap_or_default().to_owned();
-    Some(MetaError {
-        code: v["code"].as_i64().unwrap_or(0),
-        reason: s("reason"),
-        title: s("title"),
-        details: s("details"),
-    })
+    serde_json::to_string(e).expect("an error of strings and a number always serialises")
 }
 
 /// A message id safe in the item encoding (one line).
@@ -386,7 +374,11 @@ fn item_from(stored: &str) -> Result<Item, StoreError> {
         data,
         state,
         message_id: m.to_owned(),
-        error: if e.is_empty() { None } else { error_from(e) },
+        error: if e.is_empty() {
+            None
+        } else {
+            serde_json::from_str(e).ok()
+        },
     })
 }
 
