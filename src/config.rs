@@ -3,7 +3,7 @@
 //! problem stops the process with one line naming the variable and what it needs. Secrets are held
 //! in `secrecy` types and never printed.
 
-use std::{collections::HashMap, net::SocketAddr, time::Duration};
+use std::{collections::HashMap, net::SocketAddr, sync::Arc, time::Duration};
 
 use secrecy::{ExposeSecret, SecretBox, SecretString};
 
@@ -80,8 +80,8 @@ pub enum DriverKind {
 /// Most bytes a key file may hold (a thousand keys take about 150 KB).
 const MAX_KEY_FILE_BYTES: u64 = 1024 * 1024;
 
-/// Reads and checks a key file: a regular file of at most [`MAX_KEY_FILE_BYTES`].
-pub fn read_key_file(path: &std::path::Path) -> Result<crate::domain::auth::KeyRing, String> {
+/// Reads a regular file of at most `max` bytes (a device or a pipe would never end).
+pub fn read_small_file(path: &std::path::Path, max: u64) -> Result<Vec<u8>, String> {
     use std::io::Read;
     let file = std::fs::File::open(path).map_err(|e| format!("cannot read it: {e}"))?;
     let meta = file
@@ -90,13 +90,20 @@ pub fn read_key_file(path: &std::path::Path) -> Result<crate::domain::auth::KeyR
     if !meta.is_file() {
         return Err("is not a regular file".into());
     }
-    let mut text = String::new();
-    file.take(MAX_KEY_FILE_BYTES + 1)
-        .read_to_string(&mut text)
-        .map_err(|e| format!("cannot read it as text: {e}"))?;
-    if text.len() as u64 > MAX_KEY_FILE_BYTES {
-        return Err(format!("is over {MAX_KEY_FILE_BYTES} bytes"));
+    let mut bytes = Vec::new();
+    file.take(max + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| format!("cannot read it: {e}"))?;
+    if bytes.len() as u64 > max {
+        return Err(format!("is over {max} bytes"));
     }
+    Ok(bytes)
+}
+
+/// Reads and checks a key file: a regular file of at most [`MAX_KEY_FILE_BYTES`].
+pub fn read_key_file(path: &std::path::Path) -> Result<crate::domain::auth::KeyRing, String> {
+    let bytes = read_small_file(path, MAX_KEY_FILE_BYTES)?;
+    let text = String::from_utf8(bytes).map_err(|_| "cannot read it as text: not UTF-8")?;
     crate::domain::auth::KeyRing::parse(&text)
 }
 
@@ -161,6 +168,9 @@ pub struct Config {
     /// The callers' keys (`KABAR_API_KEYS_FILE`); `None`: every call is let in (loopback, or
     /// `KABAR_ALLOW_UNAUTHENTICATED=true`).
     pub api_keys: Option<ApiKeys>,
+    /// TLS on the gRPC port (`KABAR_TLS_CERT_FILE`, `KABAR_TLS_KEY_FILE`,
+    /// `KABAR_TLS_CLIENT_CA_FILE`), read and checked at start-up; `None`: plain HTTP/2.
+    pub tls: Option<(crate::tls::TlsFiles, Arc<rustls::ServerConfig>)>,
     /// Warnings to log once logging is up (development defaults in use).
     pub warnings: Vec<String>,
 }
@@ -511,6 +521,36 @@ impl Config {
             ));
         }
 
+        let tls = match (
+            r.get("KABAR_TLS_CERT_FILE"),
+            r.get("KABAR_TLS_KEY_FILE"),
+            r.get("KABAR_TLS_CLIENT_CA_FILE"),
+        ) {
+            (None, None, None) => None,
+            (Some(cert), Some(key), client_ca) => {
+                let files = crate::tls::TlsFiles {
+                    cert: cert.into(),
+                    key: key.into(),
+                    client_ca: client_ca.map(Into::into),
+                };
+                let server = crate::tls::server_config(&files)?;
+                Some((files, server))
+            }
+            (None, _, _) => {
+                return Err(err(
+                    "KABAR_TLS_CERT_FILE",
+                    "is required with KABAR_TLS_KEY_FILE or KABAR_TLS_CLIENT_CA_FILE: the \
+                     server's certificate chain (PEM)",
+                ));
+            }
+            (Some(_), None, _) => {
+                return Err(err(
+                    "KABAR_TLS_KEY_FILE",
+                    "is required with KABAR_TLS_CERT_FILE: the certificate's private key (PEM)",
+                ));
+            }
+        };
+
         let redis_url = r.secret("REDIS_URL", "REDIS_URL_FILE")?;
         if let Some(url) = &redis_url {
             let u = url.expose_secret();
@@ -597,6 +637,7 @@ impl Config {
             pacing,
             batch,
             api_keys,
+            tls,
             warnings,
         };
         // The token goes into a header: a character a header cannot carry fails here, at start-up.

@@ -14,9 +14,11 @@ pub mod metrics;
 pub mod notify;
 pub mod otp;
 pub mod phone;
+pub mod reload;
 pub mod store;
 pub mod telemetry;
 pub mod templates;
+pub mod tls;
 pub mod whatsapp;
 
 use std::{
@@ -277,10 +279,38 @@ pub async fn run(
         }
     }
     if let (Some(keys), Some(api_keys)) = (&keys, &config.api_keys) {
-        tokio::spawn(reload_keys_on_hangup(
-            keys.clone(),
-            api_keys.path.clone(),
+        let (keys, path) = (keys.clone(), api_keys.path.clone());
+        tokio::spawn(reload::watch(
+            "KABAR_API_KEYS_FILE",
+            vec![path.clone()],
             shutdown.clone(),
+            move || {
+                let ring = config::read_key_file(&path)?;
+                let count = ring.len();
+                keys.replace(ring);
+                Ok(format!("{count} keys in force"))
+            },
+        ));
+    }
+    let tls = config
+        .tls
+        .as_ref()
+        .map(|(files, server)| tls::ServerTls::new(files.clone(), server.clone()));
+    if let Some(tls) = &tls {
+        tracing::info!(
+            cert = %tls.files().cert.display(),
+            client_certificates = tls.files().client_ca.is_some(),
+            "the gRPC port speaks TLS"
+        );
+        let reloaded = tls.clone();
+        tokio::spawn(reload::watch(
+            "KABAR_TLS_CERT_FILE",
+            tls.files().paths(),
+            shutdown.clone(),
+            move || {
+                reloaded.reload().map_err(|e| e.to_string())?;
+                Ok("new connections use the certificate now in the files".into())
+            },
         ));
     }
     let grpc_admission = listen::Admission::new(
@@ -290,7 +320,10 @@ pub async fn run(
             max_pending: (config.max_connections / 4).max(16),
             max_per_ip: config.max_connections_per_ip,
             handshake_timeout: config.slow_client_timeout,
-            handshake: listen::Handshake::BytesRead(listen::HTTP2_PREFACE_LEN),
+            handshake: match tls {
+                Some(_) => listen::Handshake::Manual,
+                None => listen::Handshake::BytesRead(listen::HTTP2_PREFACE_LEN),
+            },
         },
         drain.clone(),
     );
@@ -306,7 +339,7 @@ pub async fn run(
         drain.clone(),
     );
 
-    let grpc_server = tonic::transport::Server::builder()
+    let router = tonic::transport::Server::builder()
         .tcp_nodelay(true)
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
@@ -348,11 +381,28 @@ pub async fn run(
                 drain.clone(),
             ))
             .max_decoding_message_size(grpc::limits::MAX_BATCH_MESSAGE_BYTES),
-        )
-        .serve_with_incoming_shutdown(
-            listen::incoming(listeners.grpc, grpc_admission),
-            drain.clone().cancelled_owned(),
         );
+    let grpc_server = async {
+        let stopped = drain.clone().cancelled_owned();
+        match tls {
+            Some(tls) => {
+                router
+                    .serve_with_incoming_shutdown(
+                        tls::incoming(listeners.grpc, grpc_admission, tls),
+                        stopped,
+                    )
+                    .await
+            }
+            None => {
+                router
+                    .serve_with_incoming_shutdown(
+                        listen::incoming(listeners.grpc, grpc_admission),
+                        stopped,
+                    )
+                    .await
+            }
+        }
+    };
 
     let http_server = http::serve(
         listeners.http,
@@ -460,43 +510,6 @@ pub async fn run(
     upkeep.abort();
     tracing::info!("kabar stopped");
     result
-}
-
-/// Reads the key file again on SIGHUP: new keys work and removed ones stop at once, without a
-/// restart. A file that does not read as a key file keeps the keys in force, with an error
-/// logged (which never shows a key or a hash).
-async fn reload_keys_on_hangup(
-    keys: grpc::auth::Keys,
-    path: std::path::PathBuf,
-    shutdown: CancellationToken,
-) {
-    let Ok(mut hangups) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
-    else {
-        tracing::warn!("cannot listen for SIGHUP: the key file is read at start-up only");
-        return;
-    };
-    loop {
-        tokio::select! {
-            got = hangups.recv() => if got.is_none() { return },
-            () = shutdown.cancelled() => return,
-        }
-        let file = path.clone();
-        let read = tokio::task::spawn_blocking(move || config::read_key_file(&file))
-            .await
-            .unwrap_or_else(|_| Err("could not be read".into()));
-        match read {
-            Ok(ring) => {
-                let count = ring.len();
-                keys.replace(ring);
-                tracing::info!(file = %path.display(), keys = count, "API keys read again");
-            }
-            Err(e) => tracing::error!(
-                file = %path.display(),
-                error = %e,
-                "KABAR_API_KEYS_FILE was not read again; the keys in force stay"
-            ),
-        }
-    }
 }
 
 fn serving(ok: bool) -> ServingStatus {

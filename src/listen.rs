@@ -45,6 +45,9 @@ pub enum Handshake {
     BytesRead(usize),
     /// Once kabar writes its first answer (HTTP/1: a whole request has arrived).
     FirstWrite,
+    /// When [`Guarded::establish`] says so (TLS: the TLS handshake and then the HTTP/2 client
+    /// preface, read through the encryption, have arrived).
+    Manual,
 }
 
 /// The length of the HTTP/2 client connection preface.
@@ -228,7 +231,7 @@ impl Admission {
         }
         let bytes_left = match self.limits.handshake {
             Handshake::BytesRead(n) => n,
-            Handshake::FirstWrite => usize::MAX,
+            Handshake::FirstWrite | Handshake::Manual => usize::MAX,
         };
         let peer = stream
             .peer_addr()
@@ -290,6 +293,26 @@ impl Drop for Guarded {
 }
 
 impl Guarded {
+    /// Marks the handshake complete: the handshake deadline no longer applies and the connection
+    /// counts under its address's cap. An error (and nothing counted) past that cap: the
+    /// connection must be closed.
+    pub fn establish(&mut self) -> io::Result<()> {
+        let Some(h) = self.handshake.take() else {
+            return Ok(());
+        };
+        let admission = h.admission.clone();
+        drop(h);
+        if !admission.establish(self.peer) {
+            return Err(io::Error::new(
+                io::ErrorKind::ConnectionRefused,
+                "too many connections from this address",
+            ));
+        }
+        self.counted = true;
+        self.admission = Some(admission);
+        Ok(())
+    }
+
     /// Whether the connection must close now: handshake deadline passed, evicted, or shutdown.
     fn poll_expired(&mut self, cx: &mut Context<'_>) -> Option<io::Error> {
         let h = self.handshake.as_mut()?;
@@ -327,16 +350,7 @@ impl AsyncRead for Guarded {
         {
             h.bytes_left = h.bytes_left.saturating_sub(read);
             if h.bytes_left == 0 {
-                let admission = h.admission.clone();
-                this.handshake = None;
-                if !admission.establish(this.peer) {
-                    return Poll::Ready(Err(io::Error::new(
-                        io::ErrorKind::ConnectionRefused,
-                        "too many connections from this address",
-                    )));
-                }
-                this.counted = true;
-                this.admission = Some(admission);
+                this.establish()?;
             }
         }
         Poll::Ready(Ok(()))

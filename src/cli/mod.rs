@@ -108,19 +108,16 @@ pub fn resolve_addr(flag: Option<&str>) -> String {
         .unwrap_or_else(|| DEFAULT_ADDR.to_owned())
 }
 
-/// The URL of `host:port` or `http://host:port`.
+/// The URL of `host:port`, `http://host:port` or `https://host:port` (kabar with
+/// `KABAR_TLS_CERT_FILE`).
 pub fn endpoint_url(addr: &str) -> Result<String, String> {
     let addr = addr.trim();
-    if addr.starts_with("https://") {
-        return Err(format!(
-            "{addr}: kabar's gRPC port is plain HTTP/2; reach it over a private network or a \
-             tunnel and give host:port"
-        ));
-    }
-    let url = if addr.starts_with("http://") {
+    let url = if addr.starts_with("http://") || addr.starts_with("https://") {
         addr.to_owned()
     } else if addr.contains("://") {
-        return Err(format!("{addr}: give host:port or http://host:port"));
+        return Err(format!(
+            "{addr}: give host:port, http://host:port or https://host:port"
+        ));
     } else {
         format!("http://{addr}")
     };
@@ -138,20 +135,52 @@ pub fn endpoint_url(addr: &str) -> Result<String, String> {
     Ok(url.trim_end_matches('/').to_owned())
 }
 
+/// How to reach kabar over TLS, from `KABAR_TLS_CA_FILE`, `KABAR_TLS_CLIENT_CERT_FILE` and
+/// `KABAR_TLS_CLIENT_KEY_FILE` (environment, then `./.env`).
+fn client_tls() -> kabar::tls::ClientTls {
+    let env = Environment::load().ok();
+    let get = |name: &str| {
+        match &env {
+            Some(env) => env.get(name),
+            None => std::env::var(name).ok(),
+        }
+        .map(|v| v.trim().to_owned())
+        .filter(|v| !v.is_empty())
+        .map(Into::into)
+    };
+    kabar::tls::ClientTls {
+        ca: get("KABAR_TLS_CA_FILE"),
+        cert: get("KABAR_TLS_CLIENT_CERT_FILE"),
+        key: get("KABAR_TLS_CLIENT_KEY_FILE"),
+    }
+}
+
 /// A connection to kabar at `addr`.
 pub async fn connect(addr: &str) -> Result<Channel, Failure> {
     let url = endpoint_url(addr).map_err(Failure::input)?;
+    let unreachable = |e: &dyn std::error::Error| {
+        Failure::other(format!(
+            "cannot reach kabar at {addr}: {}\nIs `kabar serve` running there? Give the address \
+             with --addr or KABAR_GRPC_ADDR.",
+            error_chain(e)
+        ))
+    };
+    if url.starts_with("https://") {
+        let uri: http::Uri = url.parse().map_err(|_| Failure::input(addr))?;
+        let (Some(host), Some(port)) = (uri.host(), uri.port_u16()) else {
+            return Err(Failure::input(format!("{addr}: give https://host:port")));
+        };
+        let config =
+            kabar::tls::client_config(&client_tls()).map_err(|e| Failure::input(e.to_string()))?;
+        return kabar::tls::connect(host, port, config, Duration::from_secs(5))
+            .await
+            .map_err(|e| unreachable(&e));
+    }
     let endpoint = Endpoint::from_shared(url)
         .map_err(|e| Failure::input(format!("{addr}: {e}")))?
         .connect_timeout(Duration::from_secs(5))
         .tcp_nodelay(true);
-    endpoint.connect().await.map_err(|e| {
-        Failure::other(format!(
-            "cannot reach kabar at {addr}: {}\nIs `kabar serve` running there? Give the address \
-             with --addr or KABAR_GRPC_ADDR.",
-            error_chain(&e)
-        ))
-    })
+    endpoint.connect().await.map_err(|e| unreachable(&e))
 }
 
 /// An error and its causes, `: `-separated.
@@ -184,8 +213,11 @@ mod tests {
             "http://kabar.internal:50051"
         );
         assert_eq!(endpoint_url("[::1]:50051").unwrap(), "http://[::1]:50051");
+        assert_eq!(
+            endpoint_url("https://kabar.internal:50051").unwrap(),
+            "https://kabar.internal:50051"
+        );
         for bad in [
-            "https://kabar:50051",
             "grpc://kabar:50051",
             "kabar",
             "http://kabar",

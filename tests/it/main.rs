@@ -40,3 +40,4 @@ mod promises_otp;
 mod send_template;
 mod server;
 mod support;
+mod tls;
