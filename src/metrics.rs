@@ -71,7 +71,13 @@ pub struct Metrics {
     /// Webhook and delivery counters by label: `(metric, label value) -> count`. The label
     /// values come from small fixed sets, and Meta's error codes are capped in number.
     labeled: std::sync::Mutex<std::collections::BTreeMap<(&'static str, String), u64>>,
+    /// Calls by caller (a name from the key file) and gRPC code.
+    by_caller: std::sync::Mutex<std::collections::BTreeMap<(String, usize), u64>>,
 }
+
+/// `(caller, code)` pairs kept: the names come from the operator's key file, but a file with
+/// thousands of callers must not grow the page without end.
+const MAX_CALLER_LABELS: usize = 1024;
 
 /// Label values kept per labeled metric: Meta's error codes come from outside, and a hostile or
 /// broken sender must not grow the page; the other labels are small fixed sets.
@@ -163,6 +169,20 @@ impl Metrics {
             .fetch_add(elapsed.as_micros() as u64, Ordering::Relaxed);
     }
 
+    /// A call of a caller with a key (keys on), by the answer's gRPC code.
+    pub fn record_caller(&self, caller: &str, code: Code) {
+        let code = (code as usize).min(CODES - 1);
+        let mut by_caller = self
+            .by_caller
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(n) = by_caller.get_mut(&(caller.to_owned(), code)) {
+            *n += 1;
+        } else if by_caller.len() < MAX_CALLER_LABELS {
+            by_caller.insert((caller.to_owned(), code), 1);
+        }
+    }
+
     /// The Prometheus text exposition format.
     pub fn render(&self, store_reachable: bool, shutting_down: bool) -> String {
         let mut out = String::with_capacity(4096);
@@ -242,6 +262,22 @@ impl Metrics {
                     let _ = writeln!(out, "{metric}{{{label}=\"{value}\"}} {n}");
                 }
             }
+        }
+        out.push_str(
+            "# HELP kabar_grpc_caller_calls_total Calls of callers with an API key, by caller and \
+             gRPC code.\n# TYPE kabar_grpc_caller_calls_total counter\n",
+        );
+        for ((caller, code), n) in self
+            .by_caller
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .iter()
+        {
+            let _ = writeln!(
+                out,
+                "kabar_grpc_caller_calls_total{{caller=\"{caller}\",code=\"{}\"}} {n}",
+                code_name(*code)
+            );
         }
         out.push_str("# HELP kabar_otp_store_up Whether the OTP store (Redis) answers.\n");
         out.push_str("# TYPE kabar_otp_store_up gauge\n");
@@ -379,4 +415,38 @@ pub fn render_batch(w: &crate::domain::batch::worker::WorkerSnapshot) -> String 
         w.in_hand
     );
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn calls_are_counted_by_caller_and_code_within_a_cap() {
+        let metrics = Metrics::default();
+        metrics.record_caller("billing", Code::Ok);
+        metrics.record_caller("billing", Code::Ok);
+        metrics.record_caller("portal", Code::ResourceExhausted);
+        let page = metrics.render(true, false);
+        assert!(page.contains("kabar_grpc_caller_calls_total{caller=\"billing\",code=\"OK\"} 2"));
+        assert!(page.contains(
+            "kabar_grpc_caller_calls_total{caller=\"portal\",code=\"RESOURCE_EXHAUSTED\"} 1"
+        ));
+        for i in 0..2 * MAX_CALLER_LABELS {
+            metrics.record_caller(&format!("caller-{i}"), Code::Ok);
+        }
+        let page = metrics.render(true, false);
+        let lines = page
+            .lines()
+            .filter(|l| l.starts_with("kabar_grpc_caller_calls_total{"))
+            .count();
+        assert_eq!(lines, MAX_CALLER_LABELS);
+        // Pairs already counted keep counting past the cap.
+        metrics.record_caller("billing", Code::Ok);
+        assert!(
+            metrics
+                .render(true, false)
+                .contains("kabar_grpc_caller_calls_total{caller=\"billing\",code=\"OK\"} 3")
+        );
+    }
 }

@@ -182,6 +182,9 @@ fn log_call<B>(metrics: &Metrics, method: Method, start: Instant, response: &htt
         .extensions()
         .get::<crate::domain::auth::Caller>()
         .map(|c| c.name.as_str());
+    if let Some(caller) = caller {
+        metrics.record_caller(caller, code);
+    }
     let Some(failure) = failure else {
         let detail = response
             .extensions()
