@@ -47,7 +47,10 @@ pub struct Outgoing {
     pub idempotency_key: Option<String>,
     /// Its place in the queue when sends must wait for Meta's limits.
     pub priority: Priority,
-    /// The batch run it belongs to; empty for single calls.
+    /// The batch run it belongs to, as the store knows it ([`BatchId::stored`]: `caller/id` with
+    /// keys); empty for single calls.
+    ///
+    /// [`BatchId::stored`]: super::batch::BatchId::stored
     pub batch_id: String,
 }
 

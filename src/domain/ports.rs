@@ -217,7 +217,9 @@ pub trait PacingStore: Send + Sync {
 }
 
 /// Batch runs: items kept durably and handed to workers, each settled once. Every change is one
-/// atomic step; a refusal changes nothing.
+/// atomic step; a refusal changes nothing. A batch is named by its stored id
+/// ([`BatchId::stored`](super::batch::BatchId::stored): `caller/id` with keys, the id alone
+/// without), which the store takes as an opaque string.
 #[async_trait]
 pub trait BatchStore: Send + Sync {
     /// Adds the items whose reference is new to the batch (created on first use) and queues

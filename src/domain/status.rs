@@ -79,6 +79,8 @@ pub struct MessageRecord {
     pub reference: String,
     /// The template's category (`UTILITY`, `AUTHENTICATION`).
     pub category: String,
+    /// The batch run it belongs to, as the store knows it (`caller/id` with keys, see
+    /// [`BatchId`](super::batch::BatchId)); empty for single calls.
     pub batch_id: String,
     pub state: State,
     pub error: Option<MetaError>,

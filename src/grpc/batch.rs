@@ -1,13 +1,15 @@
-//! `kabar.v1.BatchService`: decode, call the batch runs of the domain, encode.
+//! `kabar.v1.BatchService`: decode, call the batch runs of the domain, encode. Every call names
+//! its batch as the caller's own ([`batch_id`]): another caller's batch of the same id is another
+//! batch, and is not found.
 
 use std::{sync::Arc, time::Duration};
 
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
-use super::{answer, call, calls::CallDetail, messages::timestamp};
+use super::{answer, auth::caller_of, call, calls::CallDetail, messages::timestamp};
 use crate::{
-    domain::batch::{BatchView, Batches, Item, rules::BatchState, rules::ItemState},
+    domain::batch::{BatchId, BatchView, Batches, Item, rules::BatchState, rules::ItemState},
     notify::NotificationRequest,
     pb::{self, batch, batch_item},
 };
@@ -87,17 +89,24 @@ fn item_message(item: Item) -> pb::BatchItem {
     }
 }
 
-fn detail(outcome: &'static str, batch_id: &str) -> CallDetail {
+/// The batch a call names: the caller's own (`batch_id` as sent, owned by the caller when kabar
+/// checks keys).
+fn batch_id<T>(request: &Request<T>, id: &str) -> BatchId {
+    BatchId::of(caller_of(request).map(|c| c.name.as_str()), id)
+}
+
+/// The call's log line names the batch by the caller's own id; the caller is a field of its own.
+fn detail(outcome: &'static str, batch_id: &BatchId) -> CallDetail {
     CallDetail {
         outcome: Some(outcome),
         // Checked: A-Z a-z 0-9 . _ : - only, safe in a log line.
-        batch_id: Some(batch_id.to_owned()),
+        batch_id: Some(batch_id.own().to_owned()),
         ..CallDetail::default()
     }
 }
 
 /// The batch now and on every change, until it is done or cancelled, or kabar drains.
-fn watch(batches: Arc<Batches>, batch_id: String, drain: CancellationToken) -> BatchStream {
+fn watch(batches: Arc<Batches>, batch_id: BatchId, drain: CancellationToken) -> BatchStream {
     let stream = futures_util::stream::unfold(
         (batches, batch_id, drain, None::<BatchView>, false),
         |(batches, batch_id, drain, last, ended)| async move {
@@ -137,6 +146,7 @@ impl pb::batch_service_server::BatchService for BatchGrpc {
         &self,
         request: Request<pb::SubmitBatchRequest>,
     ) -> Result<Response<pb::Batch>, Status> {
+        let id = batch_id(&request, &request.get_ref().batch_id);
         let r = request.into_inner();
         let messages: Vec<NotificationRequest<'_>> = r
             .messages
@@ -153,18 +163,15 @@ impl pb::batch_service_server::BatchService for BatchGrpc {
                 caller: "",
             })
             .collect();
-        let view = call(self.batches.submit(&r.batch_id, &messages, r.last)).await?;
-        Ok(answer(
-            batch_message(view),
-            detail("submitted", &r.batch_id),
-        ))
+        let view = call(self.batches.submit(&id, &messages, r.last)).await?;
+        Ok(answer(batch_message(view), detail("submitted", &id)))
     }
 
     async fn get_batch(
         &self,
         request: Request<pb::GetBatchRequest>,
     ) -> Result<Response<pb::Batch>, Status> {
-        let id = request.into_inner().batch_id;
+        let id = batch_id(&request, &request.get_ref().batch_id);
         let view = call(self.batches.get(&id)).await?;
         Ok(answer(batch_message(view), detail("found", &id)))
     }
@@ -173,7 +180,7 @@ impl pb::batch_service_server::BatchService for BatchGrpc {
         &self,
         request: Request<pb::GetBatchRequest>,
     ) -> Result<Response<Self::WatchBatchStream>, Status> {
-        let id = request.into_inner().batch_id;
+        let id = batch_id(&request, &request.get_ref().batch_id);
         // Unknown or malformed ids are refused before the stream opens.
         call(self.batches.get(&id)).await?;
         let stream = watch(self.batches.clone(), id.clone(), self.drain.clone());
@@ -184,7 +191,7 @@ impl pb::batch_service_server::BatchService for BatchGrpc {
         &self,
         request: Request<pb::GetBatchRequest>,
     ) -> Result<Response<pb::Batch>, Status> {
-        let id = request.into_inner().batch_id;
+        let id = batch_id(&request, &request.get_ref().batch_id);
         let view = call(self.batches.cancel(&id)).await?;
         Ok(answer(batch_message(view), detail("cancelled", &id)))
     }
@@ -193,7 +200,7 @@ impl pb::batch_service_server::BatchService for BatchGrpc {
         &self,
         request: Request<pb::GetBatchRequest>,
     ) -> Result<Response<pb::Batch>, Status> {
-        let id = request.into_inner().batch_id;
+        let id = batch_id(&request, &request.get_ref().batch_id);
         let view = call(self.batches.resume(&id)).await?;
         Ok(answer(batch_message(view), detail("resumed", &id)))
     }
@@ -202,10 +209,11 @@ impl pb::batch_service_server::BatchService for BatchGrpc {
         &self,
         request: Request<pb::ListBatchItemsRequest>,
     ) -> Result<Response<pb::ListBatchItemsResponse>, Status> {
+        let id = batch_id(&request, &request.get_ref().batch_id);
         let r = request.into_inner();
         let page = call(
             self.batches
-                .list(&r.batch_id, &r.filter, r.page_size, &r.page_token),
+                .list(&id, &r.filter, r.page_size, &r.page_token),
         )
         .await?;
         Ok(answer(
@@ -213,7 +221,7 @@ impl pb::batch_service_server::BatchService for BatchGrpc {
                 items: page.items.into_iter().map(item_message).collect(),
                 next_page_token: page.next_page_token,
             },
-            detail("listed", &r.batch_id),
+            detail("listed", &id),
         ))
     }
 }

@@ -3,7 +3,10 @@
 use prost_types::Timestamp;
 
 use crate::{
-    domain::status::{Event, MessageRecord, MetaError, State, StoredEvent},
+    domain::{
+        batch::BatchId,
+        status::{Event, MessageRecord, MetaError, State, StoredEvent},
+    },
     pb::{self, message_event, message_status},
 };
 
@@ -52,7 +55,8 @@ pub fn status(r: MessageRecord) -> pb::MessageStatus {
             })
             .collect(),
         updated_at: timestamp(r.updated_at_ms),
-        batch_id: r.batch_id,
+        // The record names the batch as the store knows it; callers see their own id only.
+        batch_id: BatchId::from_stored(&r.batch_id).own().to_owned(),
     }
 }
 

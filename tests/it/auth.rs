@@ -1,6 +1,6 @@
 //! Callers and keys: every RPC with no key, an unknown key, the wrong scope and the right one;
 //! health and reflection open; the bind rule; reloading the key file on SIGHUP; idempotency keys
-//! scoped by caller; `kabar keys new`.
+//! and batch ids scoped by caller; `kabar keys new`.
 
 use std::time::Duration;
 
@@ -8,8 +8,8 @@ use kabar::{
     config::Config,
     domain::auth::{key_hash, new_key},
     pb::{
-        GetBatchRequest, GetMessageStatusRequest, ListBatchItemsRequest, SendOtpRequest,
-        SubmitBatchRequest, VerifyOtpRequest, WatchMessageStatusRequest,
+        Batch, GetBatchRequest, GetMessageStatusRequest, ListBatchItemsRequest, SendOtpRequest,
+        SubmitBatchRequest, VerifyOtpRequest, WatchMessageStatusRequest, batch::State,
         batch_service_client::BatchServiceClient,
         notification_service_client::NotificationServiceClient,
         otp_service_client::OtpServiceClient,
@@ -19,9 +19,10 @@ use tonic::{Code, Request, transport::Channel};
 use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
 
 use crate::{
+    batch::{get, submit},
     process::{Kabar, work_dir},
     send_template::invoice_request,
-    support::{FakeMeta, TestApp, error_info, meta_vars},
+    support::{FakeMeta, RedisServer, TestApp, error_info, eventually, meta_vars, store_vars},
 };
 
 /// A key file with `(name, key, scopes)` entries; its path.
@@ -262,6 +263,243 @@ async fn idempotency_keys_are_each_callers_own() {
     app.stop().await.unwrap();
 }
 
+on_both_stores!(batch_ids_are_each_callers_own);
+
+/// Caller `key`'s batch `id` once it is DONE.
+async fn done(client: &mut BatchServiceClient<Channel>, key: &str, id: &str) -> Batch {
+    let until = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let b = client
+            .get_batch(with_key(get(id), Some(key)))
+            .await
+            .unwrap()
+            .into_inner();
+        if b.state == State::Done as i32 {
+            return b;
+        }
+        assert!(std::time::Instant::now() < until, "not DONE: {b:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn batch_ids_are_each_callers_own(redis: Option<&RedisServer>) {
+    use crate::delivery::{APP_SECRET, VERIFY_TOKEN, post_signed, status_body};
+    let meta = FakeMeta::start().await;
+    let a = new_key();
+    let b = new_key();
+    let file = key_file(&[
+        ("billing-a", &a, &["notify", "status"]),
+        ("billing-b", &b, &["notify", "status"]),
+    ]);
+    let mut vars = meta_vars(&meta);
+    vars.extend(store_vars(redis));
+    vars.extend(crate::support::vars(&[
+        ("KABAR_API_KEYS_FILE", &file.display().to_string()),
+        ("META_APP_SECRET", APP_SECRET),
+        ("META_WA_WEBHOOK_VERIFY_TOKEN", VERIFY_TOKEN),
+    ]));
+    let app = TestApp::start(vars).await;
+    let mut client = app.batches();
+    let id = "invoices-2026-12";
+
+    // One id and the same references from both callers: two batches, every item sent.
+    let first_a = client
+        .submit_batch(with_key(submit(id, 0..3, true), Some(&a)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((first_a.batch_id.as_str(), first_a.total), (id, 3));
+    let first_b = client
+        .submit_batch(with_key(submit(id, 0..2, true), Some(&b)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (first_b.batch_id.as_str(), first_b.total),
+        (id, 2),
+        "b's items are not a's"
+    );
+    let batch_a = done(&mut client, &a, id).await;
+    let batch_b = done(&mut client, &b, id).await;
+    assert_eq!(
+        (batch_a.batch_id.as_str(), batch_a.total, batch_a.accepted),
+        (id, 3, 3)
+    );
+    assert_eq!(
+        (batch_b.batch_id.as_str(), batch_b.total, batch_b.accepted),
+        (id, 2, 2)
+    );
+    assert_eq!(meta.count(), 5, "Meta received each caller's items");
+
+    // Each caller lists its own items only.
+    let items = |key: String| {
+        let mut client = client.clone();
+        async move {
+            client
+                .list_batch_items(with_key(
+                    ListBatchItemsRequest {
+                        batch_id: id.into(),
+                        ..Default::default()
+                    },
+                    Some(&key),
+                ))
+                .await
+                .unwrap()
+                .into_inner()
+                .items
+        }
+    };
+    let items_a = items(a.clone()).await;
+    let items_b = items(b.clone()).await;
+    assert_eq!(items_a.len(), 3);
+    assert_eq!(items_b.len(), 2);
+    assert!(
+        items_a
+            .iter()
+            .all(|i| items_b.iter().all(|j| i.message_id != j.message_id)),
+        "two sends, two messages"
+    );
+    // The message's record names the batch by the caller's own id.
+    let status = app
+        .notifications()
+        .get_message_status(with_key(
+            GetMessageStatusRequest {
+                message_id: items_a[0].message_id.clone(),
+            },
+            Some(&a),
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (status.batch_id.as_str(), status.reference.as_str()),
+        (id, "INV-0")
+    );
+
+    // A webhook status of a's message moves a's item, not b's of the same reference.
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let delivered = status_body(&items_a[0].message_id, "delivered", now);
+    assert_eq!(post_signed(&app, &delivered).await, 200);
+    let mut check = client.clone();
+    let (key_a, key_b) = (a.clone(), b.clone());
+    assert!(
+        eventually(Duration::from_secs(5), || {
+            let mut client = check.clone();
+            let key_a = key_a.clone();
+            async move {
+                let got = client.get_batch(with_key(get(id), Some(&key_a))).await;
+                got.unwrap().into_inner().delivered == 1
+            }
+        })
+        .await,
+        "a's item delivered"
+    );
+    let b_now = check
+        .get_batch(with_key(get(id), Some(&key_b)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((b_now.delivered, b_now.accepted), (0, 2), "{b_now:?}");
+
+    // A batch only a has: b cannot see, follow, list, cancel or resume it. The answer is the one
+    // for a batch that does not exist, and names neither a nor a's batch as stored.
+    client
+        .submit_batch(with_key(submit("only-a", 10..12, false), Some(&a)))
+        .await
+        .unwrap();
+    let refusals = |key: String, batch: &'static str| {
+        let mut client = client.clone();
+        async move {
+            let req = || with_key(get(batch), Some(&key));
+            vec![
+                client.get_batch(req()).await.unwrap_err(),
+                client.watch_batch(req()).await.unwrap_err(),
+                client
+                    .list_batch_items(with_key(
+                        ListBatchItemsRequest {
+                            batch_id: batch.into(),
+                            ..Default::default()
+                        },
+                        Some(&key),
+                    ))
+                    .await
+                    .unwrap_err(),
+                client.cancel_batch(req()).await.unwrap_err(),
+                client.resume_batch(req()).await.unwrap_err(),
+            ]
+        }
+    };
+    let of_a = refusals(b.clone(), "only-a").await;
+    let missing = refusals(b.clone(), "no-such-batch").await;
+    for (e, none) in of_a.iter().zip(&missing) {
+        assert_eq!(e.code(), Code::NotFound, "{e:?}");
+        assert_eq!(error_info(e).unwrap().0, "BATCH_NOT_FOUND");
+        assert_eq!(error_info(e), error_info(none));
+        assert_eq!(
+            e.message().replace("only-a", "no-such-batch"),
+            none.message(),
+            "no hint that the batch exists"
+        );
+        assert!(!e.message().contains("billing-a"), "{}", e.message());
+    }
+    // ... and a's batch is untouched: still open, nothing cancelled.
+    let only_a = client
+        .get_batch(with_key(get("only-a"), Some(&a)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(only_a.batch_id, "only-a");
+    assert_ne!(only_a.state, State::Cancelled as i32, "{only_a:?}");
+    assert_eq!(only_a.total, 2);
+    // A forged id naming a's batch as stored is no batch id at all.
+    let forged = client
+        .get_batch(with_key(get("billing-a/only-a"), Some(&b)))
+        .await
+        .unwrap_err();
+    assert_eq!(forged.code(), Code::InvalidArgument);
+
+    // Refusals about a caller's own batch name it by its own id.
+    let closed = client
+        .submit_batch(with_key(submit(id, 3..4, false), Some(&a)))
+        .await
+        .unwrap_err();
+    assert_eq!(closed.code(), Code::FailedPrecondition);
+    assert!(
+        closed.message().contains(&format!("batch {id} is DONE"))
+            && !closed.message().contains('/'),
+        "{}",
+        closed.message()
+    );
+
+    if let Some(redis) = redis {
+        // Stored under the caller's name, every key of a batch in one Cluster slot.
+        let mut con = redis.connection().await;
+        for key in [
+            "kabar:batch:{billing-a/invoices-2026-12}",
+            "kabar:batch:{billing-b/invoices-2026-12}",
+            "kabar:batch:{billing-a/invoices-2026-12}:items",
+            "kabar:batch:{billing-a/invoices-2026-12}:order",
+        ] {
+            let exists: i64 = redis::cmd("EXISTS")
+                .arg(key)
+                .query_async(&mut con)
+                .await
+                .unwrap();
+            assert_eq!(exists, 1, "{key}");
+        }
+        let bare: i64 = redis::cmd("EXISTS")
+            .arg("kabar:batch:{invoices-2026-12}")
+            .query_async(&mut con)
+            .await
+            .unwrap();
+        assert_eq!(bare, 0);
+    }
+    app.stop().await.unwrap();
+}
+
 #[test]
 fn without_keys_kabar_listens_on_loopback_only() {
     let source = |pairs: &[(&str, &str)]| {
@@ -313,11 +551,8 @@ fn without_keys_kabar_listens_on_loopback_only() {
 async fn keys_are_read_again_on_sighup() {
     let old = new_key();
     let new = new_key();
-    let sender = new_key();
-    let file = key_file(&[
-        ("billing", &old, &["status"]),
-        ("sender", &sender, &["notify"]),
-    ]);
+    // Batch ids are each caller's own: the caller that follows the batch is the one that fills it.
+    let file = key_file(&[("billing", &old, &["notify", "status"])]);
     let path = file.display().to_string();
     let mut kabar = Kabar::serve(&[("KABAR_API_KEYS_FILE", &path)]);
     let channel = kabar.wait_serving().await;
@@ -340,17 +575,17 @@ async fn keys_are_read_again_on_sighup() {
     assert_eq!(status(new.clone()).await, Code::Unauthenticated);
     // A stream opened with the old key: a batch that stays open, followed with WatchBatch.
     let mut batches = BatchServiceClient::new(channel.clone());
-    let submit = |from: usize| {
+    let submit = |from: usize, key: &str| {
         with_key(
             SubmitBatchRequest {
                 batch_id: "watched".into(),
                 messages: (from..from + 2).map(crate::batch::invoice).collect(),
                 last: false,
             },
-            Some(&sender),
+            Some(key),
         )
     };
-    batches.submit_batch(submit(0)).await.unwrap();
+    batches.submit_batch(submit(0, &old)).await.unwrap();
     let mut stream = batches
         .watch_batch(with_key(
             GetBatchRequest {
@@ -363,11 +598,8 @@ async fn keys_are_read_again_on_sighup() {
         .into_inner();
     stream.message().await.unwrap().expect("the batch now");
     // Rotation: the new key in, the old one out.
-    let text = std::fs::read_to_string(key_file(&[
-        ("billing", &new, &["status"]),
-        ("sender", &sender, &["notify"]),
-    ]))
-    .unwrap();
+    let text =
+        std::fs::read_to_string(key_file(&[("billing", &new, &["notify", "status"])])).unwrap();
     std::fs::write(&file, text).unwrap();
     let hangup = |pid: u32| {
         std::process::Command::new("kill")
@@ -378,13 +610,14 @@ async fn keys_are_read_again_on_sighup() {
     assert!(hangup(kabar.pid()).success());
     assert!(
         kabar
-            .wait_for_line("API keys read again", Duration::from_secs(5))
+            .wait_for_line("KABAR_API_KEYS_FILE read again", Duration::from_secs(5))
             .await
     );
     assert_eq!(status(new.clone()).await, Code::NotFound);
     assert_eq!(status(old.clone()).await, Code::Unauthenticated);
-    // The open stream ends at its next message instead of delivering it.
-    batches.submit_batch(submit(2)).await.unwrap();
+    // The open stream ends at its next message (items the caller adds with its new key) instead
+    // of delivering it.
+    batches.submit_batch(submit(2, &new)).await.unwrap();
     let cut = tokio::time::timeout(Duration::from_secs(5), stream.message())
         .await
         .expect("the stream ends");

@@ -178,6 +178,15 @@ async fn a_run_sends_every_item_once_and_finishes(redis: Option<&RedisServer>) {
         .into_inner();
     assert_eq!(status.batch_id, "invoices-2026-12");
     assert_eq!(status.reference, "INV-5");
+    if let Some(redis) = redis {
+        // Without keys a batch is stored by its id alone, as it always was.
+        let exists: i64 = redis::cmd("EXISTS")
+            .arg("kabar:batch:{invoices-2026-12}")
+            .query_async(&mut redis.connection().await)
+            .await
+            .unwrap();
+        assert_eq!(exists, 1);
+    }
     // A done batch takes no new items; resubmitting its own is still fine.
     let refused = client
         .submit_batch(submit("invoices-2026-12", 300..301, false))

@@ -8,7 +8,10 @@ use std::{
     process::{Command, Output, Stdio},
 };
 
-use kabar::pb::{GetBatchRequest, batch_service_client::BatchServiceClient};
+use kabar::{
+    domain::auth::{key_hash, new_key},
+    pb::{GetBatchRequest, batch_service_client::BatchServiceClient},
+};
 use tonic::Code;
 
 use crate::{
@@ -54,6 +57,11 @@ impl Run {
 /// Runs `kabar batch ARGS` in `dir` with `KABAR_GRPC_ADDR=addr` and nothing else from the
 /// test's environment (no secrets either: the client needs none).
 async fn kabar_batch(dir: &Path, addr: &str, args: &[&str]) -> Run {
+    kabar_batch_as(dir, addr, None, args).await
+}
+
+/// [`kabar_batch`] with `KABAR_API_KEY=key`, when given.
+async fn kabar_batch_as(dir: &Path, addr: &str, key: Option<&str>, args: &[&str]) -> Run {
     let mut command = Command::new(env!("CARGO_BIN_EXE_kabar"));
     command
         .arg("batch")
@@ -63,6 +71,9 @@ async fn kabar_batch(dir: &Path, addr: &str, args: &[&str]) -> Run {
         .env("KABAR_GRPC_ADDR", addr)
         .current_dir(dir)
         .stdin(Stdio::null());
+    if let Some(key) = key {
+        command.env("KABAR_API_KEY", key);
+    }
     // The Meta stand-in runs on this test's runtime: wait on another thread.
     let output = tokio::task::spawn_blocking(move || command.output().expect("kabar runs"))
         .await
@@ -469,5 +480,102 @@ async fn a_paused_run_says_why_and_resume_finishes_it() {
     );
     let sends = sends_per_phone(&meta);
     assert_eq!(sends.len(), 12);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[tokio::test]
+async fn with_keys_two_callers_run_batches_of_one_name() {
+    let meta = FakeMeta::start().await;
+    let (billing, other) = (new_key(), new_key());
+    let dir = work_dir("batch-cli-keys");
+    let keys = dir.join("keys.toml");
+    std::fs::write(
+        &keys,
+        format!(
+            "[[key]]\nname = \"billing\"\nhash = \"{}\"\nscopes = [\"notify\", \"status\"]\n\
+             [[key]]\nname = \"other\"\nhash = \"{}\"\nscopes = [\"notify\", \"status\"]\n",
+            key_hash(&billing),
+            key_hash(&other)
+        ),
+    )
+    .unwrap();
+    let (url, keys) = (meta.url(), keys.display().to_string());
+    let mut kabar = Kabar::serve(&[
+        ("WHATSAPP_DRIVER", "meta"),
+        ("WHATSAPP_API_KEY", TOKEN),
+        ("META_WA_PHONE_NUMBER_ID", PHONE_NUMBER_ID),
+        ("META_GRAPH_API_URL", &url),
+        ("KABAR_META_RETRY_BASE_MS", "20"),
+        ("KABAR_API_KEYS_FILE", &keys),
+        ("KABAR_LOG_FORMAT", "json"),
+    ]);
+    kabar.wait_serving().await;
+    let addr = kabar.grpc_addr.to_string();
+    let rows: Vec<Vec<String>> = (0..5).map(row).collect();
+    write_csv(&dir, "januari.csv", HEADER, &rows, ",", "\n");
+    let submit = |key: String| {
+        let (dir, addr) = (dir.clone(), addr.clone());
+        async move {
+            kabar_batch_as(
+                &dir,
+                &addr,
+                Some(&key),
+                &[
+                    "submit",
+                    "januari.csv",
+                    "--template",
+                    "invoice_notification",
+                    "--batch-id",
+                    "tagihan-2027-01",
+                ],
+            )
+            .await
+        }
+    };
+    let first = submit(billing.clone()).await;
+    assert_eq!(first.code, Some(0), "{}", first.all());
+    let done = "batch tagihan-2027-01 DONE: 5 items, 5 accepted, 0 failed, 0 unknown";
+    assert!(first.stdout.contains(done), "{}", first.all());
+    // The other caller has no batch of that name: it is not shown billing's.
+    let status = kabar_batch_as(&dir, &addr, Some(&other), &["status", "tagihan-2027-01"]).await;
+    assert_eq!(status.code, Some(1), "{}", status.all());
+    assert!(
+        status.all().contains("no batch \"tagihan-2027-01\"") && !status.all().contains("billing"),
+        "{}",
+        status.all()
+    );
+    // Its own run of the same name and the same rows is its own, sent in full.
+    let second = submit(other.clone()).await;
+    assert_eq!(second.code, Some(0), "{}", second.all());
+    assert!(second.stdout.contains(done), "{}", second.all());
+    assert_eq!(meta.count(), 10);
+    let status = kabar_batch_as(&dir, &addr, Some(&billing), &["status", "tagihan-2027-01"]).await;
+    assert!(
+        status.stdout.contains("batch      tagihan-2027-01")
+            && status.stdout.contains("total      5"),
+        "{}",
+        status.all()
+    );
+
+    // The call's log line names the caller and the caller's own batch id, never the two joined.
+    let lines = kabar.json_lines();
+    for caller in ["billing", "other"] {
+        assert!(
+            lines.iter().any(|l| l["method"] == "SubmitBatch"
+                && l["code"] == "OK"
+                && l["caller"] == caller
+                && l["batch_id"] == "tagihan-2027-01"),
+            "{caller}: {lines:#?}"
+        );
+    }
+    assert!(
+        !kabar
+            .stderr()
+            .iter()
+            .any(|l| l.contains("billing/") || l.contains("other/")),
+        "{:#?}",
+        kabar.stderr()
+    );
+    kabar.stop(std::time::Duration::from_secs(10)).await;
     let _ = std::fs::remove_dir_all(dir);
 }

@@ -5,8 +5,10 @@
 //! the call answers. Workers on every replica ([`worker`]) take items, send each through the
 //! send pipeline at the lowest pacing priority, and settle it once: accepted, failed, or
 //! unknown when Meta may have it (never sent again). A refusal that would hit every item pauses
-//! the batch; webhook statuses move its items on to delivered and read.
+//! the batch; webhook statuses move its items on to delivered and read. Batch ids are each
+//! caller's own ([`BatchId`]).
 
+pub mod id;
 pub mod rules;
 pub mod worker;
 
@@ -15,6 +17,7 @@ use std::{collections::HashMap, sync::Arc, time::Duration};
 use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 
+pub use self::id::BatchId;
 use self::rules::{BatchState, Counts, ItemState, check_batch_id, daily_hold, eta_seconds};
 use super::{
     error::{Error, Violations, echo},
@@ -206,24 +209,24 @@ impl Batches {
     /// then adds the new references in one step.
     pub async fn submit(
         &self,
-        batch_id: &str,
+        batch_id: &BatchId,
         messages: &[NotificationRequest<'_>],
         last: bool,
     ) -> Result<BatchView, Error> {
-        let items = self.prepare(batch_id, messages, last)?;
+        let items = self.prepare(batch_id.own(), messages, last)?;
         match self
             .store
-            .submit(batch_id, &items, last, now_ms(), self.retention)
+            .submit(batch_id.stored(), &items, last, now_ms(), self.retention)
             .await?
         {
             Submitted::Added { batch, added } => {
                 if added > 0 {
                     self.wake.notify_waiters();
                 }
-                Ok(self.view(batch))
+                Ok(self.view(batch_id, batch))
             }
             Submitted::Closed(batch) => Err(Error::BatchClosed {
-                batch_id: batch.batch_id,
+                batch_id: batch_id.own().to_owned(),
                 state: if batch.state.is_final() {
                     batch.state.as_str()
                 } else {
@@ -314,36 +317,37 @@ impl Batches {
         }
     }
 
-    pub async fn get(&self, batch_id: &str) -> Result<BatchView, Error> {
+    /// `GetBatch`. Another caller's batch is not found, exactly as one that does not exist.
+    pub async fn get(&self, batch_id: &BatchId) -> Result<BatchView, Error> {
         check_id(batch_id)?;
         let batch = self
             .store
-            .get(batch_id)
+            .get(batch_id.stored())
             .await?
-            .ok_or_else(|| Error::BatchNotFound(echo(batch_id)))?;
-        Ok(self.view(batch))
+            .ok_or_else(|| not_found(batch_id))?;
+        Ok(self.view(batch_id, batch))
     }
 
     /// `CancelBatch`: no further item is sent, on any replica (items being sent this instant
     /// finish). Cancelling a cancelled batch changes nothing; a done one cannot be cancelled.
-    pub async fn cancel(&self, batch_id: &str) -> Result<BatchView, Error> {
+    pub async fn cancel(&self, batch_id: &BatchId) -> Result<BatchView, Error> {
         self.command(batch_id, &Command::Cancel).await
     }
 
     /// `ResumeBatch`: a paused batch runs again; a running one is left as it is.
-    pub async fn resume(&self, batch_id: &str) -> Result<BatchView, Error> {
+    pub async fn resume(&self, batch_id: &BatchId) -> Result<BatchView, Error> {
         let view = self.command(batch_id, &Command::Resume).await?;
         self.wake.notify_waiters();
         Ok(view)
     }
 
-    async fn command(&self, batch_id: &str, command: &Command) -> Result<BatchView, Error> {
+    async fn command(&self, batch_id: &BatchId, command: &Command) -> Result<BatchView, Error> {
         check_id(batch_id)?;
         let (batch, _) = self
             .store
-            .command(batch_id, command, self.retention)
+            .command(batch_id.stored(), command, self.retention)
             .await?
-            .ok_or_else(|| Error::BatchNotFound(echo(batch_id)))?;
+            .ok_or_else(|| not_found(batch_id))?;
         let refused = match (command, batch.state) {
             (Command::Cancel, BatchState::Done) => Some("a finished batch cannot be cancelled"),
             (Command::Resume, BatchState::Done | BatchState::Cancelled) => {
@@ -353,11 +357,11 @@ impl Batches {
         };
         match refused {
             Some(what) => Err(Error::BatchClosed {
-                batch_id: batch.batch_id,
+                batch_id: batch_id.own().to_owned(),
                 state: batch.state.as_str(),
                 what,
             }),
-            None => Ok(self.view(batch)),
+            None => Ok(self.view(batch_id, batch)),
         }
     }
 
@@ -365,7 +369,7 @@ impl Batches {
     /// given. The page token is the position to go on from.
     pub async fn list(
         &self,
-        batch_id: &str,
+        batch_id: &BatchId,
         filter: &str,
         page_size: u32,
         page_token: &str,
@@ -399,9 +403,9 @@ impl Batches {
             };
             let (chunk, total) = self
                 .store
-                .items(batch_id, at, want)
+                .items(batch_id.stored(), at, want)
                 .await?
-                .ok_or_else(|| Error::BatchNotFound(echo(batch_id)))?;
+                .ok_or_else(|| not_found(batch_id))?;
             if at > total {
                 return Err(bad_token());
             }
@@ -431,7 +435,9 @@ impl Batches {
         }
     }
 
-    fn view(&self, info: BatchInfo) -> BatchView {
+    /// The batch as its caller sees it: under the caller's own id, with the time left.
+    fn view(&self, batch_id: &BatchId, mut info: BatchInfo) -> BatchView {
+        batch_id.own().clone_into(&mut info.batch_id);
         if !info.state.is_workable() {
             return BatchView {
                 info,
@@ -454,12 +460,19 @@ impl Batches {
     }
 }
 
-fn check_id(batch_id: &str) -> Result<(), Error> {
-    check_batch_id(batch_id).map_err(|problem| Error::field("batch_id", problem))
+fn check_id(batch_id: &BatchId) -> Result<(), Error> {
+    check_batch_id(batch_id.own()).map_err(|problem| Error::field("batch_id", problem))
 }
 
-/// The message of an item, ready for the send pipeline.
-pub fn outgoing(batch_id: &str, item: &NewItem) -> Result<Outgoing, Error> {
+/// No such batch of this caller: it was never submitted, is older than the retention, or is
+/// another caller's (the answer is the same, so nothing tells which).
+fn not_found(batch_id: &BatchId) -> Error {
+    Error::BatchNotFound(echo(batch_id.own()))
+}
+
+/// The message of an item, ready for the send pipeline. Its record carries the batch as the store
+/// knows it ([`BatchId::stored`]), so that a webhook status of the message finds the item.
+pub fn outgoing(batch_id: &BatchId, item: &NewItem) -> Result<Outgoing, Error> {
     let to = phone::normalize(&item.phone).map_err(|e| Error::field("phone", e.to_string()))?;
     Ok(Outgoing {
         message: OutboundTemplate {
@@ -475,7 +488,7 @@ pub fn outgoing(batch_id: &str, item: &NewItem) -> Result<Outgoing, Error> {
         reference: item.reference.clone(),
         idempotency_key: None,
         priority: Priority::Batch,
-        batch_id: batch_id.to_owned(),
+        batch_id: batch_id.stored().to_owned(),
     })
 }
 

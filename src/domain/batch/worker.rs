@@ -18,6 +18,9 @@
 //!
 //! On shutdown the worker takes no new items, gives back those it holds that are not yet
 //! marked, and finishes the sends already under way.
+//!
+//! The worker knows batches as the store does ([`BatchId::stored`]); its log lines name a batch
+//! the way a call's log line does: `caller` (with keys) and the caller's own `batch_id`.
 
 use std::{
     collections::HashMap,
@@ -32,7 +35,7 @@ use tokio::sync::{Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    Claim, Mark, Outcome, item_error, outgoing,
+    BatchId, Claim, Mark, Outcome, item_error, outgoing,
     rules::{Failure, ItemState, judge},
 };
 use crate::domain::{
@@ -182,18 +185,19 @@ impl Worker {
         stop: &CancellationToken,
     ) -> Result<usize, crate::domain::ports::StoreError> {
         let mut took = 0;
-        for batch_id in self.store.active().await? {
+        for stored in self.store.active().await? {
             let free = slots.available_permits();
             if free == 0 || stop.is_cancelled() {
                 break;
             }
-            if self.held_back(&batch_id) {
+            if self.held_back(&stored) {
                 continue;
             }
+            let batch_id = BatchId::from_stored(&stored);
             let claimed = self
                 .store
                 .claim(
-                    &batch_id,
+                    &stored,
                     &self.consumer,
                     free.min(CLAIM_MAX),
                     self.config.claim_timeout,
@@ -201,14 +205,14 @@ impl Worker {
                 )
                 .await?;
             match claimed.state {
-                None => self.store.forget(&batch_id).await?,
-                Some(state) if state.is_final() => self.store.forget(&batch_id).await?,
+                None => self.store.forget(&stored).await?,
+                Some(state) if state.is_final() => self.store.forget(&stored).await?,
                 Some(_) => {}
             }
             for claim in claimed.items {
                 let Ok(slot) = slots.clone().try_acquire_owned() else {
                     // Cannot happen (no more than `free` were asked for); the item goes back.
-                    let _ = self.store.release(&batch_id, &claim, &self.consumer).await;
+                    let _ = self.store.release(&stored, &claim, &self.consumer).await;
                     continue;
                 };
                 took += 1;
@@ -222,27 +226,27 @@ impl Worker {
         Ok(took)
     }
 
-    fn held_back(&self, batch_id: &str) -> bool {
+    fn held_back(&self, stored: &str) -> bool {
         let mut held = self.held_back.lock().unwrap_or_else(|e| e.into_inner());
-        match held.get(batch_id) {
+        match held.get(stored) {
             Some(until) if *until > Instant::now() => true,
             Some(_) => {
-                held.remove(batch_id);
+                held.remove(stored);
                 false
             }
             None => false,
         }
     }
 
-    fn hold_back(&self, batch_id: &str, wait: Duration) {
+    fn hold_back(&self, batch_id: &BatchId, wait: Duration) {
         let mut held = self.held_back.lock().unwrap_or_else(|e| e.into_inner());
         let until = Instant::now() + wait;
-        let entry = held.entry(batch_id.to_owned()).or_insert(until);
+        let entry = held.entry(batch_id.stored().to_owned()).or_insert(until);
         *entry = (*entry).max(until);
     }
 
     /// Sends one item and settles it.
-    async fn handle(&self, batch_id: &str, claim: Claim, stop: &CancellationToken) {
+    async fn handle(&self, batch_id: &BatchId, claim: Claim, stop: &CancellationToken) {
         let out = match outgoing(batch_id, &claim.item.data) {
             Ok(out) => out,
             Err(e) => {
@@ -284,7 +288,8 @@ impl Worker {
             Err(e) if e.may_have_been_delivered() => {
                 if !self.meta_silent.swap(true, Ordering::SeqCst) {
                     tracing::warn!(
-                        batch_id,
+                        caller = batch_id.owner(),
+                        batch_id = batch_id.own(),
                         "a batch item went to Meta and no answer came back; batch items go one at \
                          a time until Meta answers again"
                     );
@@ -313,14 +318,15 @@ impl Worker {
                     let pause = super::Command::Pause(reason.clone());
                     match self
                         .store
-                        .command(batch_id, &pause, self.config.retention)
+                        .command(batch_id.stored(), &pause, self.config.retention)
                         .await
                     {
                         // Logged and counted once per pause, by the item that paused it.
                         Ok(Some((_, true))) => {
                             self.counters.paused.fetch_add(1, Ordering::Relaxed);
                             tracing::warn!(
-                                batch_id,
+                                caller = batch_id.owner(),
+                                batch_id = batch_id.own(),
                                 reason = %reason,
                                 "batch paused: Meta refused in a way that would hit every item; \
                                  fix the cause, then ResumeBatch"
@@ -328,7 +334,12 @@ impl Worker {
                         }
                         Ok(_) => {}
                         Err(e) => {
-                            tracing::warn!(batch_id, error = %e, "could not pause the batch");
+                            tracing::warn!(
+                                caller = batch_id.owner(),
+                                batch_id = batch_id.own(),
+                                error = %e,
+                                "could not pause the batch"
+                            );
                             self.hold_back(batch_id, super::rules::RETRY_WAIT);
                         }
                     }
@@ -356,7 +367,7 @@ impl Worker {
     /// left held is then taken over by another replica).
     async fn settle(
         &self,
-        batch_id: &str,
+        batch_id: &BatchId,
         claim: &Claim,
         state: ItemState,
         message_id: &str,
@@ -373,7 +384,7 @@ impl Worker {
             match self
                 .store
                 .settle(
-                    batch_id,
+                    batch_id.stored(),
                     claim,
                     &self.consumer,
                     &outcome,
@@ -392,7 +403,8 @@ impl Worker {
                 }
                 Ok(None) => {
                     tracing::warn!(
-                        batch_id,
+                        caller = batch_id.owner(),
+                        batch_id = batch_id.own(),
                         state = state.as_str(),
                         "a batch item was taken over by another replica before it was settled here"
                     );
@@ -400,7 +412,12 @@ impl Worker {
                 }
                 Err(e) => {
                     if !warned {
-                        tracing::warn!(batch_id, error = %e, "could not settle a batch item; trying again");
+                        tracing::warn!(
+                            caller = batch_id.owner(),
+                            batch_id = batch_id.own(),
+                            error = %e,
+                            "could not settle a batch item; trying again"
+                        );
                         warned = true;
                     }
                     if stop.is_cancelled() {
@@ -414,9 +431,18 @@ impl Worker {
 
     /// Gives an item that did not go out back to the queue. When the store is unreachable the
     /// item stays held, and is taken over after the claim timeout.
-    async fn give_back(&self, batch_id: &str, claim: &Claim) {
-        if let Err(e) = self.store.release(batch_id, claim, &self.consumer).await {
-            tracing::warn!(batch_id, error = %e, "could not give a batch item back; it is taken over after the claim timeout");
+    async fn give_back(&self, batch_id: &BatchId, claim: &Claim) {
+        if let Err(e) = self
+            .store
+            .release(batch_id.stored(), claim, &self.consumer)
+            .await
+        {
+            tracing::warn!(
+                caller = batch_id.owner(),
+                batch_id = batch_id.own(),
+                error = %e,
+                "could not give a batch item back; it is taken over after the claim timeout"
+            );
         }
     }
 }
@@ -424,7 +450,7 @@ impl Worker {
 /// Marks the item as being sent, right before Meta is called.
 struct MarkGuard<'a> {
     worker: &'a Worker,
-    batch_id: &'a str,
+    batch_id: &'a BatchId,
     claim: &'a Claim,
     /// Set before the mark is written: from then on the send is never abandoned.
     started: AtomicBool,
@@ -454,7 +480,7 @@ impl SendGuard for MarkGuard<'_> {
         let within = super::send_window(worker.config.claim_timeout);
         let mark = worker
             .store
-            .mark_sending(self.batch_id, self.claim, &worker.consumer, within)
+            .mark_sending(self.batch_id.stored(), self.claim, &worker.consumer, within)
             .await;
         let mark = match mark {
             Ok(m) => m,
@@ -468,12 +494,12 @@ impl SendGuard for MarkGuard<'_> {
         match mark {
             Mark::Go => Ok(()),
             Mark::Stopped(state) => Err(Error::BatchClosed {
-                batch_id: self.batch_id.to_owned(),
+                batch_id: self.batch_id.own().to_owned(),
                 state: state.as_str(),
                 what: "its items are not sent now",
             }),
             Mark::Lost => Err(Error::BatchClosed {
-                batch_id: self.batch_id.to_owned(),
+                batch_id: self.batch_id.own().to_owned(),
                 state: "taken over",
                 what: "another replica holds the item",
             }),
