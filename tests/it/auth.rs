@@ -639,6 +639,62 @@ async fn keys_are_read_again_on_sighup() {
     kabar.stop(Duration::from_secs(10)).await;
 }
 
+#[tokio::test]
+async fn keys_are_read_again_when_the_file_changes() {
+    let (first, second, third) = (new_key(), new_key(), new_key());
+    let file = key_file(&[("billing", &first, &["status"])]);
+    let app = TestApp::start(vec![(
+        "KABAR_API_KEYS_FILE".into(),
+        file.display().to_string(),
+    )])
+    .await;
+    let status = |key: String| {
+        let channel = app.channel.clone();
+        async move {
+            BatchServiceClient::new(channel)
+                .get_batch(with_key(
+                    GetBatchRequest {
+                        batch_id: "x".into(),
+                    },
+                    Some(&key),
+                ))
+                .await
+                .unwrap_err()
+                .code()
+        }
+    };
+    let works = |key: &String| {
+        let key = key.clone();
+        let status = &status;
+        async move { status(key).await == Code::NotFound }
+    };
+    assert!(works(&first).await);
+    let entries =
+        |key: &str| std::fs::read_to_string(key_file(&[("billing", key, &["status"])])).unwrap();
+    let within = kabar::reload::POLL_INTERVAL * 3;
+
+    // Edited in place: no signal needed.
+    std::fs::write(&file, entries(&second)).unwrap();
+    assert!(eventually(within, || works(&second)).await, "the new key");
+    assert_eq!(status(first.clone()).await, Code::Unauthenticated);
+
+    // A file that does not read keeps the keys in force.
+    std::fs::write(&file, "[[key]]\nname = \"billing\"\n").unwrap();
+    tokio::time::sleep(within).await;
+    assert!(works(&second).await, "a broken file took the keys away");
+
+    // Replaced by a rename, as Kubernetes updates a mounted Secret.
+    let staged = file.with_extension("staged");
+    std::fs::write(&staged, entries(&third)).unwrap();
+    std::fs::rename(&staged, &file).unwrap();
+    assert!(
+        eventually(within, || works(&third)).await,
+        "the renamed-in key"
+    );
+    assert_eq!(status(second.clone()).await, Code::Unauthenticated);
+    app.stop().await.unwrap();
+}
+
 #[test]
 fn keys_new_prints_a_key_once_and_its_entry() {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_kabar"))
@@ -714,5 +770,14 @@ async fn a_runaway_caller_meets_its_quota_and_the_others_do_not() {
         client.get_batch(get(&job)).await.unwrap_err().code(),
         Code::NotFound
     );
+    // The operator sees who was refused, by caller.
+    let metrics = crate::support::metrics_text(app.http_addr).await;
+    for line in [
+        "kabar_grpc_caller_calls_total{caller=\"job\",code=\"NOT_FOUND\"} 6",
+        "kabar_grpc_caller_calls_total{caller=\"job\",code=\"RESOURCE_EXHAUSTED\"} 3",
+        "kabar_grpc_caller_calls_total{caller=\"portal\",code=\"NOT_FOUND\"} 20",
+    ] {
+        assert!(metrics.contains(line), "{line} in:\n{metrics}");
+    }
     app.stop().await.unwrap();
 }
