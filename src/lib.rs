@@ -12,6 +12,7 @@ pub mod http;
 pub mod listen;
 pub mod metrics;
 pub mod notify;
+pub mod ops;
 pub mod otp;
 pub mod phone;
 pub mod reload;

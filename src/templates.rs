@@ -29,6 +29,12 @@ pub struct Template {
     pub category: Category,
     /// Parameter names; position i fills `{{i+1}}`.
     pub params: Vec<String>,
+    /// The body text submitted to Meta by `kabar templates push`, with `{{1}}..{{n}}` in the
+    /// order of `params`. `None` for AUTHENTICATION (Meta writes that body itself) and for a
+    /// template only ever created in WhatsApp Manager.
+    pub body: Option<String>,
+    /// One example value per parameter, in order, submitted with the body (Meta requires them).
+    pub examples: Vec<String>,
 }
 
 /// Meta refuses a body over 1024 characters; a single parameter can never be longer.
@@ -38,11 +44,17 @@ pub const MAX_BODY_CHARS: usize = 1024;
 /// An authentication code may be at most 15 characters (Meta).
 pub const MAX_OTP_CODE_CHARS: usize = 15;
 
-const DEFAULTS: &[(&str, Category, &[&str])] = &[
+/// The built-in templates: key, category, parameters in order, and the Indonesian body text
+/// `kabar templates push` submits (written for kabar; `{{n}}` is the n-th parameter).
+const DEFAULTS: &[(&str, Category, &[&str], Option<&str>)] = &[
     (
         "payment_confirmation",
         Category::Utility,
         &["nama", "nominal", "no_bayar", "tanggal", "status"],
+        Some(
+            "Halo {{1}}, pembayaran sebesar {{2}} dengan nomor pembayaran {{3}} pada tanggal \
+             {{4}} sudah kami terima dengan status {{5}}. Terima kasih atas pembayaran Anda.",
+        ),
     ),
     (
         "invoice_notification",
@@ -56,24 +68,53 @@ const DEFAULTS: &[(&str, Category, &[&str])] = &[
             "jatuh_tempo",
             "customer_id",
         ],
+        Some(
+            "Halo {{1}}, tagihan internet Anda untuk periode {{2}} sudah terbit. Nomor tagihan: \
+             {{3}}. Paket: {{4}}. Jumlah tagihan: {{5}}. Mohon lakukan pembayaran sebelum \
+             {{6}}. ID pelanggan Anda: {{7}}. Terima kasih.",
+        ),
     ),
     (
         "payment_reminder",
         Category::Utility,
         &["nama", "nominal", "hari_sblm_jatuh_tempo", "customer_id"],
+        Some(
+            "Halo {{1}}, kami mengingatkan bahwa tagihan internet Anda sebesar {{2}} akan jatuh \
+             tempo dalam {{3}} hari. Mohon lakukan pembayaran agar layanan tetap aktif. ID \
+             pelanggan: {{4}}. Terima kasih.",
+        ),
     ),
     (
         "overdue_notice",
         Category::Utility,
         &["nama", "nominal", "customer_id"],
+        Some(
+            "Halo {{1}}, tagihan internet Anda sebesar {{2}} telah melewati tanggal jatuh tempo. \
+             Mohon segera lakukan pembayaran agar layanan tidak terganggu. ID pelanggan: {{3}}. \
+             Terima kasih.",
+        ),
     ),
     (
         "isolation_notice",
         Category::Utility,
         &["nama", "nominal", "telepon_cs", "customer_id"],
+        Some(
+            "Halo {{1}}, layanan internet Anda untuk sementara kami isolir karena tagihan sebesar \
+             {{2}} belum kami terima. Layanan aktif kembali setelah pembayaran diterima. Hubungi \
+             layanan pelanggan di {{3}} bila ada pertanyaan. ID pelanggan: {{4}}. Terima kasih.",
+        ),
     ),
-    ("access_opened", Category::Utility, &["nama", "telepon_cs"]),
-    ("otp_code", Category::Authentication, &["kode_otp"]),
+    (
+        "access_opened",
+        Category::Utility,
+        &["nama", "telepon_cs"],
+        Some(
+            "Halo {{1}}, pembayaran Anda sudah kami terima dan akses internet Anda telah dibuka \
+             kembali. Bila masih ada kendala, hubungi layanan pelanggan di {{2}}. Terima kasih.",
+        ),
+    ),
+    // Meta writes an AUTHENTICATION template's body itself ("<code> is your verification code").
+    ("otp_code", Category::Authentication, &["kode_otp"], None),
 ];
 
 /// The default language of every built-in template.
@@ -92,6 +133,8 @@ struct TemplateOverride {
     language: Option<String>,
     category: Option<Category>,
     params: Option<Vec<String>>,
+    body: Option<String>,
+    examples: Option<Vec<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -105,13 +148,15 @@ impl Default for TemplateRegistry {
     fn default() -> Self {
         let templates = DEFAULTS
             .iter()
-            .map(|(key, category, params)| {
+            .map(|(key, category, params, body)| {
                 let template = Template {
                     key: (*key).to_owned(),
                     name: (*key).to_owned(),
                     language: DEFAULT_LANGUAGE.to_owned(),
                     category: *category,
                     params: params.iter().map(|p| (*p).to_owned()).collect(),
+                    body: body.map(str::to_owned),
+                    examples: params.iter().map(|p| sample_value(p).to_owned()).collect(),
                 };
                 ((*key).to_owned(), Arc::new(template))
             })
@@ -131,6 +176,9 @@ impl TemplateRegistry {
     /// [templates.welcome]            # a new key needs category and params
     /// category = "UTILITY"
     /// params = ["nama", "paket"]
+    /// # for `kabar templates push`:
+    /// body = "Halo {{1}}, selamat datang di paket {{2}}. Terima kasih."
+    /// examples = ["Budi", "Internet 20 Mbps"]
     /// ```
     pub fn from_toml(text: &str) -> Result<Self, String> {
         let file: RegistryFile = toml::from_str(text).map_err(|e| e.message().to_owned())?;
@@ -156,7 +204,18 @@ impl TemplateRegistry {
                         t.category = category;
                     }
                     if let Some(params) = over.params {
+                        // The built-in text and examples follow the built-in order only.
+                        if over.body.is_none() && params != t.params {
+                            t.body = None;
+                        }
+                        t.examples = params.iter().map(|p| sample_value(p).to_owned()).collect();
                         t.params = params;
+                    }
+                    if let Some(body) = over.body {
+                        t.body = Some(body);
+                    }
+                    if let Some(examples) = over.examples {
+                        t.examples = examples;
                     }
                     t
                 }
@@ -169,6 +228,8 @@ impl TemplateRegistry {
                     params: over.params.ok_or_else(|| {
                         format!("template {key:?} is not built in, so it needs params")
                     })?,
+                    body: over.body,
+                    examples: over.examples.unwrap_or_default(),
                     key: key.clone(),
                 },
             };
@@ -180,6 +241,13 @@ impl TemplateRegistry {
 
     pub fn get(&self, key: &str) -> Option<&Arc<Template>> {
         self.templates.get(key)
+    }
+
+    /// Every template, in key order.
+    pub fn all(&self) -> Vec<&Arc<Template>> {
+        let mut all: Vec<&Arc<Template>> = self.templates.values().collect();
+        all.sort_by(|a, b| a.key.cmp(&b.key));
+        all
     }
 
     /// Registry keys in alphabetical order (for error messages and `send-test`).
@@ -211,6 +279,14 @@ fn validate_template(t: &Template) -> Result<(), String> {
                 t.key
             ));
         }
+    }
+    if !t.examples.is_empty() && t.examples.len() != t.params.len() {
+        return Err(format!(
+            "template {:?}: {} examples for {} parameters: give one example per parameter",
+            t.key,
+            t.examples.len(),
+            t.params.len()
+        ));
     }
     if t.category == Category::Authentication && t.params.len() != 1 {
         return Err(format!(

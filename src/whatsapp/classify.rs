@@ -43,6 +43,9 @@ pub struct MetaErrorObject {
     pub error_subcode: Option<i64>,
     #[serde(default)]
     pub error_data: Option<MetaErrorData>,
+    /// Meta's explanation for a person, e.g. why a template was refused.
+    #[serde(default)]
+    pub error_user_msg: Option<String>,
     #[serde(default)]
     pub fbtrace_id: Option<String>,
 }
@@ -62,7 +65,7 @@ pub struct MetaFailure {
     /// Meta's `code` (or 0 when Meta sent no parseable body).
     pub meta_code: i64,
     pub http_status: u16,
-    /// Meta's `error_data.details`, else its `message`.
+    /// Meta's `error_data.details`, else its `error_user_msg`, else its `message`.
     pub details: String,
     pub fbtrace_id: Option<String>,
     /// What a developer or operator should do about it.
@@ -98,6 +101,7 @@ pub fn reason_of_code(code: i64) -> Reason {
         code,
         error_subcode: None,
         error_data: None,
+        error_user_msg: None,
         fbtrace_id: None,
     };
     classify(
@@ -377,6 +381,7 @@ pub fn classify(
                 .as_ref()
                 .and_then(|d| d.details.clone())
                 .filter(|d| !d.is_empty())
+                .or_else(|| b.error_user_msg.clone().filter(|m| !m.is_empty()))
                 .unwrap_or_else(|| b.message.clone())
         })
         .unwrap_or_else(|| format!("HTTP {http_status} without a Meta error body"));
@@ -406,6 +411,7 @@ mod tests {
             error_data: Some(MetaErrorData {
                 details: Some("what Meta said".into()),
             }),
+            error_user_msg: None,
             fbtrace_id: Some("trace".into()),
         }
     }

@@ -25,8 +25,8 @@ pub struct MetaClient {
 struct Inner {
     http: reqwest::Client,
     messages_url: String,
-    /// The phone number's node, for reading its state.
-    number_url: String,
+    /// `{base}/{version}`: where every Graph API path starts.
+    graph_url: String,
     phone_number_id: String,
     authorization: HeaderValue,
     request_timeout: Duration,
@@ -80,18 +80,18 @@ impl MetaClient {
             HeaderValue::from_str(&format!("Bearer {}", settings.access_token.expose_secret()))
                 .map_err(|_| "WHATSAPP_API_KEY contains characters not allowed in a header")?;
         authorization.set_sensitive(true);
-        let number_url = format!(
-            "{}/{}/{}",
+        let graph_url = format!(
+            "{}/{}",
             settings.graph_api_url.trim_end_matches('/'),
             settings.graph_api_version,
-            settings.phone_number_id
         );
+        let number_url = format!("{graph_url}/{}", settings.phone_number_id);
         let messages_url = format!("{number_url}/messages");
         Ok(MetaClient {
             inner: Arc::new(Inner {
                 http,
                 messages_url,
-                number_url,
+                graph_url,
                 phone_number_id: settings.phone_number_id.clone(),
                 authorization,
                 request_timeout: settings.request_timeout,
@@ -113,21 +113,68 @@ impl MetaClient {
     /// The number's messaging limit as Meta spells it (`TIER_250`, ..., `TIER_UNLIMITED`), from
     /// the field `whatsapp_business_manager_messaging_limit`.
     pub async fn messaging_limit(&self) -> Result<String, SendError> {
-        #[derive(Deserialize)]
-        struct Number {
-            whatsapp_business_manager_messaging_limit: Option<String>,
-        }
+        let number = self
+            .graph_get(
+                &self.inner.phone_number_id,
+                &[("fields", "whatsapp_business_manager_messaging_limit")],
+            )
+            .await?;
+        number["whatsapp_business_manager_messaging_limit"]
+            .as_str()
+            .map(str::to_owned)
+            .ok_or_else(|| {
+                SendError::Uncertain("Meta's answer has no messaging limit field".into())
+            })
+    }
+
+    /// Reads a Graph API node or edge (`GET {base}/{version}/{path}`), with the token, timeouts
+    /// and error classification of sending: the phone number's state, the business account,
+    /// templates, webhook subscriptions. One attempt; an answer of at most
+    /// [`MAX_GRAPH_ANSWER_BYTES`].
+    pub async fn graph_get(
+        &self,
+        path: &str,
+        query: &[(&str, &str)],
+    ) -> Result<serde_json::Value, SendError> {
         let inner = &*self.inner;
-        let response = inner
+        let request = inner
             .http
-            .get(&inner.number_url)
-            .query(&[("fields", "whatsapp_business_manager_messaging_limit")])
+            .get(format!("{}/{path}", inner.graph_url))
+            .query(query);
+        self.graph_call(request).await
+    }
+
+    /// Writes to the Graph API (`POST {base}/{version}/{path}` with a JSON body), as
+    /// [`graph_get`](Self::graph_get) reads: creating a template.
+    pub async fn graph_post(
+        &self,
+        path: &str,
+        body: &serde_json::Value,
+    ) -> Result<serde_json::Value, SendError> {
+        let inner = &*self.inner;
+        let request = inner
+            .http
+            .post(format!("{}/{path}", inner.graph_url))
+            .header(CONTENT_TYPE, HeaderValue::from_static("application/json"))
+            .body(body.to_string());
+        self.graph_call(request).await
+    }
+
+    async fn graph_call(
+        &self,
+        request: reqwest::RequestBuilder,
+    ) -> Result<serde_json::Value, SendError> {
+        let inner = &*self.inner;
+        let response = request
             .header(AUTHORIZATION, inner.authorization.clone())
             .send()
             .await
-            .map_err(|e| SendError::Unreachable(e.to_string()))?;
+            .map_err(|e| match e.is_connect() {
+                true => SendError::Unreachable(e.to_string()),
+                false => transport_error(&e, None),
+            })?;
         let status = response.status().as_u16();
-        let bytes = read_bounded(response, None).await?;
+        let bytes = read_bounded(response, None, MAX_GRAPH_ANSWER_BYTES).await?;
         if !(200..300).contains(&status) {
             let ctx = SendContext {
                 template: "",
@@ -135,12 +182,9 @@ impl MetaClient {
             };
             return Err(SendError::Meta(failure_of(status, &bytes, &ctx)));
         }
-        serde_json::from_slice::<Number>(&bytes)
-            .ok()
-            .and_then(|n| n.whatsapp_business_manager_messaging_limit)
-            .ok_or_else(|| {
-                SendError::Uncertain("Meta's answer has no messaging limit field".into())
-            })
+        serde_json::from_slice(&bytes).map_err(|_| {
+            SendError::Uncertain(format!("Meta answered {status} with a body that is not JSON"))
+        })
     }
 
     pub fn phone_number_id(&self) -> &str {
@@ -209,7 +253,7 @@ impl MetaClient {
             let error = match outcome {
                 Ok(response) => {
                     let status = response.status().as_u16();
-                    let bytes = read_bounded(response, deadline).await?;
+                    let bytes = read_bounded(response, deadline, MAX_ANSWER_BYTES).await?;
                     if (200..300).contains(&status) {
                         return parse_success(&bytes);
                     }
@@ -249,21 +293,25 @@ const MAX_ID_BYTES: usize = 256;
 /// Meta's answers are a few KB; anything longer is not an answer kabar can trust.
 pub const MAX_ANSWER_BYTES: usize = 64 * 1024;
 
-/// Reads an answer's body, at most [`MAX_ANSWER_BYTES`]. A longer (or endless) body is an
-/// unreadable answer: the request reached Meta, so the message may have gone out.
+/// A page of templates with their components is longer than a send's answer.
+pub const MAX_GRAPH_ANSWER_BYTES: usize = 1024 * 1024;
+
+/// Reads an answer's body, at most `max` bytes. A longer (or endless) body is an unreadable
+/// answer: the request reached Meta, so the message may have gone out.
 async fn read_bounded(
     mut response: reqwest::Response,
     deadline: Option<Instant>,
+    max: usize,
 ) -> Result<Vec<u8>, SendError> {
     let mut body = Vec::new();
     loop {
         match response.chunk().await {
             Ok(None) => return Ok(body),
             Ok(Some(chunk)) => {
-                if body.len() + chunk.len() > MAX_ANSWER_BYTES {
+                if body.len() + chunk.len() > max {
                     return Err(SendError::Uncertain(format!(
                         "Meta's answer is longer than {} KiB; it was not read",
-                        MAX_ANSWER_BYTES / 1024
+                        max / 1024
                     )));
                 }
                 body.extend_from_slice(&chunk);

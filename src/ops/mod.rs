@@ -1,0 +1,7 @@
+//! Operators' tools that talk to Meta's Graph API with kabar's configuration: the setup
+//! checklist (`kabar doctor`) and the templates at Meta (`kabar templates status|push`), with
+//! the lint that keeps a template from being refused.
+
+pub mod doctor;
+pub mod lint;
+pub mod templates;
