@@ -51,6 +51,35 @@ enum Command {
     /// API keys for callers (KABAR_API_KEYS_FILE).
     #[command(subcommand)]
     Keys(KeysCommand),
+    /// Checks the setup live against Meta (token, number, business, templates, webhook) and
+    /// kabar's own (Redis, OTP secret, key file): one line per check with its remedy; exits 0
+    /// only when nothing failed.
+    Doctor {
+        /// The report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// The registry's templates at Meta.
+    #[command(subcommand)]
+    Templates(TemplatesCommand),
+}
+
+#[derive(Subcommand)]
+enum TemplatesCommand {
+    /// Each registry template's state at Meta (APPROVED, PENDING, MISSING, ...).
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Creates the registry templates missing at Meta, after checking them against Meta's
+    /// rejection reasons. Templates that exist are left alone.
+    Push {
+        /// Show what would be submitted; create nothing.
+        #[arg(long)]
+        dry_run: bool,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -131,6 +160,13 @@ fn main() -> ExitCode {
             params,
             language,
         } => runtime.block_on(send_test(config, phone, template, params, language)),
+        Command::Doctor { json } => return runtime.block_on(cli::ops::doctor(&config, json)),
+        Command::Templates(TemplatesCommand::Status { json }) => {
+            return runtime.block_on(cli::ops::templates_status(&config, json));
+        }
+        Command::Templates(TemplatesCommand::Push { dry_run, json }) => {
+            return runtime.block_on(cli::ops::templates_push(&config, dry_run, json));
+        }
         Command::Batch(_) | Command::Keys(_) => {
             unreachable!("handled before the configuration is read")
         }

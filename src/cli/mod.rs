@@ -1,6 +1,7 @@
 //! Operators' commands that are gRPC clients of a running kabar (`kabar batch ...`).
 
 pub mod batch;
+pub mod ops;
 mod sheet;
 
 use std::time::Duration;

@@ -200,6 +200,8 @@ struct MetaState {
     messaging_limit: Option<String>,
     /// Reads of the number's state (`GET /{version}/{phone-number-id}`).
     number_reads: usize,
+    /// The Graph API side: the business account, its templates and subscriptions.
+    graph: crate::meta_graph::Graph,
 }
 
 /// A local HTTP server standing in for `graph.facebook.com`. It records every request and answers
@@ -277,6 +279,30 @@ impl FakeMeta {
     pub fn number_reads(&self) -> usize {
         self.state.lock().unwrap().number_reads
     }
+
+    /// Reads or changes the business account as the Graph API shows it.
+    pub fn graph<R>(&self, f: impl FnOnce(&mut crate::meta_graph::Graph) -> R) -> R {
+        f(&mut self.state.lock().unwrap().graph)
+    }
+}
+
+/// The path after the version (`/v24.0/a/b` -> `["a", "b"]`).
+fn graph_segments(uri: &Uri) -> Vec<&str> {
+    uri.path()
+        .trim_matches('/')
+        .split('/')
+        .skip(1)
+        .filter(|s| !s.is_empty())
+        .collect()
+}
+
+fn json_answer((status, body): (u16, serde_json::Value)) -> axum::response::Response {
+    (
+        StatusCode::from_u16(status).expect("valid status"),
+        [("content-type", "application/json")],
+        body.to_string(),
+    )
+        .into_response()
 }
 
 /// The most arrivals in any window of `window` (sliding over the arrival times).
@@ -294,8 +320,31 @@ pub fn busiest_window(times: &[Instant], window: Duration) -> usize {
     best
 }
 
-/// `GET /{version}/{phone-number-id}?fields=...`: the number's state.
-async fn number_handler(State(state): State<Arc<Mutex<MetaState>>>) -> impl IntoResponse {
+/// `GET /{version}/...`: the number's messaging limit (read by pacing), and the Graph API reads
+/// of [`crate::meta_graph::Graph`] (which need the token).
+async fn number_handler(
+    State(state): State<Arc<Mutex<MetaState>>>,
+    uri: Uri,
+    headers: HeaderMap,
+) -> axum::response::Response {
+    let query: Vec<(String, String)> = uri.query().map(|q| url_pairs(q)).unwrap_or_default();
+    let asks_limit = query
+        .iter()
+        .any(|(k, v)| k == "fields" && v.contains("whatsapp_business_manager_messaging_limit"));
+    if !asks_limit {
+        let authorization = headers.get("authorization").and_then(|v| v.to_str().ok());
+        if !crate::meta_graph::authorized(authorization) {
+            return json_answer(crate::meta_graph::invalid_token());
+        }
+        let answer = state
+            .lock()
+            .unwrap()
+            .graph
+            .get(&graph_segments(&uri), &query);
+        if let Some(answer) = answer {
+            return json_answer(answer);
+        }
+    }
     let limit = {
         let mut s = state.lock().unwrap();
         s.number_reads += 1;
@@ -317,6 +366,38 @@ async fn number_handler(State(state): State<Arc<Mutex<MetaState>>>) -> impl Into
             meta_error_body(100, "Tried accessing nonexisting field").to_string(),
         ),
     }
+    .into_response()
+}
+
+/// `a=1&b=x%2Cy` as pairs, percent-decoded.
+fn url_pairs(query: &str) -> Vec<(String, String)> {
+    let decode = |s: &str| {
+        let bytes = s.replace('+', " ").into_bytes();
+        let mut out = Vec::with_capacity(bytes.len());
+        let mut i = 0;
+        while i < bytes.len() {
+            if bytes[i] == b'%'
+                && i + 2 < bytes.len()
+                && let Ok(b) =
+                    u8::from_str_radix(&String::from_utf8_lossy(&bytes[i + 1..i + 3]), 16)
+            {
+                out.push(b);
+                i += 3;
+            } else {
+                out.push(bytes[i]);
+                i += 1;
+            }
+        }
+        String::from_utf8_lossy(&out).into_owned()
+    };
+    query
+        .split('&')
+        .filter(|p| !p.is_empty())
+        .map(|p| match p.split_once('=') {
+            Some((k, v)) => (decode(k), decode(v)),
+            None => (decode(p), String::new()),
+        })
+        .collect()
 }
 
 async fn meta_handler(
@@ -327,6 +408,20 @@ async fn meta_handler(
 ) -> impl IntoResponse {
     let parsed: serde_json::Value =
         serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null);
+    if !uri.path().ends_with("/messages") {
+        let authorization = headers.get("authorization").and_then(|v| v.to_str().ok());
+        if !crate::meta_graph::authorized(authorization) {
+            return json_answer(crate::meta_graph::invalid_token());
+        }
+        let answer = state
+            .lock()
+            .unwrap()
+            .graph
+            .post(&graph_segments(&uri), &parsed);
+        if let Some(answer) = answer {
+            return json_answer(answer);
+        }
+    }
     let (reply, id) = {
         let mut s = state.lock().unwrap();
         s.received.push(Received {
