@@ -180,6 +180,9 @@ pub async fn run(
     ));
 
     let metrics = Arc::new(metrics::Metrics::default());
+    // The number's state for `/status`, read from Meta in the background, never per request.
+    let connection = Arc::new(ops::status::Connection::new(driver.clone()));
+    tokio::spawn(connection.clone().keep_fresh(shutdown.clone()));
     let http_state = Arc::new(http::HttpState {
         metrics: metrics.clone(),
         shutting_down: false.into(),
@@ -188,6 +191,7 @@ pub async fn run(
         driver: driver.name(),
         pacer: pacer.clone(),
         batch_worker: batch_worker.clone(),
+        connection: connection.clone(),
     });
     let upkeep = tokio::spawn(pacer.clone().upkeep(driver.clone(), shutdown.clone()));
     // On shutdown the worker takes no new items, gives back those not yet being sent, and

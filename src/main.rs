@@ -62,6 +62,15 @@ enum Command {
     /// The registry's templates at Meta.
     #[command(subcommand)]
     Templates(TemplatesCommand),
+    /// The connection status of a running kabar (GET /status on its HTTP port): the number,
+    /// its quality and limit, the last send and the last Meta error, the store, the batches.
+    Status {
+        /// kabar's HTTP address (default: KABAR_HTTP_ADDR, else 127.0.0.1:8080).
+        #[arg(long)]
+        addr: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -132,6 +141,18 @@ fn main() -> ExitCode {
         // A client of a running kabar: none of the server's configuration applies.
         Command::Batch(args) => return ExitCode::from(cli::batch::main(args)),
         Command::Keys(KeysCommand::New { name, scopes }) => return new_key(&name, &scopes),
+        Command::Status { addr, json } => {
+            return match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(runtime) => runtime.block_on(cli::ops::status(addr, json)),
+                Err(e) => {
+                    eprintln!("kabar: cannot start the async runtime: {e}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
         command => command,
     };
     let config = match Config::from_env() {
@@ -167,7 +188,7 @@ fn main() -> ExitCode {
         Command::Templates(TemplatesCommand::Push { dry_run, json }) => {
             return runtime.block_on(cli::ops::templates_push(&config, dry_run, json));
         }
-        Command::Batch(_) | Command::Keys(_) => {
+        Command::Batch(_) | Command::Keys(_) | Command::Status { .. } => {
             unreachable!("handled before the configuration is read")
         }
     };

@@ -165,3 +165,113 @@ pub async fn templates_push(config: &Config, dry_run: bool, json: bool) -> ExitC
         ExitCode::from(NEEDS_ATTENTION)
     }
 }
+
+/// `kabar status`: the connection status of a running kabar, from `GET /status` on its HTTP
+/// port (`--addr`, else `KABAR_HTTP_ADDR` from the environment or `./.env`, else the default).
+pub async fn status(addr: Option<String>, json: bool) -> ExitCode {
+    use kabar::config::{Environment, Source};
+    let addr = addr
+        .map(|a| a.trim().to_owned())
+        .filter(|a| !a.is_empty())
+        .or_else(|| match Environment::load() {
+            Ok(env) => env.get("KABAR_HTTP_ADDR"),
+            Err(_) => std::env::var("KABAR_HTTP_ADDR").ok(),
+        })
+        .unwrap_or_else(|| "127.0.0.1:8080".to_owned());
+    let url = if addr.starts_with("http://") || addr.starts_with("https://") {
+        format!("{}/status", addr.trim_end_matches('/'))
+    } else {
+        format!("http://{addr}/status")
+    };
+    let client = match reqwest::Client::builder()
+        .timeout(std::time::Duration::from_secs(5))
+        .build()
+    {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("kabar status: {e}");
+            return ExitCode::from(NEEDS_ATTENTION);
+        }
+    };
+    let answer = match client.get(&url).send().await {
+        Ok(r) => r.json::<serde_json::Value>().await,
+        Err(e) => {
+            eprintln!(
+                "kabar status: cannot reach kabar at {url}: {e}\nIs `kabar serve` running? Give \
+                 its HTTP address with --addr or KABAR_HTTP_ADDR."
+            );
+            return ExitCode::from(NEEDS_ATTENTION);
+        }
+    };
+    let s = match answer {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("kabar status: {url} did not answer with the status: {e}");
+            return ExitCode::from(NEEDS_ATTENTION);
+        }
+    };
+    if json {
+        json_line(&s);
+    } else {
+        print!("{}", render_status(&s));
+    }
+    ExitCode::SUCCESS
+}
+
+/// The status as a few lines for a terminal.
+fn render_status(s: &serde_json::Value) -> String {
+    let text = |v: &serde_json::Value| match v {
+        serde_json::Value::Null => "unknown".to_owned(),
+        serde_json::Value::String(t) => t.clone(),
+        other => other.to_string(),
+    };
+    let ago = |v: &serde_json::Value| match v.as_u64() {
+        Some(s) => format!("{s} s ago"),
+        None => "never".to_owned(),
+    };
+    let n = &s["number"];
+    let mut out = format!(
+        "driver      {}\nnumber      {} {} ({})\nstate       {}, quality {}, limit {}, throughput {}\n",
+        text(&s["driver"]),
+        text(&n["display_phone_number"]),
+        text(&n["verified_name"]),
+        text(&n["phone_number_id"]),
+        text(&n["status"]),
+        text(&n["quality_rating"]),
+        text(&n["messaging_limit"]),
+        text(&n["throughput"]),
+    );
+    out.push_str(&format!("checked     {}\n", ago(&n["checked_seconds_ago"])));
+    if !n["check_error"].is_null() {
+        out.push_str(&format!(
+            "            last check failed: {}\n",
+            text(&n["check_error"])
+        ));
+    }
+    out.push_str(&format!(
+        "last send   {}\n",
+        ago(&s["last_success_seconds_ago"])
+    ));
+    let e = &s["last_error"];
+    if !e.is_null() {
+        out.push_str(&format!(
+            "last error  Meta {} {}: {}\n            -> {}\n",
+            text(&e["code"]),
+            text(&e["reason"]),
+            text(&e["details"]),
+            text(&e["remedy"])
+        ));
+    }
+    out.push_str(&format!(
+        "store       {} ({})\nbatches     {} active, {} items in hand\n",
+        text(&s["store"]["kind"]),
+        if s["store"]["reachable"] == true {
+            "reachable"
+        } else {
+            "UNREACHABLE"
+        },
+        text(&s["batches"]["active"]),
+        text(&s["batches"]["items_in_hand"]),
+    ));
+    out
+}

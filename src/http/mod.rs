@@ -67,6 +67,8 @@ pub struct HttpState {
     pub metrics: Arc<crate::metrics::Metrics>,
     pub pacer: Arc<crate::domain::pacing::Pacer>,
     pub batch_worker: Arc<crate::domain::batch::worker::Worker>,
+    /// The number's state and the sends' outcomes, for `/status`.
+    pub connection: Arc<crate::ops::status::Connection>,
 }
 
 pub fn router(http_state: Arc<HttpState>) -> Router {
@@ -74,6 +76,7 @@ pub fn router(http_state: Arc<HttpState>) -> Router {
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(ready))
         .route("/metrics", get(metrics))
+        .route("/status", get(status))
         .with_state(http_state)
 }
 
@@ -109,6 +112,48 @@ async fn ready(State(r): State<Arc<HttpState>>) -> (StatusCode, Json<serde_json:
             "pacing": pacing_status(&r.pacer.snapshot()),
         })),
     )
+}
+
+/// The connection status: the number (as Meta last described it, read in the background),
+/// the last accepted send and the last failure with its remedy, the store, pacing and the
+/// batches. Never calls Meta, so a probe may ask as often as it likes.
+async fn status(State(r): State<Arc<HttpState>>) -> Json<serde_json::Value> {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let ago = |at: Option<u64>| at.map(|t| now.saturating_sub(t));
+    let number = r.connection.number();
+    let sends = r.connection.last_sends();
+    let batches = r.batch_worker.snapshot();
+    Json(json!({
+        "driver": r.driver,
+        "now": now,
+        "number": {
+            "phone_number_id": number.phone_number_id,
+            "display_phone_number": number.display_phone_number,
+            "verified_name": number.verified_name,
+            "status": number.status,
+            "quality_rating": number.quality_rating,
+            "messaging_limit": number.messaging_limit,
+            "throughput": number.throughput,
+            "checked_at": number.checked_at,
+            "checked_seconds_ago": ago(number.checked_at),
+            "check_error": number.check_error,
+        },
+        "last_success_at": sends.as_ref().and_then(|s| s.success_at),
+        "last_success_seconds_ago": ago(sends.as_ref().and_then(|s| s.success_at)),
+        "last_error": sends.and_then(|s| s.error),
+        "store": {
+            "kind": r.store_kind,
+            "reachable": r.store_reachable.load(Ordering::Relaxed),
+        },
+        "pacing": pacing_status(&r.pacer.snapshot()),
+        "batches": {
+            "active": batches.active,
+            "items_in_hand": batches.in_hand,
+        },
+        "shutting_down": r.shutting_down.load(Ordering::Relaxed),
+    }))
 }
 
 /// Pacing as `/readyz` shows it: where the schedule lives and the limits in force.

@@ -35,6 +35,37 @@ struct Inner {
     /// Bounds connections and memory when Meta slows down: at 200 ms per call, 512 slots carry
     /// 2,500 messages/s, well above the 1,000/s Meta accepts from one number.
     in_flight: tokio::sync::Semaphore,
+    /// The last message Meta accepted and the last failure, for the connection status.
+    last: std::sync::Mutex<LastSends>,
+}
+
+/// What the connection status shows of the sends so far.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct LastSends {
+    /// When Meta last accepted a message (Unix seconds).
+    pub success_at: Option<u64>,
+    /// The last send that failed, with what to do about it.
+    pub error: Option<LastError>,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct LastError {
+    /// Unix seconds.
+    pub at: u64,
+    /// Meta's error code; 0 when Meta gave no answer (unreachable, no usable answer).
+    pub code: i64,
+    pub reason: String,
+    pub details: String,
+    pub remedy: String,
+}
+
+/// How much of Meta's words the status keeps.
+const MAX_STATUS_DETAIL_CHARS: usize = 200;
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 impl std::fmt::Debug for MetaClient {
@@ -98,6 +129,7 @@ impl MetaClient {
                 max_attempts: settings.max_attempts.max(1),
                 retry_base: settings.retry_base,
                 in_flight: tokio::sync::Semaphore::new(settings.max_in_flight.max(1)),
+                last: std::sync::Mutex::new(LastSends::default()),
             }),
         })
     }
@@ -183,7 +215,9 @@ impl MetaClient {
             return Err(SendError::Meta(failure_of(status, &bytes, &ctx)));
         }
         serde_json::from_slice(&bytes).map_err(|_| {
-            SendError::Uncertain(format!("Meta answered {status} with a body that is not JSON"))
+            SendError::Uncertain(format!(
+                "Meta answered {status} with a body that is not JSON"
+            ))
         })
     }
 
@@ -203,6 +237,64 @@ impl MetaClient {
     /// `attempts` is what is left of the message's `KABAR_META_MAX_ATTEMPTS`: each request made
     /// takes one from it, so that retries here and through pacing share one budget.
     pub async fn send(
+        &self,
+        message: &OutboundTemplate,
+        deadline: Option<Instant>,
+        attempts: &mut u32,
+    ) -> Result<Sent, SendError> {
+        let outcome = self.send_once(message, deadline, attempts).await;
+        self.remember(&outcome);
+        outcome
+    }
+
+    /// The last accepted message and the last failure.
+    pub fn last_sends(&self) -> LastSends {
+        self.inner
+            .last
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    fn remember(&self, outcome: &Result<Sent, SendError>) {
+        let error = match outcome {
+            Ok(_) => None,
+            // The caller gave up waiting: not a fault of the connection.
+            Err(SendError::DeadlineExceeded { .. }) => return,
+            Err(SendError::Meta(f)) => Some(LastError {
+                at: unix_now(),
+                code: f.meta_code,
+                reason: f.reason.to_string(),
+                details: f.details.chars().take(MAX_STATUS_DETAIL_CHARS).collect(),
+                remedy: f.remedy.clone(),
+            }),
+            Err(e @ (SendError::Unreachable(_) | SendError::Uncertain(_))) => Some(LastError {
+                at: unix_now(),
+                code: 0,
+                reason: match e {
+                    SendError::Unreachable(_) => "META_UNREACHABLE".into(),
+                    _ => "META_NO_ANSWER".into(),
+                },
+                details: e
+                    .to_string()
+                    .chars()
+                    .take(MAX_STATUS_DETAIL_CHARS)
+                    .collect(),
+                remedy: "check the network path to graph.facebook.com (META_GRAPH_API_URL)".into(),
+            }),
+        };
+        let mut last = self
+            .inner
+            .last
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match error {
+            None => last.success_at = Some(unix_now()),
+            Some(e) => last.error = Some(e),
+        }
+    }
+
+    async fn send_once(
         &self,
         message: &OutboundTemplate,
         deadline: Option<Instant>,

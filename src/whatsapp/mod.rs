@@ -15,7 +15,7 @@ pub use classify::{
     MetaErrorBody, MetaErrorKind, MetaErrorObject, MetaFailure, SendContext, classify,
     reason_of_code,
 };
-pub use meta::{MetaClient, MetaSettings};
+pub use meta::{LastError, LastSends, MetaClient, MetaSettings};
 
 use crate::phone::Phone;
 

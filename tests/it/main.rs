@@ -41,5 +41,6 @@ mod promises_ops;
 mod promises_otp;
 mod send_template;
 mod server;
+mod status;
 mod support;
 mod tls;

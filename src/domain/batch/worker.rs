@@ -72,6 +72,8 @@ pub struct WorkerSnapshot {
     pub paused: u64,
     /// Items in hand now.
     pub in_hand: u64,
+    /// Batches with items to send, as this replica last saw them.
+    pub active: u64,
 }
 
 #[derive(Default)]
@@ -81,6 +83,7 @@ struct Counters {
     unknown: AtomicU64,
     retried: AtomicU64,
     paused: AtomicU64,
+    active: AtomicU64,
 }
 
 pub struct Worker {
@@ -135,6 +138,7 @@ impl Worker {
             retried: n(&c.retried),
             paused: n(&c.paused),
             in_hand: (self.config.concurrency - self.slots.available_permits()) as u64,
+            active: n(&c.active),
         }
     }
 
@@ -185,7 +189,11 @@ impl Worker {
         stop: &CancellationToken,
     ) -> Result<usize, crate::domain::ports::StoreError> {
         let mut took = 0;
-        for stored in self.store.active().await? {
+        let active = self.store.active().await?;
+        self.counters
+            .active
+            .store(active.len() as u64, Ordering::Relaxed);
+        for stored in active {
             let free = slots.available_permits();
             if free == 0 || stop.is_cancelled() {
                 break;
