@@ -25,6 +25,7 @@ mod batch;
 mod batch_cli;
 mod batch_replicas;
 mod config;
+mod dashboard;
 mod delivery;
 mod doctor;
 mod hardening;
