@@ -50,7 +50,7 @@ ENV KABAR_GRPC_ADDR=0.0.0.0:50051 \
     KABAR_HTTP_ADDR=0.0.0.0:8080 \
     KABAR_WEBHOOK_ADDR=0.0.0.0:8081
 USER 65532:65532
-# gRPC (kabar services, health, reflection); HTTP (/healthz, /readyz, /metrics); Meta's webhook
+# gRPC (kabar services, health, reflection); HTTP (/healthz, /readyz, /status, /metrics); Meta's webhook
 # (served only with META_APP_SECRET).
 EXPOSE 50051 8080 8081
 # kabar handles SIGTERM itself (health NOT_SERVING, the shutdown delay, then the grace for calls

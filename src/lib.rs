@@ -309,7 +309,7 @@ pub async fn run(
         );
         let reloaded = tls.clone();
         tokio::spawn(reload::watch(
-            "KABAR_TLS_CERT_FILE",
+            "the TLS files",
             tls.files().paths(),
             shutdown.clone(),
             move || {

@@ -35,10 +35,10 @@ fn fingerprint(paths: &[PathBuf]) -> [u8; 32] {
 }
 
 /// Reads the files again with `reload` on SIGHUP and whenever their content changes, until
-/// `shutdown`. `reload` returns a summary to log (never a secret) or the error; `var` names the
-/// setting in the log lines.
+/// `shutdown`. `reload` returns a summary to log (never a secret) or the error, which names the
+/// variable at fault; `what` names the files in the log lines (e.g. `KABAR_API_KEYS_FILE`).
 pub async fn watch<F>(
-    var: &'static str,
+    what: &'static str,
     paths: Vec<PathBuf>,
     shutdown: CancellationToken,
     reload: F,
@@ -51,7 +51,7 @@ pub async fn watch<F>(
         Ok(h) => Some(h),
         Err(_) => {
             tracing::warn!(
-                var,
+                what,
                 "cannot listen for SIGHUP: changed files are still read again"
             );
             None
@@ -87,13 +87,13 @@ pub async fn watch<F>(
             .unwrap_or_else(|_| Err("could not be read".into()));
         let why = if hangup { "SIGHUP" } else { "file changed" };
         match outcome {
-            Ok(summary) => tracing::info!(var, file = %shown, why, "{var} read again: {summary}"),
+            Ok(summary) => tracing::info!(what, file = %shown, why, "{what} read again: {summary}"),
             Err(error) => tracing::error!(
-                var,
+                what,
                 file = %shown,
                 why,
                 error = %error,
-                "{var} was not read again; what is in force stays"
+                "{what} could not be read again; what is in force stays"
             ),
         }
     }

@@ -627,7 +627,7 @@ async fn keys_are_read_again_on_sighup() {
     assert!(hangup(kabar.pid()).success());
     assert!(
         kabar
-            .wait_for_line("was not read again", Duration::from_secs(5))
+            .wait_for_line("could not be read again", Duration::from_secs(5))
             .await
     );
     assert_eq!(status(new.clone()).await, Code::NotFound);
