@@ -79,7 +79,11 @@ fn unknown(id: &str, what: &str, e: &SendError) -> Check {
     match e {
         SendError::Meta(f) => check(
             id,
-            if f.meta_code == 0 { Verdict::Unknown } else { Verdict::Fail },
+            if f.meta_code == 0 {
+                Verdict::Unknown
+            } else {
+                Verdict::Fail
+            },
             format!(
                 "{what}: Meta answered error {} ({})",
                 f.meta_code, f.details
@@ -106,10 +110,13 @@ pub fn judge_permissions(answer: &Value) -> Check {
                 .any(|p| p["permission"] == name && p["status"] == "granted")
         })
     };
-    let missing: Vec<&str> = ["whatsapp_business_messaging", "whatsapp_business_management"]
-        .into_iter()
-        .filter(|p| !granted(p))
-        .collect();
+    let missing: Vec<&str> = [
+        "whatsapp_business_messaging",
+        "whatsapp_business_management",
+    ]
+    .into_iter()
+    .filter(|p| !granted(p))
+    .collect();
     if missing.is_empty() {
         check(
             "token",
@@ -186,11 +193,7 @@ pub fn judge_number(n: &Value) -> Vec<Check> {
                     }
                 ),
             ),
-            other => check(
-                "phone.name",
-                Verdict::Fail,
-                format!("display name {other}"),
-            ),
+            other => check("phone.name", Verdict::Fail, format!("display name {other}")),
         }
         .fix(
             "WhatsApp Manager > Phone numbers > the number > Edit display name: use the \
@@ -291,7 +294,11 @@ pub fn judge_business(waba: &Value) -> Vec<Check> {
                 Verdict::Pass,
                 format!(
                     "account review {}",
-                    if review.is_empty() { "not reported" } else { "approved" }
+                    if review.is_empty() {
+                        "not reported"
+                    } else {
+                        "approved"
+                    }
                 ),
             ),
             "PENDING" => check("business.review", Verdict::Warn, "account review pending"),
@@ -411,18 +418,20 @@ async fn local_checks(config: &Config) -> Vec<Check> {
         .fix("set REDIS_URL for production"),
         Some(url) => {
             let reached = match RedisStore::new(url.expose_secret(), config.redis_timeout) {
-                Ok(store) => {
-                    tokio::time::timeout(std::time::Duration::from_secs(3), store.ping())
-                        .await
-                        .map_err(|_| "no answer in 3 s".to_owned())
-                        .and_then(|r| r.map_err(|e| e.to_string()))
-                }
+                Ok(store) => tokio::time::timeout(std::time::Duration::from_secs(3), store.ping())
+                    .await
+                    .map_err(|_| "no answer in 3 s".to_owned())
+                    .and_then(|r| r.map_err(|e| e.to_string())),
                 Err(e) => Err(e.to_string()),
             };
             match reached {
                 Ok(()) => check("store", Verdict::Pass, "Redis answers"),
-                Err(e) => check("store", Verdict::Fail, format!("Redis does not answer: {e}"))
-                    .fix("start Redis or correct REDIS_URL (the URL is never printed)"),
+                Err(e) => check(
+                    "store",
+                    Verdict::Fail,
+                    format!("Redis does not answer: {e}"),
+                )
+                .fix("start Redis or correct REDIS_URL (the URL is never printed)"),
             }
         }
     });
@@ -500,11 +509,14 @@ async fn meta_checks(config: &Config, meta: &MetaClient) -> Vec<Check> {
         Err(e) => unknown("token", "the token could not be checked", &e),
     });
     if !token_works {
-        checks.push(check(
-            "meta",
-            Verdict::Unknown,
-            "the phone number, business account, templates and webhook were not checked",
-        ).fix("fix the token first"));
+        checks.push(
+            check(
+                "meta",
+                Verdict::Unknown,
+                "the phone number, business account, templates and webhook were not checked",
+            )
+            .fix("fix the token first"),
+        );
         return checks;
     }
     let number = meta.phone_number_id();
@@ -615,9 +627,7 @@ mod tests {
 
     #[test]
     fn both_permissions_are_needed() {
-        let granted = |ps: &[&str]| {
-            json!({"data": ps.iter().map(|p| json!({"permission": p, "status": "granted"})).collect::<Vec<_>>()})
-        };
+        let granted = |ps: &[&str]| json!({"data": ps.iter().map(|p| json!({"permission": p, "status": "granted"})).collect::<Vec<_>>()});
         assert_eq!(
             judge_permissions(&granted(&[
                 "whatsapp_business_messaging",
@@ -641,7 +651,10 @@ mod tests {
             "name_status": "APPROVED", "quality_rating": "GREEN", "status": "CONNECTED",
             "platform_type": "CLOUD_API", "throughput": {"level": "STANDARD"}});
         let checks = judge_number(&good);
-        assert!(checks.iter().all(|c| c.verdict == Verdict::Pass), "{checks:?}");
+        assert!(
+            checks.iter().all(|c| c.verdict == Verdict::Pass),
+            "{checks:?}"
+        );
         let verdict_of = |n: Value, id: &str| {
             judge_number(&n)
                 .into_iter()
@@ -680,7 +693,13 @@ mod tests {
 
     #[test]
     fn a_report_passes_with_warnings_but_not_with_unknowns() {
-        assert!(Report::new(vec![check("a", Verdict::Pass, ""), check("b", Verdict::Warn, "")]).passed);
+        assert!(
+            Report::new(vec![
+                check("a", Verdict::Pass, ""),
+                check("b", Verdict::Warn, "")
+            ])
+            .passed
+        );
         assert!(!Report::new(vec![check("a", Verdict::Unknown, "")]).passed);
         assert!(!Report::new(vec![check("a", Verdict::Fail, "")]).passed);
     }

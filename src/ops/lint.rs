@@ -83,7 +83,9 @@ fn placeholders(body: &str) -> Result<Vec<Placeholder>, String> {
     while let Some(open) = body[rest..].find("{{") {
         let start = rest + open;
         let Some(close) = body[start + 2..].find("}}") else {
-            return Err(format!("`{{{{` at character {start} is never closed with `}}}}`"));
+            return Err(format!(
+                "`{{{{` at character {start} is never closed with `}}}}`"
+            ));
         };
         let end = start + 2 + close + 2;
         found.push(Placeholder {
@@ -247,10 +249,11 @@ pub fn lint(template: &Template, code_expiration_minutes: u64) -> Vec<Finding> {
         }
     }
     let lower = body.to_lowercase();
-    if let Some(short) = SHORTENERS
-        .iter()
-        .find(|s| fixed_words.iter().any(|w| w == *s || w.ends_with(&format!("/{s}"))))
-    {
+    if let Some(short) = SHORTENERS.iter().find(|s| {
+        fixed_words
+            .iter()
+            .any(|w| w == *s || w.ends_with(&format!("/{s}")))
+    }) {
         findings.push(error(format!(
             "links through {short} are refused by Meta: link to your own domain"
         )));
@@ -376,7 +379,10 @@ mod tests {
                 .join("\n")
                 .contains("line break")
         );
-        assert_eq!(problems(&utility(body, &["a"], &["Budi"])), Vec::<String>::new());
+        assert_eq!(
+            problems(&utility(body, &["a"], &["Budi"])),
+            Vec::<String>::new()
+        );
     }
 
     #[test]
@@ -424,7 +430,10 @@ mod tests {
 
     #[test]
     fn positional_counts_read_metas_bodies() {
-        assert_eq!(positional_count("*{{1}}* is your verification code."), Some(1));
+        assert_eq!(
+            positional_count("*{{1}}* is your verification code."),
+            Some(1)
+        );
         assert_eq!(positional_count("Halo {{1}}, {{2}} dan {{1}}"), Some(2));
         assert_eq!(positional_count("no parameters"), Some(0));
         assert_eq!(positional_count("Halo {{nama}}"), None);

@@ -32,7 +32,11 @@ impl AtMeta {
         let text = |k: &str| v[k].as_str().map(str::to_owned);
         let body = v["components"].as_array().and_then(|cs| {
             cs.iter()
-                .find(|c| c["type"].as_str().is_some_and(|t| t.eq_ignore_ascii_case("BODY")))
+                .find(|c| {
+                    c["type"]
+                        .as_str()
+                        .is_some_and(|t| t.eq_ignore_ascii_case("BODY"))
+                })
                 .and_then(|c| c["text"].as_str())
         });
         Some(AtMeta {
@@ -72,7 +76,10 @@ pub async fn fetch(meta: &MetaClient, waba: &str) -> Result<Vec<AtMeta>, SendErr
         })?;
         all.extend(data.iter().filter_map(AtMeta::from_json));
         // Meta gives `next` only while there is another page.
-        after = match (&page["paging"]["next"], page["paging"]["cursors"]["after"].as_str()) {
+        after = match (
+            &page["paging"]["next"],
+            page["paging"]["cursors"]["after"].as_str(),
+        ) {
             (Value::String(_), Some(cursor)) if !data.is_empty() => Some(cursor.to_owned()),
             _ => return Ok(all),
         };
@@ -360,12 +367,24 @@ mod tests {
             other => panic!("{other:?}"),
         };
         assert!(
-            problem(at_meta("overdue_notice", "id", "APPROVED", "MARKETING", body))
-                .contains("MARKETING")
+            problem(at_meta(
+                "overdue_notice",
+                "id",
+                "APPROVED",
+                "MARKETING",
+                body
+            ))
+            .contains("MARKETING")
         );
         assert!(
-            problem(at_meta("overdue_notice", "id", "APPROVED", "UTILITY", "Halo {{1}} ya"))
-                .contains("132000")
+            problem(at_meta(
+                "overdue_notice",
+                "id",
+                "APPROVED",
+                "UTILITY",
+                "Halo {{1}} ya"
+            ))
+            .contains("132000")
         );
         assert!(
             problem(at_meta("overdue_notice", "id", "REJECTED", "UTILITY", body))

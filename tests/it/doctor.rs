@@ -189,7 +189,7 @@ async fn each_checklist_fault_is_found_and_named() {
     for (what, break_it, named) in faults {
         let meta = FakeMeta::start().await;
         meta.set_messaging_limit("TIER_2K");
-        meta.graph(|g| break_it(g));
+        meta.graph(break_it);
         let report = doctor::run(&config_for(&meta.url(), Some(&redis), &[])).await;
         let expected: BTreeSet<String> = named.iter().map(|s| (*s).to_owned()).collect();
         assert_eq!(

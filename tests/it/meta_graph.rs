@@ -279,8 +279,7 @@ impl Graph {
         }
         let components = body["components"].as_array().cloned().unwrap_or_default();
         let of_type = |t: &str| components.iter().find(|c| c["type"] == t).cloned();
-        let stored_body;
-        if category == "AUTHENTICATION" {
+        let stored_body = if category == "AUTHENTICATION" {
             let buttons = of_type("BUTTONS");
             let otp = buttons
                 .as_ref()
@@ -302,7 +301,7 @@ impl Graph {
                     ),
                 );
             }
-            stored_body = "*{{1}}* adalah kode verifikasi Anda.".to_owned();
+            "*{{1}}* adalah kode verifikasi Anda.".to_owned()
         } else {
             let Some(text) = of_type("BODY").and_then(|b| b["text"].as_str().map(str::to_owned))
             else {
@@ -341,8 +340,8 @@ impl Graph {
                     Some("Every variable needs a sample value"),
                 );
             }
-            stored_body = text;
-        }
+            text
+        };
         let id = format!("77{}", self.templates.len() + 1000);
         let status = if category == "AUTHENTICATION" {
             "APPROVED"

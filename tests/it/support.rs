@@ -327,7 +327,7 @@ async fn number_handler(
     uri: Uri,
     headers: HeaderMap,
 ) -> axum::response::Response {
-    let query: Vec<(String, String)> = uri.query().map(|q| url_pairs(q)).unwrap_or_default();
+    let query: Vec<(String, String)> = uri.query().map(url_pairs).unwrap_or_default();
     let asks_limit = query
         .iter()
         .any(|(k, v)| k == "fields" && v.contains("whatsapp_business_manager_messaging_limit"));
@@ -682,7 +682,11 @@ impl BrokenMeta {
             while let Ok((mut socket, _)) = listener.accept().await {
                 let counter = counter.clone();
                 tokio::spawn(async move {
-                    if read_http_request(&mut socket).await {
+                    // Sends only: kabar also reads the number's state (GET) for its status.
+                    if read_http_request(&mut socket)
+                        .await
+                        .is_some_and(|head| head.starts_with("post "))
+                    {
                         counter.fetch_add(1, Ordering::SeqCst);
                     }
                     // Dropping the socket closes the connection with no answer.
@@ -696,7 +700,7 @@ impl BrokenMeta {
         format!("http://{}", self.addr)
     }
 
-    /// Whole requests received.
+    /// Whole sends (POST requests) received.
     pub fn count(&self) -> u64 {
         self.requests.load(Ordering::SeqCst)
     }
@@ -704,7 +708,8 @@ impl BrokenMeta {
 
 /// Reads one HTTP/1.1 request (headers and a `content-length` body); `false` if the peer closed
 /// before it was complete.
-async fn read_http_request(socket: &mut tokio::net::TcpStream) -> bool {
+/// Reads one whole request; its head, lowercased (`None`: the connection ended first).
+async fn read_http_request(socket: &mut tokio::net::TcpStream) -> Option<String> {
     use tokio::io::AsyncReadExt;
     let mut buffer = Vec::new();
     let mut chunk = [0u8; 4096];
@@ -717,11 +722,11 @@ async fn read_http_request(socket: &mut tokio::net::TcpStream) -> bool {
                 .and_then(|v| v.trim().parse().ok())
                 .unwrap_or(0);
             if buffer.len() >= end + 4 + length {
-                return true;
+                return Some(head);
             }
         }
         match socket.read(&mut chunk).await {
-            Ok(0) | Err(_) => return false,
+            Ok(0) | Err(_) => return None,
             Ok(n) => buffer.extend_from_slice(&chunk[..n]),
         }
     }
