@@ -133,6 +133,7 @@ pub struct Config {
     /// The log filter: `KABAR_LOG`, else `RUST_LOG`, else none (`info`).
     pub log_filter: Option<String>,
     /// `WHATSAPP_ENABLED=false` refuses every send with FAILED_PRECONDITION instead of sending.
+    /// The runtime setting (`crate::domain::settings`) overrides it while kabar runs.
     pub whatsapp_enabled: bool,
     pub driver: DriverKind,
     /// Present when `driver` is `Meta`.

@@ -44,6 +44,7 @@ use crate::{
         outbox::Outbox,
         pacing::Pacer,
         ports::PacingStore,
+        settings::{self, SettingsService},
     },
     notify::Notifier,
     otp::OtpService,
@@ -61,6 +62,7 @@ pub mod pb {
 pub const NOTIFICATION_SERVICE: &str = "kabar.v1.NotificationService";
 pub const OTP_SERVICE: &str = "kabar.v1.OtpService";
 pub const BATCH_SERVICE: &str = "kabar.v1.BatchService";
+pub const ADMIN_SERVICE: &str = "kabar.v1.AdminService";
 
 /// The two sockets kabar serves on.
 pub struct Listeners {
@@ -148,6 +150,20 @@ pub async fn run(
         pacer.clone(),
         config.message_retention,
     ));
+    // The runtime settings win over the environment: in force before the first call, followed
+    // from the store from then on.
+    let live_settings = outbox.settings().clone();
+    settings::load_at_start(&store, &live_settings).await;
+    let settings_service = Arc::new(SettingsService::new(
+        Arc::new(store.clone()),
+        live_settings.clone(),
+        config.templates.clone(),
+    ));
+    tokio::spawn(settings::follow(
+        Arc::new(store.clone()),
+        live_settings,
+        shutdown.clone(),
+    ));
     let otp = Arc::new(OtpService::new(
         &config.otp,
         Arc::new(store.clone()),
@@ -202,7 +218,7 @@ pub async fn run(
     reporter
         .set_service_status("", ServingStatus::Serving)
         .await;
-    for service in [NOTIFICATION_SERVICE, BATCH_SERVICE] {
+    for service in [NOTIFICATION_SERVICE, BATCH_SERVICE, ADMIN_SERVICE] {
         reporter
             .set_service_status(service, ServingStatus::Serving)
             .await;
@@ -253,7 +269,13 @@ pub async fn run(
         tokio::spawn(async move {
             shutdown.cancelled().await;
             http_state.shutting_down.store(true, Ordering::Relaxed);
-            for service in ["", NOTIFICATION_SERVICE, OTP_SERVICE, BATCH_SERVICE] {
+            for service in [
+                "",
+                NOTIFICATION_SERVICE,
+                OTP_SERVICE,
+                BATCH_SERVICE,
+                ADMIN_SERVICE,
+            ] {
                 reporter
                     .set_service_status(service, ServingStatus::NotServing)
                     .await;
@@ -386,6 +408,12 @@ pub async fn run(
                 drain.clone(),
             ))
             .max_decoding_message_size(grpc::limits::MAX_BATCH_MESSAGE_BYTES),
+        )
+        .add_service(
+            pb::admin_service_server::AdminServiceServer::new(grpc::admin::AdminGrpc::new(
+                settings_service,
+            ))
+            .max_decoding_message_size(grpc::limits::MAX_MESSAGE_BYTES),
         );
     let grpc_server = async {
         let stopped = drain.clone().cancelled_owned();

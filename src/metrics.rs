@@ -26,9 +26,11 @@ pub enum Method {
     CancelBatch = 8,
     ResumeBatch = 9,
     ListBatchItems = 10,
+    GetSettings = 11,
+    UpdateSettings = 12,
 }
 
-const METHODS: [&str; 11] = [
+const METHODS: [&str; 13] = [
     "SendTemplate",
     "SendOtp",
     "VerifyOtp",
@@ -40,6 +42,8 @@ const METHODS: [&str; 11] = [
     "CancelBatch",
     "ResumeBatch",
     "ListBatchItems",
+    "GetSettings",
+    "UpdateSettings",
 ];
 
 impl Method {

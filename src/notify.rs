@@ -215,30 +215,35 @@ impl Notifier {
         }
 
         match (phone, template) {
-            (Some(to), Some(t)) if violations.is_empty() => Ok(Outgoing {
-                message: OutboundTemplate {
-                    to,
-                    template: t.name.clone(),
-                    language: if request.language.is_empty() {
-                        t.language.clone()
-                    } else {
-                        request.language.to_owned()
+            (Some(to), Some(t)) if violations.is_empty() => {
+                // The runtime settings win over the registry; a request's own language wins over
+                // both.
+                let settings = self.outbox.settings().current();
+                Ok(Outgoing {
+                    message: OutboundTemplate {
+                        to,
+                        template: settings.name(t).value,
+                        language: if request.language.is_empty() {
+                            settings.language(t).value
+                        } else {
+                            request.language.to_owned()
+                        },
+                        body_params: values,
+                        button_param: None,
+                        sensitive: false,
                     },
-                    body_params: values,
-                    button_param: None,
-                    sensitive: false,
-                },
-                template_key: t.key.clone(),
-                category: t.category,
-                reference: request.reference.to_owned(),
-                // Caller names have no `/`: `billing/inv-1` cannot be another caller's key.
-                idempotency_key: (!key.is_empty()).then(|| match request.caller {
-                    "" => key.to_owned(),
-                    caller => format!("{caller}/{key}"),
-                }),
-                priority: Priority::Single,
-                batch_id: String::new(),
-            }),
+                    template_key: t.key.clone(),
+                    category: t.category,
+                    reference: request.reference.to_owned(),
+                    // Caller names have no `/`: `billing/inv-1` cannot be another caller's key.
+                    idempotency_key: (!key.is_empty()).then(|| match request.caller {
+                        "" => key.to_owned(),
+                        caller => format!("{caller}/{key}"),
+                    }),
+                    priority: Priority::Single,
+                    batch_id: String::new(),
+                })
+            }
             _ => Err(Error::InvalidArgument(violations)),
         }
     }

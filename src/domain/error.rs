@@ -31,8 +31,10 @@ pub enum Error {
         "no usable answer from the WhatsApp Cloud API; the message may have been delivered, so check before sending it again: {0}"
     )]
     MetaOutcomeUnknown(String),
-    /// `WHATSAPP_ENABLED=false`.
-    #[error("WhatsApp sending is disabled on this kabar (WHATSAPP_ENABLED=false)")]
+    /// `WHATSAPP_ENABLED=false`, or the runtime setting that overrides it.
+    #[error(
+        "WhatsApp sending is disabled on this kabar (WHATSAPP_ENABLED=false, or the runtime setting whatsapp_enabled)"
+    )]
     WhatsAppDisabled,
     /// OTP codes are not sent to this country (`KABAR_OTP_ALLOWED_COUNTRIES`).
     #[error("OTP codes are not sent to numbers with country code +{0}")]
@@ -94,6 +96,12 @@ pub enum Error {
         state: &'static str,
         what: &'static str,
     },
+    /// UpdateSettings with an `expected_revision` that is no longer the stored one: someone
+    /// else changed the settings since they were read.
+    #[error(
+        "the settings are at revision {current}, not {expected}: someone else changed them; read them again (GetSettings) and repeat the change"
+    )]
+    SettingsRevisionMismatch { expected: u64, current: u64 },
 }
 
 /// At most this many field violations are reported; the rest are only counted, so that an answer
@@ -276,7 +284,8 @@ impl Error {
             | Error::BatchNotFound(_)
             | Error::BatchClosed { .. }
             | Error::Unauthenticated { .. }
-            | Error::MissingScope { .. } => false,
+            | Error::MissingScope { .. }
+            | Error::SettingsRevisionMismatch { .. } => false,
         }
     }
 }

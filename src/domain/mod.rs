@@ -9,4 +9,5 @@ pub mod outbox;
 pub mod pacing;
 pub mod ports;
 pub mod reason;
+pub mod settings;
 pub mod status;

@@ -1,7 +1,8 @@
 //! The one send pipeline. Every message kabar sends (SendTemplate, SendOtp, batch
 //! items) passes through [`Outbox::send_guarded`], which knows it from start to end:
 //!
-//! 1. the enabled check (`WHATSAPP_ENABLED=false` refuses every send);
+//! 1. the enabled check (`WHATSAPP_ENABLED=false`, or the runtime setting that overrides it,
+//!    refuses every send);
 //! 2. idempotency, when the caller gave a key: one call at a time per key, the first answer
 //!    replayed, a different request with the same key refused;
 //! 3. pacing: the message waits for its slot within Meta's limits (rate, priority, pair interval,
@@ -24,6 +25,7 @@ use super::{
     error::Error,
     pacing::{Pacer, Priority},
     ports::{Idempotency, IdempotencyStore, MessageStore},
+    settings::LiveSettings,
     status::MessageRecord,
 };
 use crate::{
@@ -84,7 +86,9 @@ pub struct Accepted {
 
 pub struct Outbox {
     driver: Driver,
-    enabled: bool,
+    /// The environment with the runtime settings on top: the switch here, the template names
+    /// and languages for whoever prepares a message.
+    settings: Arc<LiveSettings>,
     idempotency: Arc<dyn IdempotencyStore>,
     records: Arc<dyn MessageStore>,
     pacer: Arc<Pacer>,
@@ -105,7 +109,7 @@ impl Outbox {
         Outbox {
             idempotency_lock: driver.longest_send() + Duration::from_secs(30),
             driver,
-            enabled,
+            settings: Arc::new(LiveSettings::new(enabled)),
             idempotency,
             records,
             pacer,
@@ -113,8 +117,15 @@ impl Outbox {
         }
     }
 
+    /// Whether WhatsApp sending is on now (`WHATSAPP_ENABLED` or its runtime setting).
     pub fn enabled(&self) -> bool {
-        self.enabled
+        self.settings.whatsapp_enabled()
+    }
+
+    /// The settings in force, shared with whoever follows and changes them (`enabled` given to
+    /// [`Outbox::new`] is the environment's switch beneath them).
+    pub fn settings(&self) -> &Arc<LiveSettings> {
+        &self.settings
     }
 
     /// Sends one message through the whole pipeline, never past `deadline`.
@@ -129,7 +140,7 @@ impl Outbox {
         deadline: Option<Instant>,
         guard: &dyn SendGuard,
     ) -> Result<Accepted, Error> {
-        if !self.enabled {
+        if !self.enabled() {
             return Err(Error::WhatsAppDisabled);
         }
         match &out.idempotency_key {

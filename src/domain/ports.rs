@@ -12,6 +12,7 @@ use super::{
         rules::{BatchState, ItemState},
     },
     pacing::rules::{Answer, Ask},
+    settings::StoredSettings,
     status::{After, Event, MessageRecord, MetaError, StatusUpdate, StoredEvent},
 };
 
@@ -214,6 +215,25 @@ pub trait PacingStore: Send + Sync {
 
     /// Recipients counted toward the daily limit now.
     async fn daily_used(&self, number: &str) -> Result<u64, StoreError>;
+}
+
+/// The runtime settings document (see [`super::settings`]): one per deployment, shared by every
+/// replica, changed only by compare-and-set on its revision.
+#[async_trait]
+pub trait SettingsStore: Send + Sync {
+    /// The document; None when no setting was ever made.
+    async fn load_settings(&self) -> Result<Option<StoredSettings>, StoreError>;
+
+    /// The stored revision alone (0: none): the cheap check every replica polls.
+    async fn settings_revision(&self) -> Result<u64, StoreError>;
+
+    /// Stores `next` if the stored revision is still `expected`; `false` (nothing written) when
+    /// another change came first.
+    async fn replace_settings(
+        &self,
+        expected: u64,
+        next: &StoredSettings,
+    ) -> Result<bool, StoreError>;
 }
 
 /// Batch runs: items kept durably and handed to workers, each settled once. Every change is one

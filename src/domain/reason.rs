@@ -75,6 +75,7 @@ reasons! {
     ApiKeyInvalid => "API_KEY_INVALID",
     MissingScope => "MISSING_SCOPE",
     CallerQuota => "CALLER_QUOTA",
+    SettingsRevisionMismatch => "SETTINGS_REVISION_MISMATCH",
 }
 
 impl std::fmt::Display for Reason {

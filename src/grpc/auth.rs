@@ -39,6 +39,7 @@ pub fn scope_of(method: Method) -> Scope {
         | Method::GetBatch
         | Method::WatchBatch
         | Method::ListBatchItems => Scope::Status,
+        Method::GetSettings | Method::UpdateSettings => Scope::Admin,
     }
 }
 

@@ -85,6 +85,8 @@ pub(crate) fn method_of(path: &str) -> Option<Method> {
         "/kabar.v1.BatchService/CancelBatch" => Method::CancelBatch,
         "/kabar.v1.BatchService/ResumeBatch" => Method::ResumeBatch,
         "/kabar.v1.BatchService/ListBatchItems" => Method::ListBatchItems,
+        "/kabar.v1.AdminService/GetSettings" => Method::GetSettings,
+        "/kabar.v1.AdminService/UpdateSettings" => Method::UpdateSettings,
         _ => return None,
     })
 }
@@ -275,7 +277,7 @@ mod tests {
                 }
             }
         }
-        assert_eq!(count, 11);
+        assert_eq!(count, 13);
     }
 
     #[test]

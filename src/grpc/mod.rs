@@ -2,6 +2,7 @@
 //! its own task, its log line and its metrics are the call layer's work (`calls.rs`); the only
 //! mapping of domain errors to statuses is `status.rs`. No store or Meta details live here.
 
+pub mod admin;
 pub mod auth;
 pub mod batch;
 pub mod calls;

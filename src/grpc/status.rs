@@ -38,6 +38,7 @@ pub fn code(e: &Error) -> Code {
         Error::BatchClosed { .. } => Code::FailedPrecondition,
         Error::Unauthenticated { .. } => Code::Unauthenticated,
         Error::MissingScope { .. } => Code::PermissionDenied,
+        Error::SettingsRevisionMismatch { .. } => Code::FailedPrecondition,
     }
 }
 
@@ -142,6 +143,10 @@ impl From<Error> for Status {
             Error::BatchClosed { state, .. } => {
                 info(Reason::BatchClosed, &[("state", (*state).to_owned())])
             }
+            Error::SettingsRevisionMismatch { current, .. } => info(
+                Reason::SettingsRevisionMismatch,
+                &[("current_revision", current.to_string())],
+            ),
         };
         Status::with_error_details(code, message, details)
     }

@@ -268,10 +268,12 @@ impl OtpService {
             return Ok(sent);
         }
 
+        // The runtime settings win over the registry.
+        let settings = self.outbox.settings().current();
         let message = OutboundTemplate {
             to: phone.clone(),
-            template: self.template.name.clone(),
-            language: self.template.language.clone(),
+            template: settings.name(&self.template).value,
+            language: settings.language(&self.template).value,
             body_params: vec![code.expose_secret().to_owned()],
             button_param: Some(code.expose_secret().to_owned()),
             sensitive: true,

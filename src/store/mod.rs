@@ -72,6 +72,8 @@ pub(crate) fn batch_keys(batch_id: &str) -> [String; 4] {
         format!("kabar:batch:{{{batch_id}}}:queue"),
     ]
 }
+/// The runtime settings (a hash: `rev`, `doc`), one for the deployment.
+pub(crate) const SETTINGS_KEY: &str = "kabar:settings";
 /// The batches that may have work (a set of ids).
 pub(crate) const BATCHES_KEY: &str = "kabar:batches";
 
@@ -119,6 +121,27 @@ impl Store {
 
     pub fn is_redis(&self) -> bool {
         matches!(self, Store::Redis(_))
+    }
+}
+
+#[async_trait::async_trait]
+impl crate::domain::ports::SettingsStore for Store {
+    async fn load_settings(
+        &self,
+    ) -> Result<Option<crate::domain::settings::StoredSettings>, StoreError> {
+        dispatch!(self, s => s.load_settings().await)
+    }
+
+    async fn settings_revision(&self) -> Result<u64, StoreError> {
+        dispatch!(self, s => s.settings_revision().await)
+    }
+
+    async fn replace_settings(
+        &self,
+        expected: u64,
+        next: &crate::domain::settings::StoredSettings,
+    ) -> Result<bool, StoreError> {
+        dispatch!(self, s => s.replace_settings(expected, next).await)
     }
 }
 

@@ -774,6 +774,7 @@ async fn the_sending_mark_is_exclusive(redis: Option<&RedisServer>) {
             template: "access_opened".into(),
             name: "access_opened".into(),
             language: "id".into(),
+            own_language: false,
             category: kabar::templates::Category::Utility,
             params: vec!["Budi".into(), "0800".into()],
         })

@@ -19,6 +19,7 @@ macro_rules! on_both_stores {
     )*};
 }
 
+mod admin;
 mod attack;
 mod auth;
 mod batch;

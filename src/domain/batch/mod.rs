@@ -19,6 +19,7 @@ use tokio::sync::Notify;
 
 pub use self::id::BatchId;
 use self::rules::{BatchState, Counts, ItemState, check_batch_id, daily_hold, eta_seconds};
+use super::settings::Effective;
 use super::{
     error::{Error, Violations, echo},
     outbox::Outgoing,
@@ -55,11 +56,17 @@ pub struct NewItem {
     /// Registry key.
     #[serde(rename = "k")]
     pub template: String,
-    /// Meta's template name and language.
+    /// Meta's template name and language from the registry (the environment), or the message's
+    /// own language: the runtime settings in force when the item is sent apply on top
+    /// ([`outgoing`]), so that a name fixed while a run is paused reaches its remaining items.
     #[serde(rename = "n")]
     pub name: String,
     #[serde(rename = "l")]
     pub language: String,
+    /// The language is the message's own (SendTemplateRequest.language): it wins over the
+    /// runtime settings.
+    #[serde(rename = "x", default, skip_serializing_if = "std::ops::Not::not")]
+    pub own_language: bool,
     #[serde(rename = "c")]
     pub category: Category,
     /// Body parameters in `{{1}}..{{n}}` order.
@@ -293,15 +300,25 @@ impl Batches {
                 );
             }
             match self.notifier.prepare(m) {
-                Ok(out) => items.push(NewItem {
-                    reference: out.reference,
-                    phone: out.message.to.e164().to_owned(),
-                    template: out.template_key,
-                    name: out.message.template,
-                    language: out.message.language,
-                    category: out.category,
-                    params: out.message.body_params,
-                }),
+                Ok(out) => {
+                    // The registry's name and language are stored; the runtime settings apply
+                    // when each item is sent.
+                    let registry = self.notifier.templates().get(&out.template_key);
+                    let own_language = !m.language.is_empty();
+                    items.push(NewItem {
+                        reference: out.reference,
+                        phone: out.message.to.e164().to_owned(),
+                        name: registry.map_or(out.message.template, |t| t.name.clone()),
+                        language: match registry {
+                            Some(t) if !own_language => t.language.clone(),
+                            _ => out.message.language,
+                        },
+                        own_language,
+                        template: out.template_key,
+                        category: out.category,
+                        params: out.message.body_params,
+                    })
+                }
                 Err(Error::InvalidArgument(problems)) => {
                     for v in problems.shown() {
                         violations.push(format!("messages[{i}].{}", v.field), &v.description);
@@ -470,15 +487,24 @@ fn not_found(batch_id: &BatchId) -> Error {
     Error::BatchNotFound(echo(batch_id.own()))
 }
 
-/// The message of an item, ready for the send pipeline. Its record carries the batch as the store
-/// knows it ([`BatchId::stored`]), so that a webhook status of the message finds the item.
-pub fn outgoing(batch_id: &BatchId, item: &NewItem) -> Result<Outgoing, Error> {
+/// The message of an item, ready for the send pipeline, with the runtime `settings` in force
+/// now. Its record carries the batch as the store knows it ([`BatchId::stored`]), so that a
+/// webhook status of the message finds the item.
+pub fn outgoing(
+    batch_id: &BatchId,
+    item: &NewItem,
+    settings: &Effective,
+) -> Result<Outgoing, Error> {
     let to = phone::normalize(&item.phone).map_err(|e| Error::field("phone", e.to_string()))?;
+    let (name, language) = settings.overrides(&item.template);
     Ok(Outgoing {
         message: OutboundTemplate {
             to,
-            template: item.name.clone(),
-            language: item.language.clone(),
+            template: name.unwrap_or(&item.name).to_owned(),
+            language: match language {
+                Some(language) if !item.own_language => language.to_owned(),
+                _ => item.language.clone(),
+            },
             body_params: item.params.clone(),
             button_param: None,
             sensitive: false,

@@ -264,7 +264,8 @@ pub fn judge(error: &Error) -> Failure {
         | Error::BatchNotFound(_)
         | Error::BatchClosed { .. }
         | Error::Unauthenticated { .. }
-        | Error::MissingScope { .. } => Failure::Fail,
+        | Error::MissingScope { .. }
+        | Error::SettingsRevisionMismatch { .. } => Failure::Fail,
     }
 }
 

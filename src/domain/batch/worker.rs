@@ -255,7 +255,8 @@ impl Worker {
 
     /// Sends one item and settles it.
     async fn handle(&self, batch_id: &BatchId, claim: Claim, stop: &CancellationToken) {
-        let out = match outgoing(batch_id, &claim.item.data) {
+        let settings = self.outbox.settings().current();
+        let out = match outgoing(batch_id, &claim.item.data, &settings) {
             Ok(out) => out,
             Err(e) => {
                 // Checked at submit: only a stored item from another version could fail here.

@@ -12,6 +12,7 @@ use super::{CodeHash, Gate, Idempotency, StoreError, Verdict, now_ms};
 mod batch;
 mod messages;
 mod pacing;
+mod settings;
 
 enum Value {
     Limits {
@@ -47,6 +48,7 @@ pub struct MemoryStore {
     messages: Arc<Mutex<messages::Messages>>,
     pacing: Arc<pacing::Schedules>,
     batches: Arc<Mutex<batch::Batches>>,
+    settings: Arc<Mutex<Option<crate::domain::settings::StoredSettings>>>,
 }
 
 impl MemoryStore {

@@ -9,6 +9,7 @@ use ::redis::{AsyncCommands, Script, aio::ConnectionManager};
 mod batch;
 mod messages;
 mod pacing;
+mod settings;
 
 use super::{CodeHash, Gate, HASH_LEN, Idempotency, StoreError, Verdict};
 
