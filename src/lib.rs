@@ -208,6 +208,7 @@ pub async fn run(
         pacer: pacer.clone(),
         batch_worker: batch_worker.clone(),
         connection: connection.clone(),
+        sends: outbox.tally().clone(),
     });
     let upkeep = tokio::spawn(pacer.clone().upkeep(driver.clone(), shutdown.clone()));
     // On shutdown the worker takes no new items, gives back those not yet being sent, and

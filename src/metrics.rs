@@ -421,6 +421,21 @@ pub fn render_batch(w: &crate::domain::batch::worker::WorkerSnapshot) -> String 
     out
 }
 
+/// Sends by template and outcome (see [`crate::domain::tally`]).
+pub fn render_sends(sends: &[(String, &'static str, u64)]) -> String {
+    let mut out = String::from(
+        "# HELP kabar_messages_total Sends that reached the pipeline, by registry template and \
+         outcome (accepted, failed, unknown, not_sent).\n# TYPE kabar_messages_total counter\n",
+    );
+    for (template, outcome, n) in sends {
+        let _ = writeln!(
+            out,
+            "kabar_messages_total{{template=\"{template}\",outcome=\"{outcome}\"}} {n}"
+        );
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

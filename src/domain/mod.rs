@@ -11,3 +11,4 @@ pub mod ports;
 pub mod reason;
 pub mod settings;
 pub mod status;
+pub mod tally;

@@ -27,6 +27,7 @@ use super::{
     ports::{Idempotency, IdempotencyStore, MessageStore},
     settings::LiveSettings,
     status::MessageRecord,
+    tally::{Outcome, SendTally},
 };
 use crate::{
     store::{idempotency_key, now_ms},
@@ -95,6 +96,8 @@ pub struct Outbox {
     /// How long a key stays locked by a call in progress: longer than the longest send.
     idempotency_lock: Duration,
     retention: Duration,
+    /// Sends by template and outcome.
+    tally: Arc<SendTally>,
 }
 
 impl Outbox {
@@ -114,7 +117,13 @@ impl Outbox {
             records,
             pacer,
             retention,
+            tally: Arc::new(SendTally::default()),
         }
+    }
+
+    /// Sends so far by template and outcome (for the metrics).
+    pub fn tally(&self) -> &Arc<SendTally> {
+        &self.tally
     }
 
     /// Whether WhatsApp sending is on now (`WHATSAPP_ENABLED` or its runtime setting).
@@ -208,8 +217,19 @@ impl Outbox {
         }
     }
 
-    /// Pacing and the send, then the record.
+    /// Pacing and the send, then the record; counted by template and outcome.
     async fn deliver(
+        &self,
+        out: &Outgoing,
+        deadline: Option<Instant>,
+        guard: &dyn SendGuard,
+    ) -> Result<Accepted, Error> {
+        let result = self.deliver_uncounted(out, deadline, guard).await;
+        self.tally.record(&out.template_key, Outcome::of(&result));
+        result
+    }
+
+    async fn deliver_uncounted(
         &self,
         out: &Outgoing,
         deadline: Option<Instant>,

@@ -69,6 +69,8 @@ pub struct HttpState {
     pub batch_worker: Arc<crate::domain::batch::worker::Worker>,
     /// The number's state and the sends' outcomes, for `/status`.
     pub connection: Arc<crate::ops::status::Connection>,
+    /// Sends by template and outcome, for `/metrics`.
+    pub sends: Arc<crate::domain::tally::SendTally>,
 }
 
 pub fn router(http_state: Arc<HttpState>) -> Router {
@@ -87,7 +89,8 @@ async fn metrics(State(r): State<Arc<HttpState>>) -> impl axum::response::IntoRe
             r.store_reachable.load(Ordering::Relaxed),
             r.shutting_down.load(Ordering::Relaxed),
         ) + &crate::metrics::render_pacing(&r.pacer.snapshot())
-            + &crate::metrics::render_batch(&r.batch_worker.snapshot()),
+            + &crate::metrics::render_batch(&r.batch_worker.snapshot())
+            + &crate::metrics::render_sends(&r.sends.snapshot()),
     )
 }
 

@@ -77,6 +77,14 @@ async fn status_shows_the_number_the_last_send_and_the_last_meta_error() {
     assert!(e["details"].as_str().unwrap().contains("does not exist"));
     assert!(!e["remedy"].as_str().unwrap().is_empty());
     assert!(!s["last_success_at"].is_null(), "the last success stays");
+    // And the sends by template and outcome.
+    let metrics = crate::support::metrics_text(http).await;
+    for line in [
+        "kabar_messages_total{template=\"invoice_notification\",outcome=\"accepted\"} 1",
+        "kabar_messages_total{template=\"invoice_notification\",outcome=\"failed\"} 1",
+    ] {
+        assert!(metrics.contains(line), "{line} in:\n{metrics}");
+    }
 
     // `kabar status` prints the same.
     let out = tokio::task::block_in_place(|| {
