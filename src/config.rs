@@ -82,8 +82,17 @@ const MAX_KEY_FILE_BYTES: u64 = 1024 * 1024;
 
 /// Reads a regular file of at most `max` bytes (a device or a pipe would never end).
 pub fn read_small_file(path: &std::path::Path, max: u64) -> Result<Vec<u8>, String> {
-    use std::io::Read;
-    let file = std::fs::File::open(path).map_err(|e| format!("cannot read it: {e}"))?;
+    use std::{io::Read, os::unix::fs::OpenOptionsExt};
+    // Non-blocking: opening a named pipe would otherwise wait for a writer, forever.
+    #[cfg(target_os = "macos")]
+    const O_NONBLOCK: i32 = 0x0004;
+    #[cfg(not(target_os = "macos"))]
+    const O_NONBLOCK: i32 = 0o4000;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(O_NONBLOCK)
+        .open(path)
+        .map_err(|e| format!("cannot read it: {e}"))?;
     let meta = file
         .metadata()
         .map_err(|e| format!("cannot read it: {e}"))?;

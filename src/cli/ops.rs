@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use kabar::{
     config::{Config, DriverKind},
+    domain::error::escape_unsafe,
     ops::{
         doctor,
         lint::Severity,
@@ -91,9 +92,14 @@ pub async fn templates_status(config: &Config, json: bool) -> ExitCode {
                 ),
                 Standing::Wrong { status, problem } => (status.clone(), problem.clone()),
             };
+            // Meta's words may hold terminal escapes: shown escaped.
             println!(
-                "{:<22} {:<28} {:<6} {:<10} {note}",
-                c.key, c.name, c.language, state
+                "{:<22} {:<28} {:<6} {:<10} {}",
+                c.key,
+                c.name,
+                c.language,
+                escape_unsafe(&state),
+                escape_unsafe(&note)
             );
         }
     }
@@ -149,7 +155,10 @@ pub async fn templates_push(config: &Config, dry_run: bool, json: bool) -> ExitC
             }
         };
         if !json {
-            println!("{text}");
+            // Meta's words may hold terminal escapes (line breaks of our own are kept).
+            for line in text.lines() {
+                println!("{}", escape_unsafe(line));
+            }
             for w in line
                 .warnings
                 .iter()
@@ -194,7 +203,7 @@ pub async fn status(addr: Option<String>, json: bool) -> ExitCode {
         }
     };
     let answer = match client.get(&url).send().await {
-        Ok(r) => r.json::<serde_json::Value>().await,
+        Ok(r) => read_json(r).await,
         Err(e) => {
             eprintln!(
                 "kabar status: cannot reach kabar at {url}: {e}\nIs `kabar serve` running? Give \
@@ -218,12 +227,30 @@ pub async fn status(addr: Option<String>, json: bool) -> ExitCode {
     ExitCode::SUCCESS
 }
 
+/// Most bytes of `/status` read: it is a few hundred; anything longer is not kabar's answer.
+const MAX_STATUS_BYTES: usize = 1024 * 1024;
+
+async fn read_json(mut response: reqwest::Response) -> Result<serde_json::Value, String> {
+    let mut body = Vec::new();
+    while let Some(chunk) = response.chunk().await.map_err(|e| e.to_string())? {
+        if body.len() + chunk.len() > MAX_STATUS_BYTES {
+            return Err(format!(
+                "the answer is over {} KiB",
+                MAX_STATUS_BYTES / 1024
+            ));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    serde_json::from_slice(&body).map_err(|e| e.to_string())
+}
+
 /// The status as a few lines for a terminal.
 fn render_status(s: &serde_json::Value) -> String {
+    // Meta's words (names, error details) may hold terminal escapes: shown escaped.
     let text = |v: &serde_json::Value| match v {
         serde_json::Value::Null => "unknown".to_owned(),
-        serde_json::Value::String(t) => t.clone(),
-        other => other.to_string(),
+        serde_json::Value::String(t) => kabar::domain::error::escape_unsafe(t),
+        other => kabar::domain::error::escape_unsafe(&other.to_string()),
     };
     let ago = |v: &serde_json::Value| match v.as_u64() {
         Some(s) => format!("{s} s ago"),

@@ -238,6 +238,11 @@ fn cut(text: &str, max: usize) -> String {
     }
 }
 
+/// Text from outside (Meta's answers) as kabar passes it on: escaped, and at most `max` bytes.
+pub fn bounded_text(text: &str, max: usize) -> String {
+    cut_bytes(escape_unsafe(text), max)
+}
+
 /// `text` cut to at most `max` bytes on a character boundary.
 fn cut_bytes(mut text: String, max: usize) -> String {
     if text.len() > max {

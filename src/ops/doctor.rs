@@ -8,6 +8,7 @@ use serde_json::Value;
 
 use crate::{
     config::{Config, DriverKind},
+    domain::error::escape_unsafe,
     store::RedisStore,
     whatsapp::{MetaClient, SendError},
 };
@@ -602,9 +603,14 @@ pub fn render(report: &Report) -> String {
             Verdict::Fail => "FAIL",
             Verdict::Unknown => "????",
         };
-        out.push_str(&format!("{mark}  {:<32} {}\n", c.id, c.found));
+        // Meta's words (names, error details) may hold terminal escapes: shown escaped.
+        out.push_str(&format!(
+            "{mark}  {:<32} {}\n",
+            c.id,
+            escape_unsafe(&c.found)
+        ));
         if let Some(remedy) = &c.remedy {
-            out.push_str(&format!("      -> {remedy}\n"));
+            out.push_str(&format!("      -> {}\n", escape_unsafe(remedy)));
         }
     }
     let failed = report

@@ -54,11 +54,29 @@ impl AtMeta {
 /// Pages of templates read at most (100 each): a business account holds at most a few thousand.
 const MAX_PAGES: usize = 100;
 
-/// Every template of business account `waba`, following Meta's paging.
+/// The longest reading the whole list may take.
+const FETCH_DEADLINE: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Every template of business account `waba`, following Meta's paging. A list that does not
+/// end (a cursor seen twice, more than [`MAX_PAGES`] pages, longer than [`FETCH_DEADLINE`]) is
+/// an error, never a partial list: a template missing from it would be reported missing, and
+/// created again.
 pub async fn fetch(meta: &MetaClient, waba: &str) -> Result<Vec<AtMeta>, SendError> {
+    tokio::time::timeout(FETCH_DEADLINE, fetch_pages(meta, waba))
+        .await
+        .unwrap_or_else(|_| {
+            Err(SendError::Uncertain(format!(
+                "Meta's template list took longer than {} s",
+                FETCH_DEADLINE.as_secs()
+            )))
+        })
+}
+
+async fn fetch_pages(meta: &MetaClient, waba: &str) -> Result<Vec<AtMeta>, SendError> {
     let path = format!("{waba}/message_templates");
     let mut all = Vec::new();
     let mut after: Option<String> = None;
+    let mut seen = std::collections::HashSet::new();
     for _ in 0..MAX_PAGES {
         let mut query = vec![
             (
@@ -80,12 +98,24 @@ pub async fn fetch(meta: &MetaClient, waba: &str) -> Result<Vec<AtMeta>, SendErr
             &page["paging"]["next"],
             page["paging"]["cursors"]["after"].as_str(),
         ) {
-            (Value::String(_), Some(cursor)) if !data.is_empty() => Some(cursor.to_owned()),
+            (Value::String(_), Some(cursor)) if !data.is_empty() => {
+                if !seen.insert(cursor.to_owned()) {
+                    return Err(SendError::Uncertain(
+                        "Meta's template list repeats a page".into(),
+                    ));
+                }
+                Some(cursor.to_owned())
+            }
             _ => return Ok(all),
         };
     }
-    Ok(all)
+    Err(SendError::Uncertain(format!(
+        "Meta's template list goes on past {MAX_PAGES} pages"
+    )))
 }
+
+/// Meta's subcode for a template that exists in that language.
+const ALREADY_EXISTS: i64 = 2388024;
 
 /// Where a registry template stands at Meta.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -322,6 +352,10 @@ pub async fn push(
             Ok(answer) => Pushed::Created {
                 id: answer["id"].as_str().unwrap_or_default().to_owned(),
                 status: answer["status"].as_str().unwrap_or("PENDING").to_owned(),
+            },
+            // The list did not show it, but Meta has it: nothing was created.
+            Err(SendError::Meta(f)) if f.subcode == Some(ALREADY_EXISTS) => Pushed::Exists {
+                status: "exists at Meta (not in its list)".into(),
             },
             Err(SendError::Meta(f)) => Pushed::Failed {
                 code: f.meta_code,

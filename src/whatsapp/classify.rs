@@ -56,6 +56,11 @@ pub struct MetaErrorData {
     pub details: Option<String>,
 }
 
+/// Most bytes of Meta's error text passed on.
+pub const MAX_DETAILS_BYTES: usize = 512;
+/// Most bytes of Meta's trace id passed on.
+const MAX_TRACE_ID_BYTES: usize = 128;
+
 /// A refusal from Meta, classified.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MetaFailure {
@@ -64,6 +69,8 @@ pub struct MetaFailure {
     pub reason: Reason,
     /// Meta's `code` (or 0 when Meta sent no parseable body).
     pub meta_code: i64,
+    /// Meta's `error_subcode`: a hint only (e.g. a template that exists), never a decision.
+    pub subcode: Option<i64>,
     pub http_status: u16,
     /// Meta's `error_data.details`, else its `error_user_msg`, else its `message`.
     pub details: String,
@@ -375,23 +382,31 @@ pub fn classify(
                 ),
             ),
         };
+    // Meta's words go on to callers (error details), logs, stored batch items and terminals:
+    // escaped and bounded, whatever Meta (or something pretending to be it) sent.
     let details = body
         .map(|b| {
-            b.error_data
+            let text = b
+                .error_data
                 .as_ref()
-                .and_then(|d| d.details.clone())
+                .and_then(|d| d.details.as_deref())
                 .filter(|d| !d.is_empty())
-                .or_else(|| b.error_user_msg.clone().filter(|m| !m.is_empty()))
-                .unwrap_or_else(|| b.message.clone())
+                .or_else(|| b.error_user_msg.as_deref().filter(|m| !m.is_empty()))
+                .unwrap_or(&b.message);
+            crate::domain::error::bounded_text(text, MAX_DETAILS_BYTES)
         })
         .unwrap_or_else(|| format!("HTTP {http_status} without a Meta error body"));
     MetaFailure {
         kind,
         reason,
         meta_code: code,
+        subcode: body.and_then(|b| b.error_subcode),
         http_status,
         details,
-        fbtrace_id: body.and_then(|b| b.fbtrace_id.clone()),
+        // A trace id is a short token; anything else is not one.
+        fbtrace_id: body
+            .and_then(|b| b.fbtrace_id.clone())
+            .filter(|t| t.len() <= MAX_TRACE_ID_BYTES && t.bytes().all(|b| b.is_ascii_graphic())),
         remedy,
         retryable,
         retry_after,
@@ -426,6 +441,28 @@ mod tests {
                 language: "id",
             },
         )
+    }
+
+    #[test]
+    fn metas_words_are_escaped_and_bounded() {
+        let mut b = body(100);
+        b.error_data = Some(MetaErrorData {
+            details: Some(format!("\u{1b}[2J{}", "x".repeat(30_000))),
+        });
+        b.fbtrace_id = Some("t".repeat(5_000));
+        let ctx = SendContext {
+            template: "invoice",
+            language: "id",
+        };
+        let f = classify(400, Some(&b), &ctx);
+        assert!(f.details.len() <= MAX_DETAILS_BYTES, "{}", f.details.len());
+        assert!(
+            !f.details.chars().any(char::is_control),
+            "{:?}",
+            &f.details[..20]
+        );
+        assert_eq!(f.fbtrace_id, None);
+        assert_eq!(run(400, Some(100)).fbtrace_id.as_deref(), Some("trace"));
     }
 
     #[test]

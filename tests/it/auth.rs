@@ -692,7 +692,29 @@ async fn keys_are_read_again_when_the_file_changes() {
         "the renamed-in key"
     );
     assert_eq!(status(second.clone()).await, Code::Unauthenticated);
-    app.stop().await.unwrap();
+
+    // A named pipe in its place blocks nothing: the keys stay, and later changes are read.
+    std::fs::remove_file(&file).unwrap();
+    assert!(
+        std::process::Command::new("mkfifo")
+            .arg(&file)
+            .status()
+            .unwrap()
+            .success()
+    );
+    tokio::time::sleep(within).await;
+    assert!(works(&third).await, "a named pipe took the keys away");
+    std::fs::remove_file(&file).unwrap();
+    let fourth = new_key();
+    std::fs::write(&file, entries(&fourth)).unwrap();
+    assert!(
+        eventually(within, || works(&fourth)).await,
+        "read again after the pipe"
+    );
+    tokio::time::timeout(Duration::from_secs(10), app.stop())
+        .await
+        .expect("shutdown is not held up")
+        .unwrap();
 }
 
 #[test]

@@ -508,3 +508,38 @@ async fn the_commands_exit_by_the_outcome_and_print_json() {
     );
     assert_eq!(meta.graph(|g| g.creations.len()), 1);
 }
+
+#[tokio::test]
+async fn a_list_that_never_ends_is_an_error_and_an_unlisted_template_is_not_created_twice() {
+    let meta = FakeMeta::start().await;
+    meta.set_messaging_limit("TIER_2K");
+    meta.graph(|g| g.endless_paging = true);
+    let config = config_for(&meta.url(), None, &[]);
+    let report = doctor::run(&config).await;
+    let templates = report.checks.iter().find(|c| c.id == "templates").unwrap();
+    assert_eq!(templates.verdict, Verdict::Unknown, "{templates:?}");
+    assert!(templates.found.contains("repeats a page"), "{templates:?}");
+    let client = kabar::whatsapp::MetaClient::new(config.meta.as_ref().unwrap()).unwrap();
+    assert!(
+        templates::push(&client, WABA_ID, &config.templates, config.otp.ttl, false)
+            .await
+            .is_err()
+    );
+    assert!(
+        meta.graph(|g| g.creations.is_empty()),
+        "nothing created from a partial list"
+    );
+
+    // Meta holds a template its list left out: the creation is refused as existing, and push
+    // says it exists rather than failed.
+    meta.graph(|g| {
+        g.endless_paging = false;
+        g.unlisted.push("access_opened".into());
+    });
+    let lines = templates::push(&client, WABA_ID, &config.templates, config.otp.ttl, false)
+        .await
+        .unwrap();
+    let line = lines.iter().find(|l| l.key == "access_opened").unwrap();
+    assert!(matches!(line.pushed, Pushed::Exists { .. }), "{line:?}");
+    assert_eq!(meta.graph(|g| g.templates.len()), 7);
+}

@@ -34,6 +34,10 @@ pub struct Graph {
     pub page_size: usize,
     /// Creations of these names are refused with Meta's subcode and reason.
     pub refuse: Vec<(String, i64, String)>,
+    /// Templates held but left out of the list (Meta's list is not always complete).
+    pub unlisted: Vec<String>,
+    /// The list never ends: every page points to the same next cursor.
+    pub endless_paging: bool,
 }
 
 /// A positional body text with `n` parameters, as an approved template holds it.
@@ -108,6 +112,8 @@ impl Default for Graph {
             creations: Vec::new(),
             page_size: 3,
             refuse: Vec::new(),
+            unlisted: Vec::new(),
+            endless_paging: false,
         }
     }
 }
@@ -218,9 +224,22 @@ impl Graph {
                 None => return error(400, 131059, None, "Invalid pagination cursor", None),
             },
         };
-        let page: Vec<Value> = self
+        if self.endless_paging {
+            let page: Vec<Value> = self.templates.iter().take(1).map(template_json).collect();
+            return (
+                200,
+                json!({"data": page, "paging": {"cursors": {"after": "cursor-1"},
+                    "next": "https://graph.facebook.com/v24.0/x?after=cursor-1"}}),
+            );
+        }
+        let listed: Vec<&HeldTemplate> = self
             .templates
             .iter()
+            .filter(|t| !self.unlisted.contains(&t.name))
+            .collect();
+        let page: Vec<Value> = listed
+            .iter()
+            .copied()
             .skip(start)
             .take(limit)
             .map(template_json)
@@ -228,7 +247,7 @@ impl Graph {
         let end = start + page.len();
         let mut paging = json!({"cursors": {"before": format!("cursor-{start}"),
                                              "after": format!("cursor-{end}")}});
-        if end < self.templates.len() {
+        if end < listed.len() {
             paging["next"] = json!(format!(
                 "https://graph.facebook.com/v24.0/{WABA_ID}/message_templates?after=cursor-{end}"
             ));

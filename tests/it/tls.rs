@@ -310,6 +310,15 @@ fn bad_tls_files_stop_start_up_naming_the_variable() {
     let empty = dir.join("empty.pem");
     std::fs::write(&empty, "").unwrap();
     let missing = dir.join("missing.pem");
+    // A named pipe would block a plain open until something writes to it.
+    let fifo = dir.join("fifo.pem");
+    assert!(
+        std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap()
+            .success()
+    );
     let p = |p: &Path| p.display().to_string();
 
     // The variables set, the variable named and what the error says.
@@ -373,6 +382,19 @@ fn bad_tls_files_stop_start_up_naming_the_variable() {
             ],
             "KABAR_TLS_CLIENT_CA_FILE",
             "holds no certificate",
+        ),
+        (
+            vec![
+                ("KABAR_TLS_CERT_FILE", p(&fifo)),
+                ("KABAR_TLS_KEY_FILE", p(&key)),
+            ],
+            "KABAR_TLS_CERT_FILE",
+            "not a regular file",
+        ),
+        (
+            vec![("KABAR_API_KEYS_FILE", p(&fifo))],
+            "KABAR_API_KEYS_FILE",
+            "not a regular file",
         ),
         (
             vec![
