@@ -19,6 +19,8 @@
 //!
 //! `run` keeps N unary calls in flight over M HTTP/2 connections for a duration (or a count),
 //! then prints calls/s, latency percentiles and errors by gRPC code (`--json` for one JSON line).
+//! With `--key KEY` (or `KABAR_API_KEY`) every gRPC call carries `authorization: Bearer KEY`, as
+//! kabar with `KABAR_API_KEYS_FILE` requires.
 //! It exits non-zero when any call ended in an error or none was answered (`--allow-errors`
 //! keeps the first case going): a benchmark of failing calls measures nothing.
 //! `scripts/bench.sh` starts everything and runs every scenario in one go.
@@ -155,6 +157,10 @@ struct RunArgs {
     /// gRPC address of kabar (or of bare-health), or the stand-in's URL for meta-direct.
     #[arg(long, default_value = "http://127.0.0.1:50051")]
     target: String,
+    /// The caller's API key, sent as `authorization: Bearer KEY` with every gRPC call of the
+    /// scenario (kabar with KABAR_API_KEYS_FILE needs it; health does not). Empty: no key.
+    #[arg(long, env = "KABAR_API_KEY", hide_env_values = true)]
+    key: Option<String>,
     /// Calls in flight.
     #[arg(short = 'c', long, default_value_t = 64)]
     concurrency: usize,
@@ -644,6 +650,62 @@ async fn record_memory(
     })
 }
 
+/// One HTTP/2 connection to a gRPC server that adds the caller's key to every call it carries:
+/// `authorization: Bearer KEY`, a header value built once per run, so that a call only clones a
+/// reference-counted value into its headers (what a client's interceptor does at the least).
+#[derive(Clone)]
+struct Conn {
+    channel: Channel,
+    authorization: Option<http::HeaderValue>,
+}
+
+impl tower::Service<http::Request<tonic::body::Body>> for Conn {
+    type Response = <Channel as tower::Service<http::Request<tonic::body::Body>>>::Response;
+    type Error = <Channel as tower::Service<http::Request<tonic::body::Body>>>::Error;
+    type Future = <Channel as tower::Service<http::Request<tonic::body::Body>>>::Future;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        self.channel.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: http::Request<tonic::body::Body>) -> Self::Future {
+        if let Some(value) = &self.authorization {
+            request
+                .headers_mut()
+                .insert(http::header::AUTHORIZATION, value.clone());
+        }
+        self.channel.call(request)
+    }
+}
+
+/// The `authorization` header of `--key` (or `KABAR_API_KEY`), built once; `None` without a key.
+fn authorization(args: &RunArgs) -> anyhow::Result<Option<http::HeaderValue>> {
+    let Some(key) = args.key.as_deref().map(str::trim).filter(|k| !k.is_empty()) else {
+        return Ok(None);
+    };
+    let value = http::HeaderValue::try_from(format!("Bearer {key}")).map_err(|_| {
+        anyhow::anyhow!(
+            "--key / KABAR_API_KEY: not a key (printable ASCII, as `kabar keys new` prints it)"
+        )
+    })?;
+    Ok(Some(value))
+}
+
+/// Opens one HTTP/2 connection (each Endpoint::connect is its own) that sends `authorization`.
+async fn connect(target: &str, authorization: Option<&http::HeaderValue>) -> anyhow::Result<Conn> {
+    let channel = Endpoint::from_shared(target.to_owned())?
+        .tcp_nodelay(true)
+        .connect()
+        .await?;
+    Ok(Conn {
+        channel,
+        authorization: authorization.cloned(),
+    })
+}
+
 /// One call's outcome: `Ok(label)` or `Err(gRPC code name)`.
 type Outcome = Result<&'static str, String>;
 
@@ -664,15 +726,10 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let channels = if args.scenario == Scenario::MetaDirect {
         Vec::new()
     } else {
+        let authorization = authorization(&args)?;
         let mut channels = Vec::with_capacity(args.connections);
         for _ in 0..args.connections.max(1) {
-            // Each Endpoint::connect is its own HTTP/2 connection.
-            channels.push(
-                Endpoint::from_shared(args.target.clone())?
-                    .tcp_nodelay(true)
-                    .connect()
-                    .await?,
-            );
+            channels.push(connect(&args.target, authorization.as_ref()).await?);
         }
         channels
     };
@@ -770,7 +827,9 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             *all.results.entry(k).or_default() += v;
         }
     }
-    report(&args, &mut all, elapsed);
+    // Whether the run's gRPC calls carried a key (meta-direct and the webhook's POSTs are HTTP).
+    let api_key = channels.first().is_some_and(|c| c.authorization.is_some());
+    report(&args, &mut all, elapsed, api_key);
     // The scenario's expected answers are results; everything else is an error.
     let answered: u64 = all.results.values().sum();
     let failed: u64 = all.errors.values().sum();
@@ -887,16 +946,12 @@ async fn run_pacing(args: RunArgs) -> anyhow::Result<()> {
     let per_target = args
         .connections
         .max((in_flight / 200.0).ceil() as usize + 1);
+    let authorization = authorization(&args)?;
     let mut channels = Vec::with_capacity(per_target * targets.len());
     for _ in 0..per_target {
         // Replica-minor order: call n goes to replica n % replicas.
         for target in &targets {
-            channels.push(
-                Endpoint::from_shared(target.clone())?
-                    .tcp_nodelay(true)
-                    .connect()
-                    .await?,
-            );
+            channels.push(connect(target, authorization.as_ref()).await?);
         }
     }
     let warmup = Duration::from_secs_f64(args.warmup);
@@ -1045,6 +1100,7 @@ async fn run_pacing(args: RunArgs) -> anyhow::Result<()> {
         "label": args.label,
         "scenario": "pacing",
         "targets": targets,
+        "api_key": authorization.is_some(),
         "replicas": targets.len(),
         "cap": args.cap,
         "offered_per_sec": args.rate,
@@ -1073,6 +1129,7 @@ async fn run_pacing(args: RunArgs) -> anyhow::Result<()> {
             "label": format!("{}-otp", args.label),
             "scenario": "send-otp",
             "target": targets[0],
+            "api_key": authorization.is_some(),
             "every_ms": args.otp_every_ms,
             "under": args.label,
             "seconds": args.duration,
@@ -1194,7 +1251,7 @@ struct Submission {
 /// built before the clock starts.
 async fn submit_batch(
     args: &RunArgs,
-    channels: &[Channel],
+    channels: &[Conn],
     batch_id: &str,
 ) -> anyhow::Result<Submission> {
     anyhow::ensure!(
@@ -1259,6 +1316,42 @@ async fn submit_batch(
     })
 }
 
+/// The id the store knows a batch by: the caller's own id without API keys, `caller/id` with
+/// them (batch ids are each caller's own), found by its key `kabar:batch:{caller/id}`.
+async fn stored_batch_id(
+    con: &mut redis::aio::MultiplexedConnection,
+    batch_id: &str,
+) -> anyhow::Result<String> {
+    let plain: bool = redis::cmd("EXISTS")
+        .arg(format!("kabar:batch:{{{batch_id}}}"))
+        .query_async(con)
+        .await?;
+    if plain {
+        return Ok(batch_id.to_owned());
+    }
+    let mut cursor = 0u64;
+    loop {
+        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(format!("kabar:batch:{{*/{batch_id}}}"))
+            .arg("COUNT")
+            .arg(1000)
+            .query_async(con)
+            .await?;
+        if let Some(stored) = keys.first().and_then(|k| {
+            k.strip_prefix("kabar:batch:{")
+                .and_then(|k| k.strip_suffix('}'))
+        }) {
+            return Ok(stored.to_owned());
+        }
+        cursor = next;
+        if cursor == 0 {
+            anyhow::bail!("{batch_id}: no key kabar:batch:{{...{batch_id}}} in Redis");
+        }
+    }
+}
+
 /// Redis's `used_memory` (INFO memory).
 async fn used_memory(con: &mut redis::aio::MultiplexedConnection) -> anyhow::Result<u64> {
     let info: String = redis::cmd("INFO").arg("memory").query_async(con).await?;
@@ -1287,14 +1380,10 @@ async fn run_batch(args: RunArgs) -> anyhow::Result<()> {
         .batch_id
         .clone()
         .unwrap_or_else(|| format!("bench-{scenario}-{}", unix_micros()));
+    let authorization = authorization(&args)?;
     let mut channels = Vec::with_capacity(args.connections.max(1));
     for _ in 0..args.connections.max(1) {
-        channels.push(
-            Endpoint::from_shared(args.target.clone())?
-                .tcp_nodelay(true)
-                .connect()
-                .await?,
-        );
+        channels.push(connect(&args.target, authorization.as_ref()).await?);
     }
     match args.scenario {
         Scenario::BatchRun => run_batch_run(&args, &channels, &batch_id).await,
@@ -1302,7 +1391,7 @@ async fn run_batch(args: RunArgs) -> anyhow::Result<()> {
     }
 }
 
-async fn get_batch(channel: &Channel, batch_id: &str) -> anyhow::Result<Batch> {
+async fn get_batch(channel: &Conn, batch_id: &str) -> anyhow::Result<Batch> {
     Ok(BatchServiceClient::new(channel.clone())
         .get_batch(GetBatchRequest {
             batch_id: batch_id.to_owned(),
@@ -1312,11 +1401,7 @@ async fn get_batch(channel: &Channel, batch_id: &str) -> anyhow::Result<Batch> {
         .into_inner())
 }
 
-async fn run_batch_submit(
-    args: &RunArgs,
-    channels: &[Channel],
-    batch_id: &str,
-) -> anyhow::Result<()> {
+async fn run_batch_submit(args: &RunArgs, channels: &[Conn], batch_id: &str) -> anyhow::Result<()> {
     let mut redis = match &args.redis {
         Some(url) => Some(
             redis::Client::open(url.as_str())?
@@ -1340,6 +1425,7 @@ async fn run_batch_submit(
         "label": args.label,
         "scenario": "batch-submit",
         "target": args.target,
+        "api_key": channels[0].authorization.is_some(),
         "batch_id": batch_id,
         "items": args.items,
         "per_call": args.per_call,
@@ -1381,6 +1467,7 @@ async fn run_batch_submit(
         figures["used_memory_after"] = after.into();
         figures["bytes_per_item"] = per_item.into();
         // The batch's own keys, each divided by the items (MEMORY USAGE, every element).
+        let stored = stored_batch_id(con, batch_id).await?;
         let mut keys = serde_json::Map::new();
         for (name, suffix) in [
             ("batch", ""),
@@ -1390,7 +1477,7 @@ async fn run_batch_submit(
         ] {
             let bytes: Option<u64> = redis::cmd("MEMORY")
                 .arg("USAGE")
-                .arg(format!("kabar:batch:{{{batch_id}}}{suffix}"))
+                .arg(format!("kabar:batch:{{{stored}}}{suffix}"))
                 .arg("SAMPLES")
                 .arg(0)
                 .query_async(con)
@@ -1447,7 +1534,7 @@ struct Progress {
     batch: Batch,
 }
 
-async fn run_batch_run(args: &RunArgs, channels: &[Channel], batch_id: &str) -> anyhow::Result<()> {
+async fn run_batch_run(args: &RunArgs, channels: &[Conn], batch_id: &str) -> anyhow::Result<()> {
     let meta = args.meta.trim_end_matches('/').to_owned();
     let started_us = unix_micros();
     let started = Instant::now();
@@ -1561,6 +1648,7 @@ async fn run_batch_run(args: &RunArgs, channels: &[Channel], batch_id: &str) -> 
         "label": args.label,
         "scenario": "batch-run",
         "target": args.target,
+        "api_key": channels[0].authorization.is_some(),
         "meta": args.meta,
         "batch_id": batch_id,
         "cap": args.cap,
@@ -1648,7 +1736,7 @@ async fn run_batch_run(args: &RunArgs, channels: &[Channel], batch_id: &str) -> 
     Ok(())
 }
 
-fn report(args: &RunArgs, tally: &mut Tally, elapsed: f64) {
+fn report(args: &RunArgs, tally: &mut Tally, elapsed: f64, api_key: bool) {
     tally.latencies_us.sort_unstable();
     let calls = tally.latencies_us.len();
     let pct = |p: f64| -> f64 {
@@ -1670,6 +1758,7 @@ fn report(args: &RunArgs, tally: &mut Tally, elapsed: f64) {
             "label": args.label,
             "scenario": scenario,
             "target": if webhook { &args.webhook } else { &args.target },
+            "api_key": api_key,
             "concurrency": args.concurrency,
             "connections": if webhook { args.concurrency } else { args.connections },
             "seconds": elapsed,
@@ -1686,8 +1775,11 @@ fn report(args: &RunArgs, tally: &mut Tally, elapsed: f64) {
         println!("{figures}");
     } else {
         println!(
-            "{scenario} {}: {calls} calls in {elapsed:.1} s = {rate:.0} calls/s, c={} m={}",
-            args.label, args.concurrency, args.connections
+            "{scenario} {}: {calls} calls in {elapsed:.1} s = {rate:.0} calls/s, c={} m={}{}",
+            args.label,
+            args.concurrency,
+            args.connections,
+            if api_key { ", with an API key" } else { "" }
         );
         if webhook {
             println!(
@@ -1706,7 +1798,7 @@ fn report(args: &RunArgs, tally: &mut Tally, elapsed: f64) {
 /// stand-in, many at once), then reads back from the stand-in which code each phone got.
 async fn prepare_verify(
     args: &RunArgs,
-    channels: &[Channel],
+    channels: &[Conn],
 ) -> anyhow::Result<std::collections::HashMap<String, String>> {
     let next = Arc::new(AtomicU64::new(0));
     let mut senders = Vec::new();
@@ -1804,7 +1896,7 @@ const REPORTED: [&str; 3] = ["sent", "delivered", "read"];
 /// one of them through the webhook, so that each record holds four status changes.
 async fn prepare_messages(
     args: &RunArgs,
-    channels: &[Channel],
+    channels: &[Conn],
     report_read: bool,
 ) -> anyhow::Result<Vec<(String, String)>> {
     anyhow::ensure!(args.messages > 0, "--messages must be at least 1");
@@ -2024,16 +2116,16 @@ fn distinct_phone(n: u64) -> String {
 }
 
 struct Caller {
-    health: Option<HealthClient<Channel>>,
-    otp: Option<OtpServiceClient<Channel>>,
-    notifications: Option<NotificationServiceClient<Channel>>,
+    health: Option<HealthClient<Conn>>,
+    otp: Option<OtpServiceClient<Conn>>,
+    notifications: Option<NotificationServiceClient<Conn>>,
     http: reqwest::Client,
     /// xorshift state: cheap per-call randomness for the verify mix.
     rng: u64,
 }
 
 impl Caller {
-    fn new(args: &RunArgs, channel: Option<Channel>, http: reqwest::Client, seed: u64) -> Self {
+    fn new(args: &RunArgs, channel: Option<Conn>, http: reqwest::Client, seed: u64) -> Self {
         Caller {
             health: channel.clone().map(HealthClient::new),
             otp: channel.clone().map(OtpServiceClient::new),
@@ -2597,6 +2689,18 @@ fn targets(run: &RunFigures) -> Vec<Target> {
             measured: plain(phone("general_path_ns"), nanos, |_| true),
         },
     ];
+    // What keys cost has a mode of its own (`--keys`): its lines only when it ran, and alone
+    // (no sends) only the targets of health and verify beside them.
+    if run.contains_key("verify-nokeys") || run.contains_key("verify-invalid-nokeys") {
+        if !run.contains_key("send-template") {
+            list.retain(|t| {
+                ["noise check", "kabar's own", "verify"]
+                    .iter()
+                    .any(|p| t.name.starts_with(p))
+            });
+        }
+        list.extend(key_targets(run));
+    }
     // The batch runs have a mode of their own (`--batch`): their lines only when they ran, and
     // only theirs when nothing else did.
     let batch = |label: &String| label.starts_with("batch-");
@@ -2608,6 +2712,59 @@ fn targets(run: &RunFigures) -> Vec<Target> {
     }
     list.extend(batch_targets(run));
     list
+}
+
+/// What API keys cost: kabar with KABAR_API_KEYS_FILE (every call but health with a key)
+/// against the same kabar without, run beside it (`-nokeys`), and health with a key sent.
+fn key_targets(run: &RunFigures) -> Vec<Target> {
+    let rate = |label: &str| mean(run, label, "calls_per_sec");
+    let p50 = |label: &str| mean(run, label, "p50_ms");
+    let p99 = |label: &str| mean(run, label, "p99_ms");
+    let more_ms = |a: Option<f64>, b: Option<f64>| {
+        a.zip(b).map(|(a, b)| Measured {
+            value: a - b,
+            text: format!("{a:.2} - {b:.2} = {:+.2} ms", a - b),
+            met: true,
+        })
+    };
+    vec![
+        Target {
+            name: "API keys: verify-invalid with a key / the same kabar without KABAR_API_KEYS_FILE",
+            goal: None,
+            show: percent,
+            measured: ratio(rate("verify-invalid"), rate("verify-invalid-nokeys"), 0.0),
+        },
+        Target {
+            name: "API keys: verify-invalid p50 with a key - without",
+            goal: None,
+            show: |v| format!("{v:+.2} ms"),
+            measured: more_ms(p50("verify-invalid"), p50("verify-invalid-nokeys")),
+        },
+        Target {
+            name: "API keys: verify (Redis) with a key / the same kabar without KABAR_API_KEYS_FILE",
+            goal: None,
+            show: percent,
+            measured: ratio(rate("verify"), rate("verify-nokeys"), 0.0),
+        },
+        Target {
+            name: "API keys: verify p99 with a key - without",
+            goal: None,
+            show: |v| format!("{v:+.2} ms"),
+            measured: more_ms(p99("verify"), p99("verify-nokeys")),
+        },
+        Target {
+            name: "verify (Redis) on the kabar without KABAR_API_KEYS_FILE / kabar health",
+            goal: Some(">= 40%"),
+            show: percent,
+            measured: ratio(rate("verify-nokeys"), rate("health"), 0.40),
+        },
+        Target {
+            name: "health with a key sent / without (health is open: the key is carried, not checked)",
+            goal: None,
+            show: percent,
+            measured: ratio(rate("health-with-key"), rate("health"), 0.0),
+        },
+    ]
 }
 
 /// The targets of the batch runs.
@@ -2834,6 +2991,20 @@ fn summarize_one(run: &RunFigures) {
             v["meta_130429"],
             v["busiest_window"],
             v["accepted_per_second"]
+        );
+    }
+    let keyed: Vec<&str> = run
+        .iter()
+        .filter(|(_, v)| v["api_key"].as_bool() == Some(true))
+        .map(|(label, _)| label.as_str())
+        .collect();
+    if keyed.is_empty() {
+        println!("\nAPI keys: no call sent one.");
+    } else {
+        println!(
+            "\nAPI keys: the gRPC calls of {} sent `authorization: Bearer <key>`; the other \
+             scenarios none.",
+            keyed.join(", ")
         );
     }
     if let Some(rss) = run.get("rss") {

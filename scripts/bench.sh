@@ -7,6 +7,9 @@
 #   RUNS=6 scripts/bench.sh        # six runs, then the lowest and highest value of every target
 #   scripts/bench.sh --pacing      # only pacing: its overhead and its accuracy (with --smoke too)
 #   scripts/bench.sh --batch       # only batch runs: submit rate, Redis per item, a 100,000-item run
+#   KEYS=off scripts/bench.sh      # kabar without a key file (the figures before API keys)
+#   scripts/bench.sh --keys        # only what keys cost: health, verify-invalid and verify against
+#                                  # kabar with a key file and a second kabar without, interleaved
 #
 # It starts, all on this machine: a private redis-server (unix socket), two Meta stand-ins
 # (0 ms and 200 ms), a bare tonic health server, and kabar (with Meta's webhook on); then drives
@@ -20,6 +23,14 @@
 # 100,000 items in calls of 1,000 to a kabar with WHATSAPP_ENABLED=false (the batch pauses at its
 # first item, so nothing is sent) with Redis's used_memory before and after; then a 100,000-item
 # run to DONE against a stand-in with 200 ms latency and a cap of 1,000/s, KABAR_META_MAX_MPS=1000.
+#
+# API keys are on by default: kabar runs with KABAR_API_KEYS_FILE (one caller, made with
+# `kabar keys new`, scopes otp, notify and status) and every call to a kabar service carries its
+# key (the load generator reads KABAR_API_KEY). Health checks go without a key, as a load
+# balancer's do (health is open), on kabar and on the bare server alike. KEYS=off: no key file,
+# no key sent. --keys: the same kabar with keys beside one without (same Redis, same stand-in),
+# health, verify-invalid and verify against both in the order A B B A, and health once more with
+# a key sent (health ignores it).
 #
 # It fails when any call of any scenario ends in an error or none is answered (the load
 # generator exits non-zero), and when kabar does not exit 0 on SIGTERM. It asserts no speed.
@@ -43,19 +54,27 @@ batch_submit_items="${BATCH_SUBMIT_ITEMS:-100000}"
 batch_run_items="${BATCH_RUN_ITEMS:-100000}"
 runs="${RUNS:-1}"
 [[ "$runs" =~ ^[1-9][0-9]*$ ]] || { echo "bench: RUNS must be a whole number from 1" >&2; exit 2; }
+keys="${KEYS:-on}"
+[[ "$keys" == on || "$keys" == off ]] || { echo "bench: KEYS must be on or off" >&2; exit 2; }
 smoke=0
 pacing_only=0
 batch_only=0
+keys_only=0
 for arg in "$@"; do
     case "$arg" in
         --smoke) smoke=1 ;;
         --pacing) pacing_only=1 ;;
         --batch) batch_only=1 ;;
-        *) echo "bench: unknown argument $arg (--smoke, --pacing, --batch)" >&2; exit 2 ;;
+        --keys) keys_only=1 ;;
+        *) echo "bench: unknown argument $arg (--smoke, --pacing, --batch, --keys)" >&2; exit 2 ;;
     esac
 done
-if [[ "$pacing_only" == 1 && "$batch_only" == 1 ]]; then
-    echo "bench: --pacing and --batch are separate runs; give one of them" >&2
+if (( pacing_only + batch_only + keys_only > 1 )); then
+    echo "bench: --pacing, --batch and --keys are separate runs; give one of them" >&2
+    exit 2
+fi
+if [[ "$keys_only" == 1 && "$keys" == off ]]; then
+    echo "bench: --keys compares kabar with keys and without; it needs KEYS=on" >&2
     exit 2
 fi
 if [[ "$smoke" == 1 ]]; then
@@ -81,7 +100,7 @@ fi
 . scripts/ensure-redis.sh
 
 cargo build "${cargo_flags[@]}" --bin kabar --example loadgen
-if [[ "$pacing_only" == 1 || "$batch_only" == 1 ]]; then
+if [[ "$pacing_only" == 1 || "$batch_only" == 1 || "$keys_only" == 1 ]]; then
     phone_bench=(true)
 elif [[ "$profile" == release ]]; then
     cargo bench --no-run --bench phone
@@ -124,6 +143,25 @@ redis-server --port 0 --unixsocket "$work/redis.sock" --save "" --appendonly no 
 pids+=($!)
 for _ in $(seq 1 100); do [[ -S "$work/redis.sock" ]] && break; sleep 0.05; done
 
+# API keys: one caller with the scopes the scenarios use (OTP calls, sends and batches, status
+# and batch reads); the key goes to the load generator through its environment, the entry into
+# the key file every kabar of the run reads.
+keys_env=()
+unset KABAR_API_KEY
+if [[ "$keys" == on ]]; then
+    if ! "$kabar" keys new --name bench --scope otp --scope notify --scope status \
+        >"$work/key.out" 2>"$work/key.err"; then
+        cat "$work/key.err" >&2
+        echo "bench: kabar keys new failed" >&2
+        exit 1
+    fi
+    KABAR_API_KEY="$(head -n 1 "$work/key.out")"
+    export KABAR_API_KEY
+    tail -n +2 "$work/key.out" >"$work/keys.toml"
+    rm -f "$work/key.out"
+    keys_env=(KABAR_API_KEYS_FILE="$work/keys.toml")
+fi
+
 meta0="127.0.0.1:$(free_port)"
 meta200="127.0.0.1:$(free_port)"
 bare="127.0.0.1:$(free_port)"
@@ -134,6 +172,10 @@ webhook="127.0.0.1:$(free_port)"
 grpc_unpaced="127.0.0.1:$(free_port)"
 http_unpaced="127.0.0.1:$(free_port)"
 webhook_unpaced="127.0.0.1:$(free_port)"
+# --keys: the second kabar, without a key file.
+grpc_keyless="127.0.0.1:$(free_port)"
+http_keyless="127.0.0.1:$(free_port)"
+webhook_keyless="127.0.0.1:$(free_port)"
 app_secret="bench-app-secret-0123456789abcdef"
 "$loadgen" meta-standin --addr "$meta0" --latency-ms 0 2>>"$work/meta.log" &
 pids+=($!)
@@ -160,7 +202,7 @@ launch_kabar() { # grpc http webhook meta-address log-file [VAR=value ...]
         KABAR_OTP_DAILY_LIMIT=10000000 \
         KABAR_META_MAX_MPS=100000 KABAR_PAIR_INTERVAL_SECONDS=0 KABAR_META_DAILY_LIMIT=unlimited \
         KABAR_LOG_FORMAT=json KABAR_SHUTDOWN_GRACE_SECONDS=2 \
-        "$@" "$kabar" serve 2>"$log" &
+        "${keys_env[@]}" "$@" "$kabar" serve 2>"$log" &
     launched=$!
     pids+=("$launched")
     wait_tcp "$grpc_addr"
@@ -182,6 +224,11 @@ run() { # label scenario target [extra args]
     echo "== $label" >&2
     "$loadgen" run --scenario "$scenario" --target "$target" --label "$label" \
         -d "$duration" --warmup "$warmup" --json "$@" | tee -a "$results"
+}
+# A run that sends no key: health checks (open, and a load balancer's carry none) and calls to
+# the kabar without a key file.
+run_without_key() { # label scenario target [extra args]
+    KABAR_API_KEY='' run "$@"
 }
 
 # Pacing accuracy at one cap: a stand-in that records every POST and answers 130429 beyond the
@@ -234,6 +281,38 @@ warm() { # grpc address
         --phone-offset 4000000 >/dev/null
     "$loadgen" run --scenario send-template --target "http://$1" -c 16 -m 1 -n 64 -d 30 \
         --warmup 0 --phone-offset 54000000 >/dev/null
+}
+# What keys cost (--keys): the same kabar without KABAR_API_KEYS_FILE started beside the first
+# (same Redis, same 0 ms stand-in, both warmed), then health, verify-invalid and verify against
+# both in the order A B B A, so that drift on a shared machine weighs on both alike; health also
+# with a key sent. Every verify run sends its codes first (to the same phones).
+keys_runs() {
+    start_kabar "$meta0" "$work/kabar.log"
+    keys_env=()
+    launch_kabar "$grpc_keyless" "$http_keyless" "$webhook_keyless" "$meta0" \
+        "$work/kabar-keyless.log"
+    local keyless_pid=$launched
+    keys_env=(KABAR_API_KEYS_FILE="$work/keys.toml")
+    warm "$grpc"
+    KABAR_API_KEY='' warm "$grpc_keyless"
+    run_without_key bare-health health "http://$bare" -c 64 -m 4
+    run_without_key health health "http://$grpc" -c 64 -m 4
+    run verify-invalid verify-invalid "http://$grpc" -c 64 -m 4
+    run_without_key verify-invalid-nokeys verify-invalid "http://$grpc_keyless" -c 64 -m 4
+    run health-with-key health "http://$grpc" -c 64 -m 4
+    run_without_key 'bare-health#2' health "http://$bare" -c 64 -m 4
+    run_without_key 'health#2' health "http://$grpc" -c 64 -m 4
+    run 'health-with-key#2' health "http://$grpc" -c 64 -m 4
+    run_without_key 'verify-invalid-nokeys#2' verify-invalid "http://$grpc_keyless" -c 64 -m 4
+    run 'verify-invalid#2' verify-invalid "http://$grpc" -c 64 -m 4
+    run verify verify "http://$grpc" -c 64 -m 4 --phones "$phones" --meta "http://$meta0"
+    run_without_key verify-nokeys verify "http://$grpc_keyless" -c 64 -m 4 --phones "$phones" \
+        --meta "http://$meta0"
+    run_without_key 'verify-nokeys#2' verify "http://$grpc_keyless" -c 64 -m 4 \
+        --phones "$phones" --meta "http://$meta0"
+    run 'verify#2' verify "http://$grpc" -c 64 -m 4 --phones "$phones" --meta "http://$meta0"
+    stop_pid "$keyless_pid"
+    stop_kabar
 }
 # Paced and unpaced sends interleaved, twice, in the order A B B A, so that drift on a shared
 # machine weighs on both alike (--smoke: once); every run to phones of its own. Stops the
@@ -302,6 +381,10 @@ batch_runs() {
 }
 
 bench_once() {
+    if [[ "$keys_only" == 1 ]]; then
+        keys_runs
+        return
+    fi
     if [[ "$batch_only" == 1 ]]; then
         batch_runs
         return
@@ -321,14 +404,15 @@ bench_once() {
     start_unpaced
     run meta-direct-0ms meta-direct "http://$meta0" -c 64
     # kabar's health check is tonic's own health service, as on the bare server: the two differ
-    # only by machine noise, which this pair measures. Ratios divide by kabar's health; kabar's
-    # own per-call work shows in verify-invalid (a VerifyOtp refused in validation, no Redis).
+    # only by machine noise, which this pair measures (both called without a key: health is
+    # open). Ratios divide by kabar's health; kabar's own per-call work shows in verify-invalid (a
+    # VerifyOtp refused in validation, no Redis), which with keys on also checks the key.
     # Each is run twice, interleaved, so that drift on a shared machine hits all three.
-    run bare-health health "http://$bare" -c 64 -m 4
-    run health health "http://$grpc" -c 64 -m 4
+    run_without_key bare-health health "http://$bare" -c 64 -m 4
+    run_without_key health health "http://$grpc" -c 64 -m 4
     run verify-invalid verify-invalid "http://$grpc" -c 64 -m 4
-    run 'bare-health#2' health "http://$bare" -c 64 -m 4
-    run 'health#2' health "http://$grpc" -c 64 -m 4
+    run_without_key 'bare-health#2' health "http://$bare" -c 64 -m 4
+    run_without_key 'health#2' health "http://$grpc" -c 64 -m 4
     run 'verify-invalid#2' verify-invalid "http://$grpc" -c 64 -m 4
     run verify verify "http://$grpc" -c 64 -m 4 --phones "$phones" --meta "http://$meta0"
     send_runs
@@ -363,9 +447,11 @@ bench_once() {
 }
 
 machine="$(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //')"
-shape="${duration}s per scenario"
+shape="${duration}s per scenario, API keys $keys"
 if [[ "$batch_only" == 1 ]]; then
-    shape="batch runs: $batch_submit_items items submitted, $batch_run_items sent"
+    shape="batch runs: $batch_submit_items items submitted, $batch_run_items sent, API keys $keys"
+elif [[ "$keys_only" == 1 ]]; then
+    shape="${duration}s per scenario, kabar with API keys beside kabar without"
 fi
 all_results=()
 for i in $(seq 1 "$runs"); do
