@@ -77,6 +77,37 @@ pub struct StoredSettings {
     pub templates: BTreeMap<String, TemplateOverride>,
 }
 
+/// Most bytes of the stored document read: a thousand overrides fit in far less.
+pub const MAX_STORED_BYTES: usize = 256 * 1024;
+
+impl StoredSettings {
+    /// Checks a document read back from the store as a change is checked: a document written
+    /// there by anything but kabar (or corrupted) is never put in force. The problem, in words
+    /// that never echo the document.
+    pub fn check(&self) -> Result<(), String> {
+        let name_ok = |n: &str| {
+            n.len() <= 64
+                && n.bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
+        };
+        if !name_ok(&self.changed_by) {
+            return Err("changed_by is not a caller name".into());
+        }
+        for (key, o) in &self.templates {
+            if !is_template_name(key) {
+                return Err("a template key is not a registry key".into());
+            }
+            if o.name.as_deref().is_some_and(|n| !is_template_name(n)) {
+                return Err(format!("templates[{key}].name is not a Meta template name"));
+            }
+            if o.language.as_deref().is_some_and(|l| !is_language_code(l)) {
+                return Err(format!("templates[{key}].language is not a language code"));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// What to do with one setting in a change.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Edit<T> {
@@ -440,6 +471,14 @@ pub async fn follow(
                 return Ok(false);
             }
             let stored = store.load_settings().await?.unwrap_or_default();
+            if stored.revision < live.current().stored.revision {
+                tracing::warn!(
+                    from = live.current().stored.revision,
+                    to = stored.revision,
+                    "the runtime settings went back to an older revision (Redis lost or restored \
+                     its data?); applying them"
+                );
+            }
             Ok::<_, super::ports::StoreError>(live.install(stored))
         }
         .await;
@@ -492,6 +531,40 @@ pub async fn load_at_start(store: &dyn SettingsStore, live: &LiveSettings) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_stored_document_is_checked_like_a_change() {
+        let mut good = StoredSettings {
+            revision: 3,
+            changed_by: "panel".into(),
+            ..StoredSettings::default()
+        };
+        good.templates.insert(
+            "invoice_notification".into(),
+            TemplateOverride {
+                name: Some("tagihan_v2".into()),
+                language: Some("en_US".into()),
+            },
+        );
+        assert_eq!(good.check(), Ok(()));
+        let mut forged = good.clone();
+        forged.changed_by = "evil\nINFO forged".into();
+        assert!(forged.check().is_err());
+        let mut bad_name = good.clone();
+        bad_name
+            .templates
+            .get_mut("invoice_notification")
+            .unwrap()
+            .name = Some("BAD NAME".into());
+        assert!(bad_name.check().unwrap_err().contains("name"));
+        let mut bad_language = good;
+        bad_language
+            .templates
+            .get_mut("invoice_notification")
+            .unwrap()
+            .language = Some("zz-!!".into());
+        assert!(bad_language.check().unwrap_err().contains("language"));
+    }
 
     fn set_name(key: &str, name: &str) -> Change {
         let mut change = Change::default();

@@ -293,6 +293,48 @@ async fn the_switch_reaches_every_replica_on_the_same_redis_within_2_s() {
     .await;
     assert!(sends, "C does not send after the switch went back on");
     assert_eq!(meta.count(), sent + 2);
+
+    // A document written into Redis by anything but kabar (or corrupted) is never put in force:
+    // here it would switch WhatsApp off with a forged name and a broken template; then one far
+    // too big. The replicas keep the settings in force (WhatsApp on) and go on sending.
+    let forged = serde_json::json!({
+        "revision": cleared.revision + 5,
+        "changed_by": "evil\n2026-11-30 INFO kabar: forged line",
+        "whatsapp_enabled": false,
+        "templates": {"invoice_notification": {"name": "BAD NAME\nwith newline", "language": "zz-!!"}}
+    });
+    let oversized = serde_json::json!({
+        "revision": cleared.revision + 6,
+        "changed_by": "x".repeat(400 * 1024),
+        "whatsapp_enabled": false
+    });
+    for (rev, doc) in [
+        (cleared.revision + 5, forged),
+        (cleared.revision + 6, oversized),
+    ] {
+        let _: () = redis::cmd("HSET")
+            .arg("kabar:settings")
+            .arg("rev")
+            .arg(rev)
+            .arg("doc")
+            .arg(doc.to_string())
+            .query_async(&mut con)
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        for app in [&a, &b, &c] {
+            send_on(app)
+                .await
+                .expect("a tampered document switched sending off");
+        }
+    }
+    // The way back, as the README says: delete the key, and the environment applies.
+    let _: () = redis::cmd("DEL")
+        .arg("kabar:settings")
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    assert_eq!(settings(&a, Some(&panel)).await.revision, 0);
     for app in [a, b, c] {
         app.stop().await.unwrap();
     }

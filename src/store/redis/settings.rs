@@ -7,7 +7,10 @@ use redis::{AsyncCommands, Script};
 
 use super::RedisStore;
 use crate::{
-    domain::{ports::StoreError, settings::StoredSettings},
+    domain::{
+        ports::StoreError,
+        settings::{MAX_STORED_BYTES, StoredSettings},
+    },
     store::SETTINGS_KEY,
 };
 
@@ -23,14 +26,39 @@ return 1
 static REPLACE_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(REPLACE));
 
 impl RedisStore {
+    /// The stored document, checked like a change ([`StoredSettings::check`]) and at most
+    /// [`MAX_STORED_BYTES`]: anything else is an error, and the settings in force stay.
     pub async fn load_settings(&self) -> Result<Option<StoredSettings>, StoreError> {
         let mut con = self.connection.clone();
+        let length: usize = self
+            .bounded(
+                redis::cmd("HSTRLEN")
+                    .arg(SETTINGS_KEY)
+                    .arg("doc")
+                    .query_async(&mut con),
+            )
+            .await?;
+        if length > MAX_STORED_BYTES {
+            return Err(StoreError(format!(
+                "the stored runtime settings ({SETTINGS_KEY}) are over {} KiB; not read",
+                MAX_STORED_BYTES / 1024
+            )));
+        }
         let doc: Option<String> = self.bounded(con.hget(SETTINGS_KEY, "doc")).await?;
-        doc.map(|doc| {
-            serde_json::from_str(&doc)
-                .map_err(|e| StoreError(format!("the stored runtime settings are unreadable: {e}")))
-        })
-        .transpose()
+        let Some(doc) = doc else {
+            return Ok(None);
+        };
+        let stored: StoredSettings = serde_json::from_str(&doc).map_err(|_| {
+            StoreError(format!(
+                "the stored runtime settings ({SETTINGS_KEY}) are not kabar's JSON document"
+            ))
+        })?;
+        stored.check().map_err(|problem| {
+            StoreError(format!(
+                "the stored runtime settings ({SETTINGS_KEY}) are refused: {problem}"
+            ))
+        })?;
+        Ok(Some(stored))
     }
 
     pub async fn settings_revision(&self) -> Result<u64, StoreError> {
