@@ -371,6 +371,17 @@ impl LiveSettings {
     /// Puts `stored` in force; whether it differs from what was in force. Only the revision is
     /// compared: every change has its own. (A Redis that lost its data starts again at 0, and
     /// the environment applies again.)
+    /// Puts `stored` in force only if it is newer than what is in force (checked under the
+    /// lock, so a concurrent newer change is never replaced by an older read).
+    pub fn install_newer(&self, stored: StoredSettings) -> bool {
+        let mut current = self.current.write().unwrap_or_else(|e| e.into_inner());
+        if stored.revision <= current.stored.revision {
+            return false;
+        }
+        *current = Arc::new(Effective::new(self.environment_enabled, stored));
+        true
+    }
+
     pub fn install(&self, stored: StoredSettings) -> bool {
         let mut current = self.current.write().unwrap_or_else(|e| e.into_inner());
         if current.stored.revision == stored.revision && current.stored == stored {
@@ -408,8 +419,15 @@ impl SettingsService {
     /// The settings as stored now (and put in force here, if this replica had not yet).
     pub async fn get(&self) -> Result<Arc<Effective>, Error> {
         let stored = self.store.load_settings().await?.unwrap_or_default();
-        self.live.install(stored);
-        Ok(self.live.current())
+        // Put in force only forward: a change made here while this read was on its way stays in
+        // force. (Going back, e.g. Redis lost its data, is for the follower, with a warning.)
+        if self.live.install_newer(stored.clone()) {
+            return Ok(self.live.current());
+        }
+        Ok(Arc::new(Effective::new(
+            self.live.environment_enabled,
+            stored,
+        )))
     }
 
     /// Validates and stores `change` (compare-and-set on the revision), puts it in force here at
@@ -531,6 +549,29 @@ pub async fn load_at_start(store: &dyn SettingsStore, live: &LiveSettings) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_read_never_replaces_a_newer_change() {
+        let live = LiveSettings::new(true);
+        let newer = StoredSettings {
+            revision: 6,
+            whatsapp_enabled: Some(false),
+            ..StoredSettings::default()
+        };
+        assert!(live.install(newer));
+        let older = StoredSettings {
+            revision: 5,
+            ..StoredSettings::default()
+        };
+        assert!(!live.install_newer(older));
+        assert!(!live.current().whatsapp_enabled.value);
+        let newest = StoredSettings {
+            revision: 7,
+            ..StoredSettings::default()
+        };
+        assert!(live.install_newer(newest));
+        assert!(live.current().whatsapp_enabled.value);
+    }
 
     #[test]
     fn a_stored_document_is_checked_like_a_change() {
