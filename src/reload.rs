@@ -37,31 +37,46 @@ fn fingerprint(paths: &[PathBuf]) -> [u8; 32] {
 /// Reads the files again with `reload` on SIGHUP and whenever their content changes, until
 /// `shutdown`. `reload` returns a summary to log (never a secret) or the error, which names the
 /// variable at fault; `what` names the files in the log lines (e.g. `KABAR_API_KEYS_FILE`).
-pub async fn watch<F>(
+///
+/// The files' fingerprint and the SIGHUP handler are taken when this is called (within the
+/// runtime, before kabar serves), not when the returned future first runs: a change or a signal
+/// that comes before the task is scheduled is not lost.
+pub fn watch<F>(
     what: &'static str,
     paths: Vec<PathBuf>,
     shutdown: CancellationToken,
     reload: F,
+) -> impl std::future::Future<Output = ()> + Send + 'static
+where
+    F: Fn() -> Result<String, String> + Send + Sync + 'static,
+{
+    let hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup());
+    let first = fingerprint(&paths);
+    follow(what, paths, shutdown, reload, hangups.ok(), first)
+}
+
+async fn follow<F>(
+    what: &'static str,
+    paths: Vec<PathBuf>,
+    shutdown: CancellationToken,
+    reload: F,
+    mut hangups: Option<tokio::signal::unix::Signal>,
+    first: [u8; 32],
 ) where
     F: Fn() -> Result<String, String> + Send + Sync + 'static,
 {
     let reload = Arc::new(reload);
-    let hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup());
-    let mut hangups = match hangups {
-        Ok(h) => Some(h),
-        Err(_) => {
-            tracing::warn!(
-                what,
-                "cannot listen for SIGHUP: changed files are still read again"
-            );
-            None
-        }
-    };
+    if hangups.is_none() {
+        tracing::warn!(
+            what,
+            "cannot listen for SIGHUP: changed files are still read again"
+        );
+    }
     let shown = paths
         .first()
         .map(|p| p.display().to_string())
         .unwrap_or_default();
-    let mut last = fingerprint_blocking(paths.clone()).await;
+    let mut last = first;
     let mut ticker = tokio::time::interval(POLL_INTERVAL);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     ticker.tick().await;
