@@ -6,7 +6,7 @@
 use std::time::{Duration, Instant};
 
 use kabar::{
-    domain::auth::{key_hash, new_key},
+    domain::auth::new_key,
     pb::{
         GetSettingsRequest, SendOtpRequest, Settings, TemplateSettingsUpdate,
         UpdateSettingsRequest, admin_service_client::AdminServiceClient, batch::State,
@@ -17,7 +17,6 @@ use tonic::{Code, Request, transport::Channel};
 
 use crate::{
     batch::{submit, wait_state},
-    process::work_dir,
     send_template::invoice_request,
     support::{
         FakeMeta, RedisServer, SERVING, TestApp, error_info, eventually, meta_vars, store_vars,
@@ -25,22 +24,9 @@ use crate::{
     },
 };
 
-/// A key file with `(name, key, scopes)` entries; its path.
+/// A key file with `(name, key, scopes)` entries (see `auth::key_file`); its path as text.
 fn key_file(entries: &[(&str, &str, &[&str])]) -> String {
-    let text: String = entries
-        .iter()
-        .map(|(name, key, scopes)| {
-            let scopes: Vec<String> = scopes.iter().map(|s| format!("{s:?}")).collect();
-            format!(
-                "[[key]]\nname = {name:?}\nhash = {:?}\nscopes = [{}]\n",
-                key_hash(key),
-                scopes.join(", ")
-            )
-        })
-        .collect();
-    let path = work_dir("admin-keys").join("keys.toml");
-    std::fs::write(&path, text).unwrap();
-    path.display().to_string()
+    crate::auth::key_file(entries).display().to_string()
 }
 
 fn with_key<T>(message: T, key: Option<&str>) -> Request<T> {

@@ -26,7 +26,7 @@ use crate::{
 };
 
 /// A key file with `(name, key, scopes)` entries; its path.
-fn key_file(entries: &[(&str, &str, &[&str])]) -> std::path::PathBuf {
+pub fn key_file(entries: &[(&str, &str, &[&str])]) -> std::path::PathBuf {
     let text: String = entries
         .iter()
         .map(|(name, key, scopes)| {

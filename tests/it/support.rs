@@ -296,6 +296,20 @@ fn graph_segments(uri: &Uri) -> Vec<&str> {
         .collect()
 }
 
+/// A Graph API request answered by [`crate::meta_graph::Graph`] (`None`: not a path it knows):
+/// the token is checked first, as Meta checks it.
+fn graph_answer(
+    state: &Mutex<MetaState>,
+    headers: &HeaderMap,
+    answer: impl FnOnce(&mut crate::meta_graph::Graph) -> Option<(u16, serde_json::Value)>,
+) -> Option<axum::response::Response> {
+    let authorization = headers.get("authorization").and_then(|v| v.to_str().ok());
+    if !crate::meta_graph::authorized(authorization) {
+        return Some(json_answer(crate::meta_graph::invalid_token()));
+    }
+    answer(&mut state.lock().unwrap().graph).map(json_answer)
+}
+
 fn json_answer((status, body): (u16, serde_json::Value)) -> axum::response::Response {
     (
         StatusCode::from_u16(status).expect("valid status"),
@@ -331,19 +345,11 @@ async fn number_handler(
     let asks_limit = query
         .iter()
         .any(|(k, v)| k == "fields" && v.contains("whatsapp_business_manager_messaging_limit"));
-    if !asks_limit {
-        let authorization = headers.get("authorization").and_then(|v| v.to_str().ok());
-        if !crate::meta_graph::authorized(authorization) {
-            return json_answer(crate::meta_graph::invalid_token());
-        }
-        let answer = state
-            .lock()
-            .unwrap()
-            .graph
-            .get(&graph_segments(&uri), &query);
-        if let Some(answer) = answer {
-            return json_answer(answer);
-        }
+    if !asks_limit
+        && let Some(answer) =
+            graph_answer(&state, &headers, |g| g.get(&graph_segments(&uri), &query))
+    {
+        return answer;
     }
     let limit = {
         let mut s = state.lock().unwrap();
@@ -408,19 +414,11 @@ async fn meta_handler(
 ) -> impl IntoResponse {
     let parsed: serde_json::Value =
         serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null);
-    if !uri.path().ends_with("/messages") {
-        let authorization = headers.get("authorization").and_then(|v| v.to_str().ok());
-        if !crate::meta_graph::authorized(authorization) {
-            return json_answer(crate::meta_graph::invalid_token());
-        }
-        let answer = state
-            .lock()
-            .unwrap()
-            .graph
-            .post(&graph_segments(&uri), &parsed);
-        if let Some(answer) = answer {
-            return json_answer(answer);
-        }
+    if !uri.path().ends_with("/messages")
+        && let Some(answer) =
+            graph_answer(&state, &headers, |g| g.post(&graph_segments(&uri), &parsed))
+    {
+        return answer;
     }
     let (reply, id) = {
         let mut s = state.lock().unwrap();
